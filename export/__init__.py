@@ -1,0 +1,1 @@
+"""The bridge from training to serving: checkpoint in, self-contained artifact out."""

@@ -1,0 +1,96 @@
+"""The exported artifact's schema: everything serving needs to score without training code.
+
+Only JSON, ONNX and safetensors files make up a bundle; nothing in it is ever unpickled. This module
+depends on nothing but pydantic so that serving can read it; `stable_hash` lives here because training
+and serving must hash raw ids identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def stable_hash(value: str, buckets: int) -> int:
+    """Process-independent hash into [0, buckets) (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little") % buckets
+
+
+class SparseFeatureSpec(BaseModel):
+    name: str
+    table: str
+    multi: bool = False
+    sep: str = "|"
+    side: Literal["user", "item"] = "user"
+
+
+class DenseFeatureSpec(BaseModel):
+    name: str
+    side: Literal["user", "item"] = "user"
+    log1p: bool = False
+    mean: float = 0.0
+    std: float = 1.0
+
+
+class TableSpec(BaseModel):
+    rows: int
+    dim: int
+    pooling: Literal["sum", "mean"]
+    precision: Literal["fp32"] = "fp32"
+    hash_buckets: int = 0
+    """0: `vocab` maps raw values to rows 1..; else raw values hash into rows 1..hash_buckets. Row 0 is OOV."""
+    vocab: list[str] = Field(default_factory=list)
+
+
+class DenseGraphSpec(BaseModel):
+    file: str = "dense.onnx"
+    inputs: list[str] = Field(default_factory=lambda: ["dense", "embeddings"])
+    output: str = "logit"
+
+
+class ParitySpec(BaseModel):
+    rows: int
+    max_abs_diff: float
+    tolerance: float
+    passed: bool
+
+
+class Manifest(BaseModel):
+    format_version: int = FORMAT_VERSION
+    model_type: Literal["dlrm"] = "dlrm"
+    embedding_dim: int
+    sparse: list[SparseFeatureSpec]
+    """Feature order of the dense graph's `embeddings` input."""
+    dense: list[DenseFeatureSpec]
+    """Column order of the dense graph's `dense` input."""
+    tables: dict[str, TableSpec]
+    tables_file: str = "tables.safetensors"
+    dense_graph: DenseGraphSpec = Field(default_factory=DenseGraphSpec)
+    item_column: str | None = None
+    user_column: str | None = None
+    item_store_file: str | None = "item_store.json"
+    """Raw item-side feature values by item id, so a request may send only ids."""
+    versions: dict[str, str] = Field(default_factory=dict)
+    data_fingerprint: str = ""
+    source_checkpoint: str = ""
+    train_run_id: str = ""
+    parity: ParitySpec | None = None
+
+    def write(self, bundle: Path) -> Path:
+        path = bundle / MANIFEST_FILE
+        path.write_text(self.model_dump_json(indent=1))
+        return path
+
+    @classmethod
+    def read(cls, bundle: Path) -> Manifest:
+        path = Path(bundle) / MANIFEST_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: {bundle} is not an adsfm bundle")
+        return cls.model_validate(json.loads(path.read_text()))

@@ -1,0 +1,1 @@
+"""Thin console entry points; the logic they call lives in training/, export/ and serving/."""

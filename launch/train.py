@@ -1,0 +1,32 @@
+"""adsfm-train: compose the config, validate it, train on Ray.
+
+    adsfm-train                                   # experiment=movielens_dlrm, 2 workers, table-wise
+    adsfm-train parallel=cw2 train.epochs=1
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from training.config import conf_dir, register_configs
+
+register_configs()
+
+
+@hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from training.job import run_training
+
+    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    result = run_training(cfg)
+    h = result.holdout
+    print(f"[adsfm] holdout auc={h['auc']:.4f} logloss={h['logloss']:.4f} ne={h['ne']:.4f}")
+    print(f"[adsfm] checkpoint {result.checkpoint}")
+    print(f"[adsfm] mlflow run {result.run_id} ({result.tracking_uri})")
+
+
+def main() -> None:
+    _main()

@@ -1,0 +1,1 @@
+"""Parallelism for adsfm models: layout config, planning, and the one function that applies it."""

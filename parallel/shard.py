@@ -1,0 +1,127 @@
+"""The one place that applies parallelism to a model, in this order:
+
+1. embedding sharding: the TorchRec planner places each table (config-constrained) and
+   DistributedModelParallel materializes the meta-device tables as shards, with the sparse optimizer
+   fused into the lookup kernel (registered before wrapping, so DMP can fuse it);
+2. data parallel: DMP wraps the remaining dense modules in DDP (gradients averaged over ranks).
+
+Gradient scale: DDP averages dense gradients over ranks, and TorchRec's output dist averages the
+gradients of sharded tables the same way (measured: tests/distributed/test_equivalence.py), so N ranks
+train like one process on the global batch with no correction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from parallel.config import ParallelConfig
+from parallel.plan import make_plan, sharders
+
+SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+DENSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+
+
+@dataclass
+class OptimConfig:
+    sparse: str
+    sparse_lr: float
+    dense: str
+    dense_lr: float
+    weight_decay: float = 0.0
+
+
+def _check_optim(o: OptimConfig) -> None:
+    if o.sparse not in SPARSE_OPTIMIZERS:
+        raise ValueError(f"train.sparse_optimizer={o.sparse!r}: choose from {list(SPARSE_OPTIMIZERS)}")
+    if o.dense not in DENSE_OPTIMIZERS:
+        raise ValueError(f"train.dense_optimizer={o.dense!r}: choose from {list(DENSE_OPTIMIZERS)}")
+
+
+def sparse_optimizer_kwargs(o: OptimConfig) -> dict[str, Any]:
+    return {"lr": o.sparse_lr, "eps": 1e-8} if o.sparse != "sgd" else {"lr": o.sparse_lr}
+
+
+def parallelize_dlrm(
+    model: nn.Module,
+    cfg: ParallelConfig,
+    optim: OptimConfig,
+    device: torch.device,
+    pg: dist.ProcessGroup | None = None,
+) -> tuple[DistributedModelParallel, CombinedOptimizer, ShardingPlan]:
+    """Shard `model.sparse`, replicate `model.dense`; return the wrapped model, its optimizer and the plan."""
+    _check_optim(optim)
+    world_size = dist.get_world_size(pg) if dist.is_initialized() else 1
+    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[optim.sparse], model.sparse.parameters(), sparse_optimizer_kwargs(optim))
+    plan = make_plan(model, cfg, world_size, pg if dist.is_initialized() else None)
+    dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders())
+    dense_opt = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        lambda params: DENSE_OPTIMIZERS[optim.dense](params, lr=optim.dense_lr, weight_decay=optim.weight_decay),
+    )
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense_opt]), plan
+
+
+@torch.no_grad()
+def load_full_state(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Copy an unsharded state dict into a (possibly sharded) model: each rank copies the slices it holds.
+
+    Lets every layout start from identical weights, which is what layout-equivalence tests compare.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    for key, dst in model.state_dict().items():
+        if key not in full:
+            raise KeyError(f"{key} is in the model but not in the state dict to load")
+        src = full[key]
+        if isinstance(dst, ShardedTensor):
+            for shard in dst.local_shards():
+                region = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True))
+                shard.tensor.copy_(src[region])
+        elif isinstance(dst, DTensor):
+            local = dst.to_local()
+            offsets = _dtensor_offsets(dst)
+            local.copy_(src[tuple(slice(o, o + n) for o, n in zip(offsets, local.shape, strict=True))])
+        else:
+            dst.copy_(src)
+
+
+def _dtensor_offsets(t: Any) -> tuple[int, ...]:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(offsets)
+
+
+def unsharded_optimizer(model: nn.Module, optim: OptimConfig) -> CombinedOptimizer:
+    """The same optimisers as `parallelize_dlrm`, unfused, for a plain single-process model: the
+    reference that every layout must match."""
+    _check_optim(optim)
+    sparse = KeyedOptimizerWrapper(
+        {f"sparse.{k}": v for k, v in model.sparse.named_parameters()},
+        lambda params: SPARSE_OPTIMIZERS[optim.sparse](params, **sparse_optimizer_kwargs(optim)),
+    )
+    dense = KeyedOptimizerWrapper(
+        {f"dense.{k}": v for k, v in model.dense.named_parameters()},
+        lambda params: DENSE_OPTIMIZERS[optim.dense](params, lr=optim.dense_lr, weight_decay=optim.weight_decay),
+    )
+    return CombinedOptimizer([sparse, dense])

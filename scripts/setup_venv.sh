@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates .venv with the exact CPU stack from requirements/lock.txt, then installs adsfm in editable mode.
+# The lock is complete (every transitive package pinned), so it installs with --no-deps: that is what keeps
+# torchrec's metadata from pulling the CUDA fbgemm-gpu, which shadows fbgemm-gpu-cpu and fails to load.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+stamp="$VENV/.adsfm-lock.sha"
+want=$(sha256sum requirements/lock.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[setup] creating $VENV with the pinned CPU stack (first time: a few minutes)"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+# pip's warnings about this machine's optional local indexes are noise; real errors still fail the script.
+pipq() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+pipq install -q --upgrade "pip>=24"
+pipq install -q --no-deps -r requirements/lock.txt
+pipq install -q --no-deps -e .
+"$VENV/bin/python" - <<'PY'
+import fbgemm_gpu, torch, torchrec  # noqa: F401  fails loudly if the CUDA fbgemm-gpu slipped in
+print(f"[setup] torch {torch.__version__}, torchrec {torchrec.__version__ if hasattr(torchrec, '__version__') else 'ok'}")
+PY
+echo "$want" > "$stamp"

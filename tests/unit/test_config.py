@@ -1,0 +1,74 @@
+"""Every file in conf/ composes onto the schema; bad configs fail before anything starts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from training.config import compose, conf_dir
+
+CONF = Path(conf_dir())
+
+
+def _names(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", _names("experiment"))
+def test_every_experiment_composes(experiment: str) -> None:
+    from training.job import as_config
+
+    cfg = as_config(compose([f"experiment={experiment}"]))
+    assert cfg.experiment_name == experiment
+    assert cfg.parallel.num_workers >= 1
+
+
+@pytest.mark.parametrize(
+    "group,name", [(g, n) for g in ("model", "data", "parallel", "train", "export", "serve", "cluster") for n in _names(g)]
+)
+def test_every_group_file_composes(group: str, name: str) -> None:
+    from training.job import as_config
+
+    cfg = as_config(compose([f"{group}={name}"]))
+    assert cfg[group] is not None
+
+
+def test_misspelt_key_fails_at_composition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)):
+        compose(["train.learning_rat=0.1"])
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    with open(conf / "train" / "default.yaml", "a") as f:
+        f.write("learning_rat: 0.1\n")  # a typo in YAML, not on the command line
+    monkeypatch.setenv("ADSFM_CONF", str(conf))
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError), match="learning_rat"):
+        compose([])
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose(["train.epochs=three"])
+
+
+def test_bad_layout_is_refused_with_the_arithmetic(small_cfg: Any) -> None:
+    from omegaconf import OmegaConf, open_dict
+
+    from parallel.config import TableConstraint
+    from training.job import validate
+
+    cfg = OmegaConf.merge(small_cfg, {"parallel": {"num_workers": 3}, "train": {"batch_size": 256}})
+    with pytest.raises(ValueError, match=r"train.batch_size\(256\) % parallel.num_workers\(3\) = 1 != 0"):
+        validate(cfg)  # type: ignore[arg-type]
+    cfg = OmegaConf.merge(small_cfg, {"parallel": {"sharding_types": ["row_wise"]}})
+    with pytest.raises(ValueError, match="row_wise.*cannot run on device=cpu"):
+        validate(cfg)  # type: ignore[arg-type]
+    cfg = OmegaConf.merge(small_cfg, {})
+    with open_dict(cfg):
+        cfg.parallel.tables["itme"] = TableConstraint(sharding_types=["table_wise"])
+    with pytest.raises(ValueError, match=r"parallel.tables names \['itme'\]"):
+        validate(cfg)  # type: ignore[arg-type]
+    cfg = OmegaConf.merge(small_cfg, {"model": {"dense_arch": [64, 8]}})
+    with pytest.raises(ValueError, match=r"dense_arch\[-1\]\(8\) != model.embedding_dim\(16\)"):
+        validate(cfg)  # type: ignore[arg-type]

@@ -1,0 +1,204 @@
+"""Typed config schemas for data, model and training, and the root schema registered with Hydra.
+
+Every YAML file under conf/ is merged onto these dataclasses, so a misspelt key or a wrong type fails when
+the config is composed, before Ray or any worker starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from hydra.core.config_store import ConfigStore
+
+from export.config import ExportConfig
+from parallel.config import ParallelConfig
+from serving.config import ServeConfig
+
+
+@dataclass
+class SparseFeature:
+    """One categorical input, single- or multi-valued, looked up in an embedding table."""
+
+    name: str = "???"
+    """Feature name as the model and the serving request see it."""
+    column: str | None = None
+    """Source column in the data frame; defaults to `name`."""
+    table: str | None = None
+    """Embedding table; features naming the same table share rows and vocabulary (item_id and history)."""
+    multi: bool = False
+    """The column holds several values per row, joined by `sep` (a jagged feature)."""
+    sep: str = "|"
+    """Separator of a multi-valued column."""
+    hash_buckets: int = 0
+    """0: build a vocabulary from the training rows; >0: hash raw values into this many rows (+1 OOV row)."""
+    min_count: int = 1
+    """Values seen fewer times in training map to the out-of-vocabulary row 0."""
+    side: str = "user"
+    """'user' or 'item': which side of a ranking request carries it."""
+    pooling: str = "sum"
+    """'sum' or 'mean' pooling of a bag; a shared table takes its first feature's pooling."""
+
+
+@dataclass
+class DenseFeature:
+    """One numeric input, standardised with the training rows' mean and std."""
+
+    name: str = "???"
+    """Feature name as the model and the serving request see it."""
+    column: str | None = None
+    """Source column; defaults to `name`."""
+    side: str = "user"
+    """'user' or 'item'."""
+    log1p: bool = False
+    """Apply log1p before standardising (counts, prices)."""
+
+
+@dataclass
+class HistoryConfig:
+    """A user's most recent items before each event, built from (user, time, item) columns."""
+
+    length: int = 0
+    """How many earlier items to keep; 0 disables the feature."""
+    name: str = "history"
+    """Name of the generated multi-valued column."""
+    positive_name: str | None = None
+    """If set, also build a column of earlier items whose label was positive (known at that time)."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Zipf-distributed ids for scale and speed work (source=synthetic)."""
+
+    num_samples: int = 100_000
+    num_tables: int = 8
+    rows: int = 100_000
+    pooling_factor: int = 1
+    """Values per bag for every table."""
+    zipf_alpha: float = 1.1
+    num_dense: int = 13
+
+
+@dataclass
+class DataConfig:
+    """Where the rows come from and how they become features."""
+
+    source: str = "movielens"
+    """'movielens' (MovieLens-100k from the recbole wheel), 'tabular' (a CSV/parquet file) or 'synthetic'."""
+    path: str | None = None
+    """CSV or parquet file for source=tabular."""
+    label: str = "label"
+    """Label column (0/1), or the column compared with `label_threshold`."""
+    label_threshold: float | None = None
+    """If set, label = column >= threshold (MovieLens: rating >= 4)."""
+    user_column: str | None = None
+    """Column identifying the user: the split and the history are per user."""
+    item_column: str | None = None
+    """Column identifying the item: history items and the serving item store."""
+    time_column: str | None = None
+    """Column ordering events; without it the split is random."""
+    holdout_fraction: float = 0.2
+    """Fraction of each user's latest events held out (ties at the boundary stay in training)."""
+    dense: list[DenseFeature] = field(default_factory=list)
+    sparse: list[SparseFeature] = field(default_factory=list)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    cache_dir: str = "${oc.env:ADSFM_CACHE,${oc.env:HOME}/.cache/adsfm}"
+    """Downloads and prepared datasets are kept here, keyed by a fingerprint of this config."""
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """DLRM: embeddings + bottom MLP → pairwise dot interaction → top MLP."""
+
+    name: str = "dlrm"
+    embedding_dim: int = 16
+    """Dimension of every table (the dot interaction needs one dimension)."""
+    dense_arch: list[int] = field(default_factory=lambda: [64, 16])
+    """Bottom MLP sizes; the last must equal embedding_dim."""
+    over_arch: list[int] = field(default_factory=lambda: [128, 64, 1])
+    """Top MLP sizes; the last must be 1 (one logit)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    epochs: int = 3
+    batch_size: int = 1024
+    """Global batch: each of N workers takes batch_size / N rows of every step."""
+    max_steps: int = 0
+    """Stop after this many steps (0: run all epochs)."""
+    sparse_optimizer: str = "rowwise_adagrad"
+    """Fused into the embedding kernel: 'rowwise_adagrad', 'adagrad' or 'sgd'."""
+    sparse_lr: float = 0.05
+    dense_optimizer: str = "adam"
+    """'adam', 'adagrad' or 'sgd'."""
+    dense_lr: float = 0.001
+    weight_decay: float = 0.0
+    eval_batch_size: int = 4096
+    log_every: int = 10
+    """Log training loss to MLflow every N steps."""
+    seed: int = 0
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class ClusterConfig:
+    """Which Ray cluster runs the job."""
+
+    address: str | None = None
+    """None: start a local cluster on 127.0.0.1 (or join RAY_ADDRESS when set); else a cluster address."""
+    num_cpus: int | None = None
+    """CPUs of the local cluster (default: all)."""
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None
+    """None: MLFLOW_TRACKING_URI, else a sqlite store under run_root."""
+    experiment: str = "adsfm"
+
+
+@dataclass
+class AdsfmConfig:
+    """The whole job, composed from conf/."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    experiment_name: str = "default"
+    """Name of the run, also the MLflow run name prefix."""
+    run_root: str = "${oc.env:ADSFM_RUNS,runs}"
+    """Root of run directories and of the default MLflow store."""
+    run_dir: str = "${run_root}/${experiment_name}-${now:%Y%m%d-%H%M%S}"
+    """This run's directory: checkpoints, export bundle, plots, summary.json."""
+
+
+def register_configs() -> None:
+    """Register the root schema; conf/config.yaml names it first in its defaults list."""
+    ConfigStore.instance().store(name="adsfm_schema", node=AdsfmConfig)
+
+
+def conf_dir() -> str:
+    """conf/ of this checkout (or ADSFM_CONF): the config tree ships beside the packages, not inside one."""
+    import os
+    from pathlib import Path
+
+    return os.environ.get("ADSFM_CONF") or str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose(overrides: list[str] | None = None) -> Any:
+    """The composed config, as `adsfm-train <overrides>` would see it (for tests and notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides or [], return_hydra_config=False)

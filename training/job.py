@@ -1,0 +1,140 @@
+"""Driver side of a training job: validate, prepare data, start Ray Train, record the run in MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from parallel.config import validate_parallel
+from training.config import AdsfmConfig
+from training.data import data_fingerprint, load_features
+from training.models.dlrm import DLRMDense, table_configs
+from training.tracking import ensure_experiment, tracking_uri
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_dir: Path
+    checkpoint: Path
+    holdout: dict[str, float]
+    tracking_uri: str
+    raw: dict[str, Any]
+
+
+def as_config(cfg: DictConfig | AdsfmConfig) -> AdsfmConfig:
+    """The composed config on the typed schema (a misspelt key fails here)."""
+    merged = OmegaConf.merge(OmegaConf.structured(AdsfmConfig), cfg)
+    merged.run_dir = str(Path(merged.run_dir).resolve())  # ${now:...} resolves once, here
+    return merged  # type: ignore[return-value]
+
+
+def validate(cfg: AdsfmConfig) -> dict[str, Any]:
+    """Everything that can be checked before a worker starts; returns the data spec it needed."""
+    p, t = cfg.parallel, cfg.train
+    if t.batch_size % p.num_workers:
+        raise ValueError(
+            f"train.batch_size({t.batch_size}) % parallel.num_workers({p.num_workers}) = "
+            f"{t.batch_size % p.num_workers} != 0: use a multiple of {p.num_workers}"
+        )
+    if t.eval_batch_size <= 0 or t.epochs <= 0:
+        raise ValueError(f"train.epochs({t.epochs}) and train.eval_batch_size({t.eval_batch_size}) must be > 0")
+    fs = load_features(cfg.data)
+    tables = [c.name for c in table_configs(fs.spec, cfg.model.embedding_dim)]
+    validate_parallel(p, tables)
+    DLRMDense(len(fs.spec["dense"]), len(fs.spec["sparse"]), cfg.model)  # raises on inconsistent sizes
+    if len(fs.train_idx) < t.batch_size:
+        raise ValueError(f"train.batch_size({t.batch_size}) > training rows({len(fs.train_idx)})")
+    return fs.spec
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS), else start a local cluster that stays on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+        )
+
+
+def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
+    cfg = as_config(cfg_in)
+    spec = validate(cfg)
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[call-overload]
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg.mlflow.tracking_uri, cfg.run_root)
+    exp_id = ensure_experiment(uri, cfg.mlflow.experiment, cfg.run_root)
+    client = MlflowClient(uri)
+    run = client.create_run(exp_id, run_name=f"{cfg.experiment_name}-train", tags={"adsfm.stage": "train"})
+    run_id = run.info.run_id
+    flat = _flatten(resolved)  # type: ignore[arg-type]
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:500]) for k, v in flat.items()])
+    client.set_tag(run_id, "adsfm.data_fingerprint", data_fingerprint(cfg.data))
+    client.log_artifact(run_id, str(run_dir / "config.yaml"))
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from training.worker import train_worker
+
+    init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": resolved, "run_dir": str(run_dir), "tracking_uri": uri, "run_id": run_id},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.parallel.num_workers,
+            use_gpu=cfg.parallel.device == "cuda",
+            resources_per_worker={"CPU": cfg.parallel.cpu_per_worker},
+        ),
+        torch_config=TorchConfig(backend=cfg.parallel.backend),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir / "ray")),
+    )
+    try:
+        trainer.fit()
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    raw = json.loads((run_dir / "train_result.json").read_text())
+    from training.plots import loss_curve
+
+    loss_curve(raw["losses"], raw["eval_history"], run_dir / "loss_curve.png")
+    for name in ("loss_curve.png", "sharding_plan.json", "train_result.json"):
+        client.log_artifact(run_id, str(run_dir / name))
+    client.log_metric(run_id, "samples_per_second", raw["samples_per_second"])
+    client.set_terminated(run_id)
+    return TrainResult(run_id, run_dir, Path(raw["checkpoint"]), raw["holdout"], uri, raw)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

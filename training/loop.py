@@ -1,0 +1,72 @@
+"""Train and eval steps shared by the Ray worker, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.datasets.utils import Batch
+
+from training.data import FeatureSet
+from training.metrics import ranking_metrics
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> float:
+    """One step; returns this rank's mean loss on its slice of the global batch."""
+    logits = model(batch.dense_features, batch.sparse_features)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def global_mean(value: float) -> float:
+    """Mean over ranks (equal slices, so this is the global batch's mean loss)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch]) -> list[float]:
+    return [global_mean(train_step(model, optimizer, b)) for b in batches]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, fs: FeatureSet, idx: np.ndarray, batch_size: int) -> torch.Tensor:
+    """Probabilities for rows `idx`, computed across all ranks and gathered on every rank.
+
+    Sharded lookups are collectives, so every rank must run the same number of equally sized batches:
+    the rows are padded to a multiple of world * batch_size and the padding is dropped after the gather.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    n = len(idx)
+    per_step = world * batch_size
+    steps = max(1, -(-n // per_step))
+    padded = np.resize(idx, steps * per_step)  # repeats rows to fill the last step
+    was_training = model.training
+    model.eval()
+    local = []
+    for s in range(steps):
+        rows = padded[s * per_step + rank * batch_size : s * per_step + (rank + 1) * batch_size]
+        b = fs.take(rows)
+        local.append(torch.sigmoid(model(b.dense_features, b.sparse_features)))
+    model.train(was_training)
+    mine = torch.stack(local)  # [steps, batch]
+    if world > 1:
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine)
+        # step s of rank r covers padded[s*per_step + r*bs : ...]: interleave back into row order.
+        mine = torch.stack(parts, dim=1)
+    return mine.reshape(-1)[:n]
+
+
+def evaluate(model: nn.Module, fs: FeatureSet, idx: np.ndarray, batch_size: int) -> dict[str, float]:
+    probs = predict(model, fs, idx, batch_size)
+    return ranking_metrics(probs, torch.from_numpy(fs.labels[idx]))

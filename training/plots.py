@@ -1,0 +1,36 @@
+"""Plots a person would rather look at than read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def loss_curve(losses: list[float], eval_history: list[dict[str, Any]], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = np.arange(1, len(losses) + 1)
+    ax.plot(steps, losses, alpha=0.3, label="train loss (step)")
+    w = max(1, len(losses) // 50)
+    if len(losses) >= w:
+        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1 :], smooth, label=f"train loss ({w}-step mean)")
+    if eval_history:
+        ax.plot([h["step"] for h in eval_history], [h["logloss"] for h in eval_history], "o-", label="holdout logloss")
+        ax2 = ax.twinx()
+        ax2.plot([h["step"] for h in eval_history], [h["auc"] for h in eval_history], "s--", color="tab:green", label="holdout AUC")
+        ax2.set_ylabel("AUC")
+        ax2.legend(loc="upper center")
+    ax.set_xlabel("step")
+    ax.set_ylabel("logloss")
+    ax.legend(loc="upper right")
+    ax.set_title("adsfm training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
