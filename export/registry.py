@@ -88,10 +88,10 @@ def log_and_register(
             "adsfm.precision": "fp32",
         },
     )
-    _wait_ready(client, name, mv.version)
-    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    _wait_ready(client, name, str(mv.version))
+    client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
     if alias_version(client, name, CHAMPION) is None:
-        promote(name, tracking_uri, mv.version, reason="first version of this model")
+        promote(name, tracking_uri, str(mv.version), reason="first version of this model")
     return client.get_model_version(name, mv.version)
 
 
@@ -106,9 +106,10 @@ def _wait_ready(client: MlflowClient, name: str, version: str, timeout: float = 
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     # search_model_versions returns empty aliases; get_registered_model(...).aliases is right.
     try:
-        return client.get_registered_model(name).aliases.get(alias)
+        v = client.get_registered_model(name).aliases.get(alias)
     except MlflowException:
         return None
+    return None if v is None else str(v)
 
 
 def promote(name: str, tracking_uri: str, version: str | None = None, reason: str = "") -> str:

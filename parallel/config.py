@@ -58,7 +58,7 @@ def validate_parallel(cfg: ParallelConfig, table_names: list[str]) -> None:
         raise ValueError(f"parallel.backend={cfg.backend!r} on device=cpu: only 'gloo' runs on CPU")
     if cfg.data_parallel != "ddp":
         raise ValueError(f"parallel.data_parallel={cfg.data_parallel!r}: only 'ddp' is implemented")
-    allowed = CPU_SHARDING_TYPES if cfg.device == "cpu" else ALL_SHARDING_TYPES
+    allowed: tuple[str, ...] = CPU_SHARDING_TYPES if cfg.device == "cpu" else ALL_SHARDING_TYPES
     allowed = tuple(t for t in allowed if t not in NOT_YET)
     unknown_tables = sorted(set(cfg.tables) - set(table_names))
     if unknown_tables:

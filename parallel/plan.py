@@ -8,6 +8,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.stats import NoopEmbeddingStats
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from parallel.config import ParallelConfig
 
@@ -18,7 +19,7 @@ def sharders() -> list[ModuleSharder[nn.Module]]:
 
 def make_plan(model: nn.Module, cfg: ParallelConfig, world_size: int, pg: dist.ProcessGroup | None) -> ShardingPlan:
     """Ask the planner for a plan within the layout's allowed sharding types; identical on every rank."""
-    tables = [c.name for m in model.modules() if hasattr(m, "embedding_bag_configs") for c in m.embedding_bag_configs()]
+    tables = [c.name for m in model.modules() if isinstance(m, EmbeddingBagCollection) for c in m.embedding_bag_configs()]
     constraints = {
         t: ParameterConstraints(
             sharding_types=list(cfg.tables[t].sharding_types if t in cfg.tables and cfg.tables[t].sharding_types else cfg.sharding_types),

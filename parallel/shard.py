@@ -12,8 +12,9 @@ train like one process on the global batch with no correction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -28,16 +29,28 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from parallel.config import ParallelConfig
 from parallel.plan import make_plan, sharders
 
-SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+SPARSE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "rowwise_adagrad": RowWiseAdagrad,
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,
 }
-DENSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+DENSE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,
 }
+
+
+class Ranker(Protocol):
+    """What the parallelize functions need of a model: a sparse arch and a dense arch."""
+
+    @property
+    def sparse(self) -> nn.Module: ...
+
+    @property
+    def dense(self) -> nn.Module: ...
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Any: ...
 
 
 @dataclass
@@ -61,7 +74,7 @@ def sparse_optimizer_kwargs(o: OptimConfig) -> dict[str, Any]:
 
 
 def parallelize_dlrm(
-    model: nn.Module,
+    model: Ranker,
     cfg: ParallelConfig,
     optim: OptimConfig,
     device: torch.device,
@@ -71,8 +84,8 @@ def parallelize_dlrm(
     _check_optim(optim)
     world_size = dist.get_world_size(pg) if dist.is_initialized() else 1
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[optim.sparse], model.sparse.parameters(), sparse_optimizer_kwargs(optim))
-    plan = make_plan(model, cfg, world_size, pg if dist.is_initialized() else None)
-    dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders())
+    plan = make_plan(model, cfg, world_size, pg if dist.is_initialized() else None)  # type: ignore[arg-type]
+    dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders())  # type: ignore[arg-type]
     dense_opt = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: DENSE_OPTIMIZERS[optim.dense](params, lr=optim.dense_lr, weight_decay=optim.weight_decay),
@@ -112,7 +125,7 @@ def _dtensor_offsets(t: Any) -> tuple[int, ...]:
     return tuple(offsets)
 
 
-def unsharded_optimizer(model: nn.Module, optim: OptimConfig) -> CombinedOptimizer:
+def unsharded_optimizer(model: Ranker, optim: OptimConfig) -> CombinedOptimizer:
     """The same optimisers as `parallelize_dlrm`, unfused, for a plain single-process model: the
     reference that every layout must match."""
     _check_optim(optim)

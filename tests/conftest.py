@@ -48,10 +48,10 @@ def trained(small_cfg: Any, features: Any, run_root: Path) -> dict[str, Any]:
     import torch
 
     from export.bundle import export_bundle
+    from parallel.shard import unsharded_optimizer
     from training.checkpoint import save_checkpoint
     from training.data import iter_batches
     from training.loop import evaluate, train_step
-    from parallel.shard import unsharded_optimizer
     from training.models.dlrm import DLRMRanker
     from training.worker import optim_config
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
 from hydra.core.config_store import ConfigStore
 
 from export.config import ExportConfig

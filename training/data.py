@@ -271,7 +271,8 @@ def featurize(df: pd.DataFrame, cfg: DataConfig) -> FeatureSet:
     statistics come from training rows only."""
     if not cfg.sparse:
         raise ValueError("data.sparse is empty: declare at least one sparse feature")
-    for f in [*cfg.sparse, *cfg.dense]:
+    all_features: list[SparseFeature | DenseFeature] = [*cfg.sparse, *cfg.dense]
+    for f in all_features:
         if _column(f) not in df.columns:
             raise ValueError(f"data feature {f.name!r}: column {_column(f)!r} not in the data; columns: {list(df.columns)[:30]}")
         if f.side not in ("user", "item"):
@@ -353,7 +354,8 @@ def _item_store(df: pd.DataFrame, cfg: DataConfig) -> dict[str, dict[str, Any]]:
     """Raw item-side feature values by item id, so a request may send only item ids."""
     if not cfg.item_column:
         return {}
-    cols = {f.name: _column(f) for f in [*cfg.sparse, *cfg.dense] if f.side == "item"}
+    all_features: list[SparseFeature | DenseFeature] = [*cfg.sparse, *cfg.dense]
+    cols = {f.name: _column(f) for f in all_features if f.side == "item"}
     if not cols:
         return {}
     last = df.drop_duplicates(cfg.item_column, keep="last")
@@ -437,7 +439,7 @@ def _save_cached(fs: FeatureSet, path: Path) -> None:
     for name, (v, ln) in fs.sparse.items():
         arrays[f"sv__{name}"] = v
         arrays[f"sl__{name}"] = ln
-    np.savez(tmp / "arrays.npz", **arrays)
+    np.savez(tmp / "arrays.npz", **arrays)  # type: ignore[arg-type]
     (tmp / "spec.json").write_text(json.dumps(fs.spec))
     (tmp / "done").write_text("")
     try:
@@ -456,8 +458,8 @@ def _load_cached(path: Path) -> FeatureSet:
         labels=z["labels"],
         train_idx=z["train_idx"],
         holdout_idx=z["holdout_idx"],
-        users=z["users"] if "users" in z else None,
-        times=z["times"] if "times" in z else None,
+        users=z.get("users", None),
+        times=z.get("times", None),
         spec=spec,
     )
 

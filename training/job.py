@@ -77,7 +77,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     cfg = as_config(cfg_in)
-    spec = validate(cfg)
+    validate(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[call-overload]

@@ -61,12 +61,11 @@ def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, 
 @pytest.fixture(scope="module")
 def reference(small_cfg: Any, features: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from parallel.shard import unsharded_optimizer
+    from training.config import compose
+    from training.job import as_config
     from training.loop import train_step
     from training.models.dlrm import DLRMRanker
     from training.worker import optim_config
-
-    from training.config import compose
-    from training.job import as_config
 
     small_cfg = as_config(compose(["parallel=single"]))
     torch.manual_seed(123)
