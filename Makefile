@@ -14,7 +14,7 @@ demo: venv
 	$(VENV)/bin/adsfm-pipeline
 
 lint: venv
-	$(PY) -m ruff check training parallel export serving launch tests bench
+	$(PY) -m ruff check training parallel export serving launch tests
 	$(PY) -m mypy training parallel export serving launch
 
 test: venv lint

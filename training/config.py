@@ -188,11 +188,15 @@ def register_configs() -> None:
 
 
 def conf_dir() -> str:
-    """conf/ of this checkout (or ADSFM_CONF): the config tree ships beside the packages, not inside one."""
+    """ADSFM_CONF, else conf/ of this checkout, else the copy a wheel installs under <prefix>/share/adsfm."""
     import os
+    import sys
     from pathlib import Path
 
-    return os.environ.get("ADSFM_CONF") or str(Path(__file__).resolve().parents[1] / "conf")
+    if os.environ.get("ADSFM_CONF"):
+        return os.environ["ADSFM_CONF"]
+    checkout = Path(__file__).resolve().parents[1] / "conf"
+    return str(checkout if checkout.is_dir() else Path(sys.prefix) / "share" / "adsfm" / "conf")
 
 
 def compose(overrides: list[str] | None = None) -> Any:

@@ -10,7 +10,6 @@ import pytest
 import requests
 import torch
 
-
 pytestmark = pytest.mark.integration
 
 
