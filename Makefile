@@ -14,11 +14,11 @@ demo: venv
 	$(VENV)/bin/adsfm-pipeline
 
 lint: venv
-	$(PY) -m ruff check training parallel export serving launch tests
+	$(PY) -m ruff check training parallel export serving launch tests bench
 	$(PY) -m mypy training parallel export serving launch
 
 test: venv lint
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider tests bench
 
 test-fast: venv
 	$(PY) -m pytest -q tests/unit

@@ -1,23 +1,27 @@
-"""Checkpoint (any world size) → bundle directory: manifest, dense.onnx, tables, item store; parity-checked."""
+"""Checkpoint (any world size) → bundle directory: manifest, dense.onnx, per-table files, item store;
+parity-checked against the eager model."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from export.card import write_card
 from export.manifest import DenseFeatureSpec, Manifest, SparseFeatureSpec, TableSpec
 from export.onnx import export_dense
 from export.parity import check_parity, require_parity
-from export.sparse import export_tables
+from export.sparse import PRECISIONS, export_table, load_table
 from serving.ranker import Ranker
 from training.checkpoint import load_into_unsharded
 from training.config import AdsfmConfig
 from training.data import FeatureSet, load_features
-from training.models.dlrm import DLRMRanker
+from training.models.dlrm import DLRMRanker, table_configs
 
 
 def load_trained_model(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> DLRMRanker:
@@ -27,43 +31,97 @@ def load_trained_model(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> DL
     return model.eval()
 
 
-def build_manifest(cfg: AdsfmConfig, fs: FeatureSet, shapes: dict[str, tuple[int, int]]) -> Manifest:
-    spec = fs.spec
-    tables = {
-        name: TableSpec(
-            rows=shapes[name][0], dim=shapes[name][1], pooling=t["pooling"], hash_buckets=t["hash_buckets"], vocab=t["vocab"]
-        )
-        for name, t in spec["tables"].items()
-    }
-    versions = {p: version(p) for p in ("torch", "torchrec", "onnx", "onnxruntime", "adsfm")}
-    return Manifest(
-        embedding_dim=cfg.model.embedding_dim,
-        sparse=[SparseFeatureSpec(**f) for f in spec["sparse"]],
-        dense=[DenseFeatureSpec(**d) for d in spec["dense"]],
-        tables=tables,
-        item_column=spec.get("item_column"),
-        user_column=spec.get("user_column"),
-        versions=versions,
-        data_fingerprint=spec.get("fingerprint", ""),
-    )
+def table_precisions(cfg: AdsfmConfig, tables: list[str]) -> dict[str, str]:
+    e = cfg.export
+    unknown = sorted(set(e.table_precision) - set(tables))
+    if unknown:
+        raise ValueError(f"export.table_precision names {unknown}, which the model does not have; tables: {tables}")
+    out = {t: e.table_precision.get(t, e.precision) for t in tables}
+    for t, p in out.items():
+        if p not in PRECISIONS:
+            raise ValueError(f"export precision of table {t!r} = {p!r}: choose from {list(PRECISIONS)}")
+    return out
+
+
+def config_hash(cfg: AdsfmConfig) -> str:
+    """Hash of the resolved config, without the fields that name this particular run."""
+    c = OmegaConf.to_container(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg, resolve=True)
+    assert isinstance(c, dict)
+    for k in ("run_dir", "run_root", "experiment_name"):
+        c.pop(k, None)
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
 
 
 def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: str = "") -> Manifest:
-    """Write the bundle to `out` and check parity; raises ParityError (after writing) if it fails."""
+    """Write the bundle to `out` and check parity; raises ParityError (after writing) if it fails.
+
+    Tables are streamed from the checkpoint one at a time (load, quantize, write, drop).
+    """
     out.mkdir(parents=True, exist_ok=True)
     fs = load_features(cfg.data)
+    configs = table_configs(fs.spec, cfg.model.embedding_dim)
+    precision = table_precisions(cfg, [c.name for c in configs])
+    tables: dict[str, TableSpec] = {}
+    for c in configs:
+        w = load_table(checkpoint, f"sparse.embedding_bags.{c.name}.weight", (c.num_embeddings, c.embedding_dim))
+        file = f"table_{c.name}.safetensors"
+        nbytes = export_table(w, precision[c.name], out / file)
+        t = fs.spec["tables"][c.name]
+        tables[c.name] = TableSpec(
+            rows=c.num_embeddings, dim=c.embedding_dim, pooling=t["pooling"], precision=precision[c.name],  # type: ignore[arg-type]
+            file=file, bytes=nbytes, hash_buckets=t["hash_buckets"], vocab=t["vocab"],
+        )
+        del w
     model = load_trained_model(cfg, checkpoint, fs)
-    shapes = export_tables(model.sparse, out / "tables.safetensors")
     export_dense(model.dense, len(fs.spec["dense"]), len(fs.spec["sparse"]), cfg.model.embedding_dim, out / "dense.onnx", cfg.export.opset)
     (out / "item_store.json").write_text(json.dumps(fs.spec.get("item_store", {})))
-    manifest = build_manifest(cfg, fs, shapes)
-    manifest.source_checkpoint = str(checkpoint)
-    manifest.train_run_id = train_run_id
+    manifest = Manifest(
+        embedding_dim=cfg.model.embedding_dim,
+        sparse=[SparseFeatureSpec(**f) for f in fs.spec["sparse"]],
+        dense=[DenseFeatureSpec(**d) for d in fs.spec["dense"]],
+        tables=tables,
+        item_column=fs.spec.get("item_column"),
+        user_column=fs.spec.get("user_column"),
+        versions={p: version(p) for p in ("torch", "torchrec", "fbgemm-gpu-cpu", "onnx", "onnxruntime", "adsfm") if _installed(p)},
+        data_fingerprint=fs.spec.get("fingerprint", ""),
+        source_checkpoint=str(checkpoint),
+        train_run_id=train_run_id,
+        config_hash=config_hash(cfg),
+        git_commit=git_commit(),
+        data_config=_data_config(cfg),
+    )
     manifest.write(out)
-    manifest.parity = check_parity(model, Ranker(out), fs, cfg.export.parity_rows, cfg.export.parity_tolerance)
+    manifest.parity, probs = check_parity(
+        model, Ranker(out), fs, cfg.export.parity_rows, cfg.export.parity_tolerance, cfg.export.auc_margin,
+        quantized=any(t.precision != "fp32" for t in tables.values()),
+    )
     manifest.write(out)
+    rows = fs.holdout_idx[: len(probs)]
+    write_card(manifest, probs, fs.labels[rows], out / "card", loss_curve=checkpoint.parent.parent / "loss_curve.png")
     require_parity(manifest.parity)
     return manifest
+
+
+def _installed(pkg: str) -> bool:
+    try:
+        version(pkg)
+        return True
+    except Exception:
+        return False
+
+
+def _data_config(cfg: AdsfmConfig) -> dict[str, Any]:
+    c = OmegaConf.to_container(OmegaConf.structured(cfg.data) if not OmegaConf.is_config(cfg.data) else cfg.data, resolve=True)
+    assert isinstance(c, dict)
+    return {str(k): v for k, v in c.items()}
 
 
 def load_run(run_dir: Path) -> tuple[AdsfmConfig, dict[str, Any]]:
@@ -74,5 +132,3 @@ def load_run(run_dir: Path) -> tuple[AdsfmConfig, dict[str, Any]]:
             raise FileNotFoundError(f"{p} is missing: is {run_dir} a finished adsfm-train run directory?")
     cfg = OmegaConf.merge(OmegaConf.structured(AdsfmConfig), OmegaConf.load(cfg_path))
     return cfg, json.loads(result_path.read_text())  # type: ignore[return-value]
-
-

@@ -25,6 +25,8 @@ def stable_hash(value: str, buckets: int) -> int:
 
 class SparseFeatureSpec(BaseModel):
     name: str
+    column: str | None = None
+    """Column of the training data it came from (defaults to name)."""
     table: str
     multi: bool = False
     sep: str = "|"
@@ -33,6 +35,7 @@ class SparseFeatureSpec(BaseModel):
 
 class DenseFeatureSpec(BaseModel):
     name: str
+    column: str | None = None
     side: Literal["user", "item"] = "user"
     log1p: bool = False
     mean: float = 0.0
@@ -43,7 +46,10 @@ class TableSpec(BaseModel):
     rows: int
     dim: int
     pooling: Literal["sum", "mean"]
-    precision: Literal["fp32"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    file: str
+    """safetensors file: 'weight' (fp32/fp16) or 'codes' (uint8) + 'scale_bias' (fp16 [rows, 2]) for int8."""
+    bytes: int = 0
     hash_buckets: int = 0
     """0: `vocab` maps raw values to rows 1..; else raw values hash into rows 1..hash_buckets. Row 0 is OOV."""
     vocab: list[str] = Field(default_factory=list)
@@ -56,10 +62,24 @@ class DenseGraphSpec(BaseModel):
 
 
 class ParitySpec(BaseModel):
+    """Bundle against the eager fp32 model on the same holdout rows."""
+
     rows: int
     max_abs_diff: float
     tolerance: float
+    """Applies when every table is fp32."""
+    auc_eager: float = float("nan")
+    auc_bundle: float = float("nan")
+    auc_drop: float = float("nan")
+    auc_margin: float = 0.002
+    """Applies when a table is quantized: the bundle's holdout AUC may be this much below the eager one."""
+    quantized: bool = False
     passed: bool
+
+    def reason(self) -> str:
+        if self.quantized:
+            return f"holdout AUC drop {self.auc_drop:.4f} vs margin {self.auc_margin:.4f} over {self.rows} rows"
+        return f"max |eager - exported| {self.max_abs_diff:.3g} vs tolerance {self.tolerance:.1g} over {self.rows} rows"
 
 
 class Manifest(BaseModel):
@@ -71,7 +91,6 @@ class Manifest(BaseModel):
     dense: list[DenseFeatureSpec]
     """Column order of the dense graph's `dense` input."""
     tables: dict[str, TableSpec]
-    tables_file: str = "tables.safetensors"
     dense_graph: DenseGraphSpec = Field(default_factory=DenseGraphSpec)
     item_column: str | None = None
     user_column: str | None = None
@@ -81,6 +100,10 @@ class Manifest(BaseModel):
     data_fingerprint: str = ""
     source_checkpoint: str = ""
     train_run_id: str = ""
+    config_hash: str = ""
+    git_commit: str = ""
+    data_config: dict = Field(default_factory=dict)
+    """The training data config (resolved), so a gate can rebuild the same holdout."""
     parity: ParitySpec | None = None
 
     def write(self, bundle: Path) -> Path:

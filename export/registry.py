@@ -1,8 +1,9 @@
-"""MLflow: log a bundle as a model version, move aliases (challenger → champion), resolve an alias."""
+"""MLflow: log a bundle as a model version with lineage, move aliases with a recorded history, roll back."""
 
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import time
 from importlib.metadata import version as pkg_version
@@ -21,6 +22,8 @@ from serving.ranker import Ranker
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "adsfm.champion_history"
+HISTORY_KEEP = 30  # entries kept in the tag (MLflow caps tag values at a few KB)
 
 
 def _pip_requirements() -> list[str]:
@@ -52,11 +55,12 @@ def input_example(bundle: Path, n: int = 2) -> pd.DataFrame:
 def log_and_register(
     bundle: Path, name: str, tracking_uri: str, run_id: str | None, experiment_id: str | None = None
 ) -> ModelVersion:
-    """Log the bundle as a pyfunc model in `run_id` (the training run), register it, alias it challenger;
-    the first version of a name also becomes champion."""
+    """Log the bundle as a pyfunc model in `run_id` (the training run), register it with lineage tags and
+    its model card, alias it challenger; the first version of a name also becomes champion."""
     manifest = Manifest.read(bundle)
     if manifest.parity is None or not manifest.parity.passed:
-        raise ValueError(f"{bundle}: parity not passed ({manifest.parity}); refusing to register")
+        reason = manifest.parity.reason() if manifest.parity else "no parity check recorded"
+        raise ValueError(f"{bundle}: parity not passed ({reason}); refusing to register")
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     example = input_example(bundle)
@@ -70,7 +74,11 @@ def log_and_register(
             input_example=example,
             pip_requirements=_pip_requirements(),
         )
-        mlflow.log_metric("parity_max_abs_diff", manifest.parity.max_abs_diff)
+        p = manifest.parity
+        mlflow.log_metrics({"parity_max_abs_diff": p.max_abs_diff, "export_holdout_auc": p.auc_bundle, "export_auc_drop": p.auc_drop})
+        card = bundle / "card"
+        if card.is_dir():
+            mlflow.log_artifacts(str(card), "model_card")
         active_run = mlflow.active_run()
         assert active_run is not None
         source_run = active_run.info.run_id
@@ -78,21 +86,36 @@ def log_and_register(
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="adsfm ranking model (ONNX dense graph + embedding tables)")
-    mv = client.create_model_version(
+    parent = alias_version(client, name, CHAMPION)
+    precisions = sorted({t.precision for t in manifest.tables.values()})
+    mv = mlflow.register_model(
+        info.model_uri,
         name,
-        source=info.model_uri,
-        run_id=source_run,
         tags={
+            "adsfm.git_commit": manifest.git_commit,
+            "adsfm.config_hash": manifest.config_hash,
             "adsfm.data_fingerprint": manifest.data_fingerprint,
-            "adsfm.parity_max_abs_diff": f"{manifest.parity.max_abs_diff:.3g}",
-            "adsfm.precision": "fp32",
+            "adsfm.train_run_id": manifest.train_run_id or source_run,
+            "adsfm.parent_version": parent or "",
+            "adsfm.precision": "+".join(precisions),
+            "adsfm.table_bytes": str(sum(t.bytes for t in manifest.tables.values())),
+            "adsfm.parity_passed": str(p.passed),
+            "adsfm.parity": p.reason(),
+            "adsfm.holdout_auc": f"{p.auc_bundle:.5f}",
         },
     )
-    _wait_ready(client, name, str(mv.version))
-    client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
-    if alias_version(client, name, CHAMPION) is None:
-        promote(name, tracking_uri, str(mv.version), reason="first version of this model")
-    return client.get_model_version(name, mv.version)
+    version = str(mv.version)
+    _wait_ready(client, name, version)
+    client.update_model_version(name, version, description=_card_text(bundle))
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    if parent is None:
+        promote(name, tracking_uri, version, reason="first version of this model")
+    return client.get_model_version(name, version)
+
+
+def _card_text(bundle: Path) -> str:
+    md = bundle / "card" / "model_card.md"
+    return md.read_text()[:4000] if md.exists() else ""
 
 
 def _wait_ready(client: MlflowClient, name: str, version: str, timeout: float = 60.0) -> None:
@@ -112,36 +135,105 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     return None if v is None else str(v)
 
 
-def promote(name: str, tracking_uri: str, version: str | None = None, reason: str = "") -> str:
-    """Move champion to `version` (default: the challenger); record who, when and why on the version."""
+def champion_history(client: MlflowClient, name: str) -> list[dict[str, Any]]:
+    """Champion moves, oldest first: version, previous, at, by, reason, kind (promote/force/rollback)."""
+    raw = client.get_registered_model(name).tags.get(HISTORY_TAG)
+    return json.loads(raw) if raw else []
+
+
+def _who() -> str:
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+def _move_champion(client: MlflowClient, name: str, target: str, kind: str, reason: str, extra: dict[str, str]) -> None:
+    previous = alias_version(client, name, CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, target)
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    entry = {"version": target, "previous": previous, "at": at, "by": _who(), "reason": reason or kind, "kind": kind}
+    history = (champion_history(client, name) + [entry])[-HISTORY_KEEP:]
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    tags = {"adsfm.promoted_by": entry["by"], "adsfm.promoted_at": at, "adsfm.promote_reason": entry["reason"],
+            "adsfm.promote_kind": kind, "adsfm.previous_champion": previous or "", **extra}
+    for k, v in tags.items():
+        client.set_model_version_tag(name, target, k, v)
+
+
+def promote(
+    name: str, tracking_uri: str, version: str | None = None, reason: str = "", forced: bool = False, gate: str = ""
+) -> str:
+    """Move champion to `version` (default: the challenger); record who, when, why (and the gate's verdict
+    or that it was forced) on the version and in the model's champion history."""
     client = MlflowClient(tracking_uri)
     target = version or alias_version(client, name, CHALLENGER)
     if target is None:
         raise ValueError(f"model {name!r} has no {CHALLENGER} alias; pass --version")
     client.get_model_version(name, str(target))  # raises with MLflow's message if it does not exist
-    previous = alias_version(client, name, CHAMPION)
-    client.set_registered_model_alias(name, CHAMPION, str(target))
-    who = os.environ.get("USER") or getpass.getuser()
-    for k, v in {
-        "adsfm.promoted_by": who,
-        "adsfm.promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "adsfm.promote_reason": reason or "manual",
-        "adsfm.previous_champion": previous or "",
-    }.items():
-        client.set_model_version_tag(name, str(target), k, v)
+    _move_champion(client, name, str(target), "force" if forced else "promote", reason, {"adsfm.gate": gate})
     return str(target)
 
 
-def resolve(name: str, alias: str, tracking_uri: str, dst: Path) -> tuple[str, Path]:
-    """(version, local bundle directory) of models:/name@alias, downloaded under `dst`."""
+def rollback(name: str, tracking_uri: str, reason: str = "") -> tuple[str, str]:
+    """Champion back to the version it replaced, in one step: (from, to)."""
     client = MlflowClient(tracking_uri)
-    ver = alias_version(client, name, alias)
+    current = alias_version(client, name, CHAMPION)
+    moves = [h for h in champion_history(client, name) if h["kind"] != "rollback" and h["version"] == current]
+    if current is None or not moves or not moves[-1]["previous"]:
+        raise ValueError(f"model {name!r}: champion {current} has no previous champion to roll back to")
+    target = str(moves[-1]["previous"])
+    _move_champion(client, name, target, "rollback", reason, {})
+    return current, target
+
+
+def download_version(name: str, version: str, tracking_uri: str, dst: Path) -> Path:
+    """Local bundle directory of models:/name/version, downloaded under `dst` once."""
+    mlflow.set_tracking_uri(tracking_uri)
+    target = dst / f"{name}-v{version}"
+    if not (target / "MLmodel").exists():
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(target))
+    bundle = target / _bundle_path(target / "MLmodel")
+    Manifest.read(bundle)
+    return bundle
+
+
+def _bundle_path(mlmodel: Path) -> str:
+    """Where MLflow put the 'bundle' artifact (it keeps the source directory's name, not the key)."""
+    import yaml
+
+    spec = yaml.safe_load(mlmodel.read_text()) or {}
+    artifacts = spec.get("flavors", {}).get("python_function", {}).get("artifacts", {})
+    if "bundle" not in artifacts:
+        raise ValueError(f"{mlmodel}: not an adsfm model (no 'bundle' artifact)")
+    return str(artifacts["bundle"]["path"])
+
+
+def resolve(name: str, alias: str, tracking_uri: str, dst: Path) -> tuple[str, Path]:
+    """(version, local bundle directory) of models:/name@alias."""
+    ver = alias_version(MlflowClient(tracking_uri), name, alias)
     if ver is None:
         raise LookupError(f"model {name!r} has no alias {alias!r} in {tracking_uri}; run adsfm-export / adsfm-promote")
-    mlflow.set_tracking_uri(tracking_uri)
-    target = dst / f"{name}-v{ver}"
-    if not (target / "artifacts" / "bundle" / "manifest.json").exists():
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{ver}", dst_path=str(target))
-    bundle = target / "artifacts" / "bundle"
-    Manifest.read(bundle)
-    return str(ver), bundle
+    return ver, download_version(name, ver, tracking_uri, dst)
+
+
+def describe(name: str, tracking_uri: str) -> str:
+    """Versions with aliases and lineage, then the champion history: what `adsfm-models NAME` prints."""
+    client = MlflowClient(tracking_uri)
+    model = client.get_registered_model(name)
+    by_version: dict[str, list[str]] = {}
+    for alias, v in model.aliases.items():
+        by_version.setdefault(str(v), []).append(alias)
+    lines = [f"model {name}", f"{'ver':>4} {'aliases':<22} {'AUC':>8} {'precision':<10} {'bytes':>10} {'git':<9} {'parent':>6}  created"]
+    for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version)):
+        t = mv.tags
+        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(mv.creation_timestamp / 1000))
+        lines.append(
+            f"{mv.version:>4} {','.join(sorted(by_version.get(str(mv.version), []))) or '-':<22} "
+            f"{t.get('adsfm.holdout_auc', '-'):>8} {t.get('adsfm.precision', '-'):<10} {t.get('adsfm.table_bytes', '-'):>10} "
+            f"{t.get('adsfm.git_commit', '-')[:8]:<9} {t.get('adsfm.parent_version', '') or '-':>6}  {created}"
+        )
+    lines.append("champion history (oldest first):")
+    for h in champion_history(client, name):
+        lines.append(f"  {h['at']}  {h['previous'] or '-':>4} -> {h['version']:<4} {h['kind']:<8} by {h['by']}: {h['reason']}")
+    return "\n".join(lines)

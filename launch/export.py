@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("run_dir", type=Path, help="a finished adsfm-train run directory")
     ap.add_argument("--checkpoint", type=Path, help="default: the run's final checkpoint")
     ap.add_argument("--model-name", help="registered model name (default: export.model_name of the run)")
+    ap.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="table precision (default: export.precision of the run)")
     ap.add_argument("--no-register", action="store_true", help="write and check the bundle only")
     args = ap.parse_args(argv)
 
@@ -22,11 +23,13 @@ def main(argv: list[str] | None = None) -> None:
     from training.tracking import tracking_uri
 
     cfg, result = load_run(args.run_dir.resolve())
+    if args.precision:
+        cfg.export.precision = args.precision
     ckpt = args.checkpoint or Path(result["checkpoint"])
-    bundle = args.run_dir.resolve() / "bundle"
+    bundle = args.run_dir.resolve() / f"bundle-{cfg.export.precision}" if args.precision else args.run_dir.resolve() / "bundle"
     manifest = export_bundle(cfg, ckpt, bundle, train_run_id=result.get("run_id", ""))
     assert manifest.parity is not None
-    print(f"[adsfm] bundle {bundle}: parity max |diff| {manifest.parity.max_abs_diff:.3g} over {manifest.parity.rows} rows")
+    print(f"[adsfm] bundle {bundle}: parity passed ({manifest.parity.reason()})")
     if args.no_register:
         return
     name = args.model_name or cfg.export.model_name

@@ -2,7 +2,10 @@
 
 # No `from __future__ import annotations` here: FastAPI must see real types on the ingress methods.
 
+import logging
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from serving.ranker import FeatureError, Ranker
 from serving.schemas import Health, RankRequest, RankResponse
 from serving.service import RankService
 
+logger = logging.getLogger("ray.serve")
 api = FastAPI(title="adsfm ranking API", version="1")
 
 
@@ -27,12 +31,40 @@ async def _feature_error(_request: Request, exc: FeatureError) -> JSONResponse:
 @serve.deployment
 @serve.ingress(api)
 class RankerDeployment:
-    def __init__(self, model_name: str, alias: str, tracking_uri: str, max_candidates: int, intra_op_threads: int) -> None:
-        from export.registry import resolve
+    def __init__(self, cfg: ServeConfig, tracking_uri: str) -> None:
+        self.cfg, self.tracking_uri = cfg, tracking_uri
+        self.cache = Path(tempfile.mkdtemp(prefix="adsfm-serve-"))
+        self.service = self._load()
+        if cfg.reload_interval_s > 0:
+            threading.Thread(target=self._follow_alias, daemon=True, name="adsfm-alias-watch").start()
 
-        cache = Path(tempfile.mkdtemp(prefix="adsfm-serve-"))
-        version, bundle = resolve(model_name, alias, tracking_uri, cache)
-        self.service = RankService(Ranker(bundle, intra_op_threads), model_name, version, max_candidates)
+    def _load(self, version: str | None = None) -> RankService:
+        from export.registry import download_version, resolve
+
+        if version is None:
+            version, bundle = resolve(self.cfg.model_name, self.cfg.alias, self.tracking_uri, self.cache)
+        else:
+            bundle = download_version(self.cfg.model_name, version, self.tracking_uri, self.cache)
+        ranker = Ranker(bundle, self.cfg.intra_op_threads)
+        return RankService(ranker, self.cfg.model_name, version, self.cfg.max_candidates)
+
+    def _follow_alias(self) -> None:
+        """Poll the alias; load a moved-to version beside the serving one, then swap the reference.
+        Requests in flight finish on the old service object, so a move fails none of them."""
+        from mlflow.tracking import MlflowClient
+
+        from export.registry import alias_version
+
+        client = MlflowClient(self.tracking_uri)
+        while True:
+            time.sleep(self.cfg.reload_interval_s)
+            try:
+                version = alias_version(client, self.cfg.model_name, self.cfg.alias)
+                if version is not None and version != self.service.model_version:
+                    self.service = self._load(version)
+                    logger.info("adsfm: %s@%s moved to version %s; now serving it", self.cfg.model_name, self.cfg.alias, version)
+            except Exception:  # a registry hiccup must not kill the replica; keep serving what we have
+                logger.exception("adsfm: alias check failed; still serving version %s", self.service.model_version)
 
     @api.post("/v1/rank")
     def rank(self, req: RankRequest) -> RankResponse:
@@ -47,7 +79,7 @@ def build_app(cfg: ServeConfig, tracking_uri: str) -> Application:
     """The typed app builder: one ranker deployment behind Ray Serve's HTTP proxy."""
     return RankerDeployment.options(  # type: ignore[attr-defined]
         num_replicas=cfg.num_replicas, max_ongoing_requests=cfg.max_ongoing_requests
-    ).bind(cfg.model_name, cfg.alias, tracking_uri, cfg.max_candidates, cfg.intra_op_threads)
+    ).bind(cfg, tracking_uri)
 
 
 def start(cfg: ServeConfig, tracking_uri: str, name: str = "adsfm") -> str:

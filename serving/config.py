@@ -22,3 +22,5 @@ class ServeConfig:
     """Requests with more candidates are refused with 422."""
     intra_op_threads: int = 1
     """ONNX Runtime threads per session."""
+    reload_interval_s: float = 10.0
+    """How often replicas check the alias and switch to the version it points at (0: never)."""

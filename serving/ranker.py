@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from safetensors.numpy import load_file
 
-from export.manifest import Manifest, SparseFeatureSpec, stable_hash
+from export.manifest import Manifest, SparseFeatureSpec, TableSpec, stable_hash
 
 
 class FeatureError(ValueError):
@@ -34,6 +34,30 @@ class Bag:
     lengths: np.ndarray
 
 
+def _load_table(bundle: Path, name: str, t: TableSpec) -> dict[str, np.ndarray]:
+    arrays = load_file(str(bundle / t.file))
+    layouts: dict[str, dict[str, tuple[tuple[int, int], type]]] = {
+        "fp32": {"weight": ((t.rows, t.dim), np.float32)},
+        "fp16": {"weight": ((t.rows, t.dim), np.float16)},
+        "int8": {"codes": ((t.rows, t.dim), np.uint8), "scale_bias": ((t.rows, 2), np.float16)},
+    }
+    want = layouts[t.precision]
+    for key, (shape, dtype) in want.items():
+        a = arrays.get(key)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            found = None if a is None else (a.shape, a.dtype)
+            raise ValueError(f"bundle table {name!r} ({t.precision}): {key} should be {shape} {np.dtype(dtype)}, found {found}")
+    return arrays
+
+
+def dequantize(arrays: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """fp32 rows of a stored table: fp32/fp16 as stored, int8 as codes * scale + bias per row."""
+    if "weight" in arrays:
+        return arrays["weight"][rows].astype(np.float32, copy=False)
+    sb = arrays["scale_bias"][rows].astype(np.float32)
+    return arrays["codes"][rows].astype(np.float32) * sb[:, :1] + sb[:, 1:2]
+
+
 class Ranker:
     """Scores candidates for a user from a bundle directory (manifest.json, dense.onnx, tables)."""
 
@@ -41,12 +65,7 @@ class Ranker:
         self.bundle = Path(bundle)
         self.manifest = Manifest.read(self.bundle)
         m = self.manifest
-        self.tables = load_file(str(self.bundle / m.tables_file))
-        for name, t in m.tables.items():
-            w = self.tables.get(name)
-            if w is None or w.shape != (t.rows, t.dim):
-                got = None if w is None else w.shape
-                raise ValueError(f"bundle table {name!r}: expected shape {(t.rows, t.dim)}, found {got}")
+        self.tables = {name: _load_table(self.bundle, name, t) for name, t in m.tables.items()}
         self._index = {name: {tok: i + 1 for i, tok in enumerate(t.vocab)} for name, t in m.tables.items()}
         self.item_store: dict[str, dict[str, Any]] = {}
         if m.item_store_file and (self.bundle / m.item_store_file).exists():
@@ -65,12 +84,11 @@ class Ranker:
 
     def pool(self, table: str, bag: Bag) -> np.ndarray:
         """Sum or mean of the bag's rows, per row of the batch; an empty bag pools to zeros."""
-        w = self.tables[table]
         n = len(bag.lengths)
-        out = np.zeros((n, w.shape[1]), dtype=np.float32)
+        out = np.zeros((n, self.manifest.tables[table].dim), dtype=np.float32)
         if len(bag.values):
             seg = np.repeat(np.arange(n), bag.lengths)
-            np.add.at(out, seg, w[bag.values])
+            np.add.at(out, seg, dequantize(self.tables[table], bag.values))
         if self.manifest.tables[table].pooling == "mean":
             out /= np.maximum(bag.lengths, 1)[:, None].astype(np.float32)
         return out
@@ -148,14 +166,44 @@ class Ranker:
                 dense[:, k] = [self._dense_value(d.name, it.get(d.name), f"candidates[{i}].{d.name}") for i, it in enumerate(items)]
         return self._run(dense, emb)
 
+    def featurize_columns(self, columns: dict[str, list[Any]]) -> tuple[np.ndarray, dict[str, Bag]]:
+        """Raw values of many rows (feature name -> one value per row) → model inputs, vectorised per column.
+        Missing item-side columns come from the item store."""
+        m = self.manifest
+        n = len(next(iter(columns.values()))) if columns else 0
+        if m.item_column and m.item_column in columns:
+            stored = [self.item_store.get(str(i), {}) for i in columns[m.item_column]]
+            for name in [f.name for f in m.sparse if f.side == "item"] + [d.name for d in m.dense if d.side == "item"]:
+                if name not in columns:
+                    columns[name] = [s.get(name) for s in stored]
+        bags: dict[str, Bag] = {}
+        for f in m.sparse:
+            raw = columns.get(f.name, [None] * n)
+            per = [self.rows_of(f, v, f.name) for v in raw]
+            bags[f.name] = Bag(np.concatenate(per) if per else np.zeros(0, np.int64), np.array([len(p) for p in per]))
+        dense = np.zeros((n, len(m.dense)), dtype=np.float32)
+        for k, d in enumerate(m.dense):
+            x = np.array([np.nan if v is None else float(v) for v in columns.get(d.name, [None] * n)], dtype=np.float64)
+            if d.log1p:
+                x = np.log1p(np.maximum(x, 0.0))
+            dense[:, k] = np.nan_to_num((x - d.mean) / d.std, nan=0.0)
+        return dense, bags
+
+    def score_columns(self, columns: dict[str, list[Any]], batch: int = 4096) -> np.ndarray:
+        """Probabilities for many (user, item) rows given as raw columns (batch scoring, evaluation)."""
+        dense, bags = self.featurize_columns(dict(columns))
+        out = []
+        for s in range(0, len(dense), batch):
+            part = {}
+            for k, b in bags.items():
+                off = np.concatenate([[0], np.cumsum(b.lengths)])
+                part[k] = Bag(b.values[off[s] : off[min(s + batch, len(b.lengths))]], b.lengths[s : s + batch])
+            out.append(self.score_indexed(dense[s : s + batch], part))
+        return np.concatenate(out) if out else np.zeros(0)
+
     def score_records(self, records: list[dict[str, Any]]) -> np.ndarray:
         """One (user, item) pair per record with raw feature values; for batch scoring through MLflow pyfunc."""
-        user_names = {f.name for f in self.manifest.sparse if f.side == "user"} | {
-            d.name for d in self.manifest.dense if d.side == "user"
-        }
-        out = np.empty(len(records))
-        for i, r in enumerate(records):
-            user = {k: v for k, v in r.items() if k in user_names}
-            item = {k: v for k, v in r.items() if k not in user_names}
-            out[i] = self.score(user, [item])[0]
-        return out
+        names = [f.name for f in self.manifest.sparse] + [d.name for d in self.manifest.dense]
+        if self.manifest.item_column:
+            names.append(self.manifest.item_column)
+        return self.score_columns({k: [r.get(k) for r in records] for k in dict.fromkeys(names) if any(k in r for r in records)})

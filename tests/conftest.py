@@ -45,21 +45,12 @@ def features(small_cfg: Any) -> Any:
 @pytest.fixture(scope="session")
 def trained(small_cfg: Any, features: Any, run_root: Path) -> dict[str, Any]:
     """A DLRM trained single-process for one epoch, checkpointed with DCP and exported (parity-checked)."""
-    import torch
-
     from export.bundle import export_bundle
-    from parallel.shard import unsharded_optimizer
     from training.checkpoint import save_checkpoint
-    from training.data import iter_batches
-    from training.loop import evaluate, train_step
-    from training.models.dlrm import DLRMRanker
-    from training.worker import optim_config
+    from training.local import train_local
+    from training.loop import evaluate
 
-    torch.manual_seed(0)
-    model = DLRMRanker(features.spec, small_cfg.model, device="cpu")
-    opt = unsharded_optimizer(model, optim_config(small_cfg))
-    for rows in iter_batches(features.train_idx, 256, 0, 1, seed=0):
-        train_step(model, opt, features.take(rows))
+    model = train_local(small_cfg, features)
     ckpt = save_checkpoint(model, run_root / "fixture" / "checkpoints" / "step_1")
     bundle = run_root / "fixture" / "bundle"
     manifest = export_bundle(small_cfg, ckpt, bundle)

@@ -16,7 +16,8 @@ from training.job import as_config, init_ray, run_training
 
 def run_pipeline(cfg_in: DictConfig, keep_serving: bool = False) -> dict[str, Any]:
     from export.bundle import export_bundle
-    from export.registry import log_and_register, promote
+    from export.gate import GateRefused, gated_promote
+    from export.registry import log_and_register
     from serving import app as serve_app
     from training.data import example_request, load_features, load_frame
 
@@ -32,7 +33,15 @@ def run_pipeline(cfg_in: DictConfig, keep_serving: bool = False) -> dict[str, An
 
     print("[adsfm] 3/4 register + promote", flush=True)
     mv = log_and_register(bundle, cfg.export.model_name, tr.tracking_uri, tr.run_id)
-    promote(cfg.export.model_name, tr.tracking_uri, mv.version, reason=f"adsfm-pipeline run {tr.run_dir.name}")
+    try:
+        report = gated_promote(
+            cfg.export.model_name, tr.tracking_uri, str(mv.version), cfg.export.gate, tr.run_dir / "gate",
+            reason=f"adsfm-pipeline run {tr.run_dir.name}",
+        )
+        promoted = True
+    except GateRefused as e:  # the champion keeps serving; the new version stays challenger
+        report, promoted = e.report, False
+    print(report.table(), flush=True)
 
     print("[adsfm] 4/4 serve + rank over HTTP", flush=True)
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
@@ -57,7 +66,8 @@ def run_pipeline(cfg_in: DictConfig, keep_serving: bool = False) -> dict[str, An
         "parity_max_abs_diff": manifest.parity.max_abs_diff,
         "model_name": cfg.export.model_name,
         "model_version": str(mv.version),
-        "alias": "champion",
+        "alias": "champion" if promoted else "challenger",
+        "promoted": promoted,
         "rank_latency_ms": statistics.median(latencies),
         "rank_latency_ms_p_max": max(latencies),
         "rank_candidates": len(req["candidates"]),

@@ -34,3 +34,40 @@ def loss_curve(losses: list[float], eval_history: list[dict[str, Any]], path: Pa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def roc_curve(probs: np.ndarray, labels: np.ndarray, path: Path, title: str = "ROC") -> Path:
+    import torch
+    from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+    p, y = torch.from_numpy(np.asarray(probs, dtype=np.float64)), torch.from_numpy(np.asarray(labels)).long()
+    fpr, tpr, _ = binary_roc(p, y)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr.numpy(), tpr.numpy(), label=f"AUC {float(binary_auroc(p, y)):.4f}")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def calibration_curve(probs: np.ndarray, labels: np.ndarray, path: Path, bins: int = 10) -> Path:
+    """Mean label against mean prediction in equal-count bins (a reliability diagram)."""
+    order = np.argsort(probs)
+    groups = np.array_split(order, bins)
+    pred = [float(np.mean(probs[g])) for g in groups if len(g)]
+    real = [float(np.mean(labels[g])) for g in groups if len(g)]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.plot(pred, real, "o-")
+    ax.set_xlabel("mean predicted probability")
+    ax.set_ylabel("observed positive rate")
+    ax.set_title(f"calibration ({bins} equal-count bins)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -36,9 +36,10 @@ def test_checkpoint_loads_without_the_training_world(trained: dict[str, Any], fe
         torch.testing.assert_close(loaded.state_dict()[k], v, atol=0, rtol=0)
 
 
-def test_bundle_passes_parity(trained: dict[str, Any]) -> None:
+def test_bundle_passes_parity(trained: dict[str, Any], features: Any) -> None:
     p = trained["manifest"].parity
-    assert p.passed and p.rows == 2048 and p.max_abs_diff <= 1e-5
+    assert p.passed and not p.quantized and p.rows == len(features.holdout_idx) and p.max_abs_diff <= 1e-5
+    assert abs(p.auc_eager - trained["holdout"]["auc"]) < 1e-6
 
 
 def test_parity_catches_a_perturbed_table(trained: dict[str, Any], features: Any, tmp_path: Path) -> None:
@@ -47,11 +48,12 @@ def test_parity_catches_a_perturbed_table(trained: dict[str, Any], features: Any
 
     bundle = tmp_path / "bundle"
     shutil.copytree(trained["bundle"], bundle)
-    tables = load_file(str(bundle / "tables.safetensors"))
+    path = str(bundle / "table_occupation.safetensors")
+    table = load_file(path)
     rng = np.random.default_rng(0)
-    tables["occupation"] = tables["occupation"] + rng.normal(0, 1e-3, tables["occupation"].shape).astype(np.float32)
-    save_file(tables, str(bundle / "tables.safetensors"))
-    p = check_parity(trained["model"], Ranker(bundle), features, 2048, 1e-5)
+    table["weight"] = table["weight"] + rng.normal(0, 1e-3, table["weight"].shape).astype(np.float32)
+    save_file(table, path)
+    p, _ = check_parity(trained["model"], Ranker(bundle), features, 2048, 1e-5)
     assert not p.passed and p.max_abs_diff > 1e-5
     with pytest.raises(ParityError, match="not registered"):
         require_parity(p)

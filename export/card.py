@@ -1,0 +1,60 @@
+"""A model card a person reads in MLflow: metrics, plots, precision, parity, lineage."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.manifest import Manifest
+from training.metrics import ranking_metrics
+from training.plots import calibration_curve, roc_curve
+
+
+def write_card(manifest: Manifest, probs: np.ndarray, labels: np.ndarray, out: Path, loss_curve: Path | None = None) -> Path:
+    """`out/model_card.md` with roc.png, calibration.png (and loss_curve.png when the run has one)."""
+    out.mkdir(parents=True, exist_ok=True)
+    m = ranking_metrics(torch.from_numpy(probs), torch.from_numpy(labels))
+    roc_curve(probs, labels, out / "roc.png", title="holdout ROC (exported bundle)")
+    calibration_curve(probs, labels, out / "calibration.png")
+    plots = ["![ROC](roc.png)", "![calibration](calibration.png)"]
+    if loss_curve is not None and loss_curve.exists():
+        shutil.copy(loss_curve, out / "loss_curve.png")
+        plots.append("![loss curve](loss_curve.png)")
+    p = manifest.parity
+    tables = "\n".join(
+        f"| {n} | {t.rows} x {t.dim} | {t.pooling} | {t.precision} | {t.bytes:,} |" for n, t in manifest.tables.items()
+    )
+    text = f"""# adsfm model card
+
+**Model**: {manifest.model_type}, {len(manifest.sparse)} sparse features, {len(manifest.dense)} dense features,
+embedding dim {manifest.embedding_dim}.
+
+## Holdout metrics (exported bundle, {int(m['n'])} rows)
+| AUC | logloss | NE | calibration |
+|---|---|---|---|
+| {m['auc']:.4f} | {m['logloss']:.4f} | {m['ne']:.4f} | {m['calibration']:.3f} |
+
+## Export
+Parity: {'passed' if p and p.passed else 'FAILED'} ({p.reason() if p else 'not run'}); eager AUC {p.auc_eager if p else float('nan'):.4f}.
+
+| table | shape | pooling | precision | bytes |
+|---|---|---|---|---|
+{tables}
+
+## Lineage
+- git commit: `{manifest.git_commit}`
+- config hash: `{manifest.config_hash}`
+- data fingerprint: `{manifest.data_fingerprint}`
+- training run: `{manifest.train_run_id or '-'}`
+- checkpoint: `{manifest.source_checkpoint}`
+- versions: {', '.join(f'{k} {v}' for k, v in manifest.versions.items())}
+
+## Plots
+{chr(10).join(plots)}
+"""
+    path = out / "model_card.md"
+    path.write_text(text)
+    return path

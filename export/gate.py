@@ -1,0 +1,157 @@
+"""The promotion gate: parity, quality against the champion measured now on the same holdout, latency.
+
+Both models are scored through their own featurization (raw values → their own vocabularies), so a
+champion trained on other data or another vocabulary is compared fairly on the candidate's holdout.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from export.config import GateConfig
+from export.manifest import Manifest
+from export.registry import CHAMPION, alias_version, download_version
+from serving.ranker import Ranker
+from training.config import DataConfig
+from training.data import load_features, load_frame
+from training.metrics import ranking_metrics
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class GateReport:
+    name: str
+    version: str
+    champion: str | None
+    checks: list[Check] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failures(self) -> str:
+        return "; ".join(f"{c.name}: {c.detail}" for c in self.checks if not c.passed)
+
+    def summary(self) -> str:
+        return "; ".join(f"{c.name} {'ok' if c.passed else 'FAIL'} ({c.detail})" for c in self.checks)
+
+    def table(self) -> str:
+        lines = [f"gate for {self.name} v{self.version} (champion: v{self.champion or '-'})"]
+        lines += [f"  [{'ok' if c.passed else 'FAIL':>4}] {c.name:<8} {c.detail}" for c in self.checks]
+        return "\n".join(lines)
+
+
+def holdout_columns(manifest: Manifest) -> tuple[dict[str, list[Any]], np.ndarray]:
+    """The holdout of the data the candidate was trained on, as raw columns by feature name, and labels."""
+    if not manifest.data_config:
+        raise ValueError("the bundle's manifest has no data_config; re-export it with this version of adsfm")
+    cfg: DataConfig = OmegaConf.merge(OmegaConf.structured(DataConfig), manifest.data_config)  # type: ignore[assignment]
+    fs = load_features(cfg)
+    df, _ = load_frame(cfg)
+    rows = df.iloc[fs.holdout_idx]
+    cols: dict[str, list[Any]] = {}
+    for f in [*fs.spec["sparse"], *fs.spec["dense"]]:
+        cols[f["name"]] = rows[f["column"]].tolist()
+    if manifest.item_column:
+        cols[manifest.item_column] = rows[manifest.item_column].astype(str).tolist()
+    return cols, fs.labels[fs.holdout_idx]
+
+
+def holdout_auc(ranker: Ranker, columns: dict[str, list[Any]], labels: np.ndarray) -> float:
+    probs = ranker.score_columns({k: v for k, v in columns.items() if k in _names(ranker)})
+    return ranking_metrics(torch.from_numpy(probs), torch.from_numpy(labels))["auc"]
+
+
+def _names(r: Ranker) -> set[str]:
+    m = r.manifest
+    return {f.name for f in m.sparse} | {d.name for d in m.dense} | ({m.item_column} if m.item_column else set())
+
+
+def scoring_latency(ranker: Ranker, columns: dict[str, list[Any]], candidates: int, requests: int) -> tuple[float, float]:
+    """(p50, p99) ms of scoring 1 user x `candidates` items in-process (the replica's work per request)."""
+    m = ranker.manifest
+    user = {k: columns[k][0] for k in _names(ranker) if k in columns and _side(m, k) == "user"}
+    items = [{m.item_column: i} for i in list(ranker.item_store)[:candidates]] if m.item_column else [{}] * candidates
+    ranker.score(user, items)
+    times = []
+    for _ in range(requests):
+        t0 = time.perf_counter()
+        ranker.score(user, items)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(0.99 * len(times)))]
+
+
+def _side(m: Manifest, name: str) -> str:
+    sides = {f.name: f.side for f in m.sparse} | {d.name: d.side for d in m.dense}
+    return sides.get(name, "item")
+
+
+def run_gate(name: str, version: str, tracking_uri: str, gate: GateConfig, workdir: Path) -> GateReport:
+    client = MlflowClient(tracking_uri)
+    champion = alias_version(client, name, CHAMPION)
+    report = GateReport(name, version, champion)
+    bundle = download_version(name, version, tracking_uri, workdir)
+    manifest = Manifest.read(bundle)
+    p = manifest.parity
+    report.checks.append(Check("parity", bool(p and p.passed), p.reason() if p else "no parity check recorded"))
+    candidate = Ranker(bundle)
+    columns, labels = holdout_columns(manifest)
+    auc = holdout_auc(candidate, columns, labels)
+    report.metrics["candidate_auc"] = auc
+    if champion is None or champion == version:
+        report.checks.append(Check("quality", True, f"AUC {auc:.4f}; no other champion to compare with"))
+    else:
+        champ_auc = holdout_auc(Ranker(download_version(name, champion, tracking_uri, workdir)), columns, labels)
+        report.metrics["champion_auc"] = champ_auc
+        ok = auc >= champ_auc - gate.auc_margin
+        report.checks.append(
+            Check("quality", ok, f"AUC {auc:.4f} vs champion v{champion} {champ_auc:.4f} (margin {gate.auc_margin}) on {len(labels)} holdout rows")
+        )
+    p50, p99 = scoring_latency(candidate, columns, gate.latency_candidates, gate.latency_requests)
+    report.metrics.update(latency_p50_ms=p50, latency_p99_ms=p99)
+    report.checks.append(
+        Check("latency", p99 <= gate.latency_budget_ms, f"p99 {p99:.2f} ms (p50 {p50:.2f}) for 1 user x {gate.latency_candidates} vs budget {gate.latency_budget_ms} ms")
+    )
+    return report
+
+
+class GateRefused(RuntimeError):
+    def __init__(self, report: GateReport) -> None:
+        super().__init__(f"promotion of {report.name} v{report.version} refused: {report.failures()}")
+        self.report = report
+
+
+def gated_promote(
+    name: str, tracking_uri: str, version: str | None, gate: GateConfig, workdir: Path, force: bool = False, reason: str = ""
+) -> GateReport:
+    """Run the gate on `version` (default: the challenger); move champion if it passes or if forced
+    (recorded as such). Raises GateRefused with the reasons otherwise."""
+    from export.registry import CHALLENGER, promote
+
+    client = MlflowClient(tracking_uri)
+    target = version or alias_version(client, name, CHALLENGER)
+    if target is None:
+        raise ValueError(f"model {name!r} has no {CHALLENGER} alias; pass --version")
+    client.get_model_version(name, target)
+    report = run_gate(name, target, tracking_uri, gate, workdir)
+    if not report.passed and not force:
+        raise GateRefused(report)
+    promote(name, tracking_uri, target, reason=reason, forced=force and not report.passed, gate=report.summary()[:4000])
+    return report

@@ -1,0 +1,28 @@
+"""Single-process training on an unsharded model: the reference every layout must match, and the quick
+path that tests and benchmarks use when a Ray job is not what they measure."""
+
+from __future__ import annotations
+
+import torch
+
+from parallel.shard import unsharded_optimizer
+from training.config import AdsfmConfig
+from training.data import FeatureSet, iter_batches
+from training.loop import train_step
+from training.models.dlrm import DLRMRanker
+from training.worker import optim_config
+
+
+def train_local(cfg: AdsfmConfig, fs: FeatureSet, max_steps: int = 0, seed: int = 0) -> DLRMRanker:
+    """Train for cfg.train.epochs (or `max_steps`) with the configured optimisers, unfused."""
+    torch.manual_seed(seed)
+    model = DLRMRanker(fs.spec, cfg.model, device="cpu")
+    opt = unsharded_optimizer(model, optim_config(cfg))
+    step = 0
+    for epoch in range(cfg.train.epochs):
+        for rows in iter_batches(fs.train_idx, cfg.train.batch_size, 0, 1, seed=cfg.train.seed + epoch):
+            if max_steps and step >= max_steps:
+                return model.eval()
+            train_step(model, opt, fs.take(rows))
+            step += 1
+    return model.eval()
