@@ -18,7 +18,7 @@ lint: venv
 	$(PY) -m mypy training parallel export serving launch
 
 test: venv lint
-	$(PY) -m pytest -q -p no:cacheprovider tests bench
+	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: venv
 	$(PY) -m pytest -q tests/unit

@@ -10,25 +10,56 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from export.card import write_card
 from export.manifest import DenseFeatureSpec, Manifest, SparseFeatureSpec, TableSpec
 from export.onnx import export_dense
-from export.parity import check_parity, require_parity
+from export.parity import check_parity, parity_rows, require_parity
 from export.sparse import PRECISIONS, export_table, load_table
 from serving.ranker import Ranker
 from training.checkpoint import load_into_unsharded
 from training.config import AdsfmConfig
 from training.data import FeatureSet, load_features
-from training.models.dlrm import DLRMRanker, table_configs
+from training.models.dlrm import DLRMDense, DLRMRanker, table_configs
 
 
 def load_trained_model(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> DLRMRanker:
-    """The eager model on CPU with the checkpoint's weights, without starting the training world."""
+    """The whole eager model on CPU with the checkpoint's weights, without starting the training world."""
     model = DLRMRanker(fs.spec, cfg.model, device="cpu")
     load_into_unsharded(model, checkpoint)
     return model.eval()
+
+
+def load_dense(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> DLRMDense:
+    """Only the dense arch from the checkpoint (no tables)."""
+    dense = DLRMDense(len(fs.spec["dense"]), len(fs.spec["sparse"]), cfg.model)
+    state = {"model": {f"dense.{k}": v for k, v in dense.state_dict().items()}}
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    dense.load_state_dict({k.removeprefix("dense."): v for k, v in state["model"].items()})
+    return dense.eval()
+
+
+@torch.no_grad()
+def streamed_eager_probs(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet, dense: DLRMDense, idx: np.ndarray) -> np.ndarray:
+    """The eager model's probabilities for rows `idx`, one table in memory at a time: each table is loaded,
+    its features pooled for those rows with torch's embedding_bag, and dropped."""
+    batch = fs.take(idx)
+    jts = batch.sparse_features.to_dict()
+    pooled: dict[str, torch.Tensor] = {}
+    for c in table_configs(fs.spec, cfg.model.embedding_dim):
+        w = load_table(checkpoint, f"sparse.embedding_bags.{c.name}.weight", (c.num_embeddings, c.embedding_dim))
+        mode = fs.spec["tables"][c.name]["pooling"]
+        for f in c.feature_names:
+            jt = jts[f]
+            pooled[f] = F.embedding_bag(jt.values(), w, jt.offsets()[:-1], mode=mode)
+        del w
+    emb = torch.stack([pooled[f["name"]] for f in fs.spec["sparse"]], dim=1)
+    return torch.sigmoid(dense(batch.dense_features, emb)).double().numpy()
 
 
 def table_precisions(cfg: AdsfmConfig, tables: list[str]) -> dict[str, str]:
@@ -63,7 +94,8 @@ def git_commit() -> str:
 def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: str = "") -> Manifest:
     """Write the bundle to `out` and check parity; raises ParityError (after writing) if it fails.
 
-    Tables are streamed from the checkpoint one at a time (load, quantize, write, drop).
+    Tables are streamed from the checkpoint one at a time (load, quantize, write, drop), for the bundle and
+    for the eager reference alike, so export holds about 2x the largest table, never the whole model.
     """
     out.mkdir(parents=True, exist_ok=True)
     fs = load_features(cfg.data)
@@ -80,8 +112,8 @@ def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: s
             file=file, bytes=nbytes, hash_buckets=t["hash_buckets"], vocab=t["vocab"],
         )
         del w
-    model = load_trained_model(cfg, checkpoint, fs)
-    export_dense(model.dense, len(fs.spec["dense"]), len(fs.spec["sparse"]), cfg.model.embedding_dim, out / "dense.onnx", cfg.export.opset)
+    dense = load_dense(cfg, checkpoint, fs)
+    export_dense(dense, len(fs.spec["dense"]), len(fs.spec["sparse"]), cfg.model.embedding_dim, out / "dense.onnx", cfg.export.opset)
     (out / "item_store.json").write_text(json.dumps(fs.spec.get("item_store", {})))
     manifest = Manifest(
         embedding_dim=cfg.model.embedding_dim,
@@ -99,12 +131,12 @@ def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: s
         data_config=_data_config(cfg),
     )
     manifest.write(out)
+    rows = parity_rows(fs, cfg.export.parity_rows)
     manifest.parity, probs = check_parity(
-        model, Ranker(out), fs, cfg.export.parity_rows, cfg.export.parity_tolerance, cfg.export.auc_margin,
-        quantized=any(t.precision != "fp32" for t in tables.values()),
+        streamed_eager_probs(cfg, checkpoint, fs, dense, rows), Ranker(out), fs, rows, cfg.export.parity_tolerance,
+        cfg.export.auc_margin, quantized=any(t.precision != "fp32" for t in tables.values()),
     )
     manifest.write(out)
-    rows = fs.holdout_idx[: len(probs)]
     write_card(manifest, probs, fs.labels[rows], out / "card", loss_curve=checkpoint.parent.parent / "loss_curve.png")
     require_parity(manifest.parity)
     return manifest

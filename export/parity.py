@@ -31,17 +31,25 @@ def bundle_probs(ranker: Ranker, fs: FeatureSet, idx: np.ndarray, batch: int = 4
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def parity_rows(fs: FeatureSet, rows: int) -> np.ndarray:
+    """The holdout rows parity is checked on (all of them when rows is 0)."""
+    idx = fs.holdout_idx if len(fs.holdout_idx) else fs.train_idx
+    return idx[:rows] if rows else idx
+
+
 @torch.no_grad()
+def eager_probs(model: nn.Module, fs: FeatureSet, idx: np.ndarray) -> np.ndarray:
+    """The eager PyTorch model's probabilities (the reference) for rows `idx`."""
+    model.eval()
+    return predict(model, fs, idx, 4096).double().numpy()
+
+
 def check_parity(
-    model: nn.Module, ranker: Ranker, fs: FeatureSet, rows: int, tolerance: float, auc_margin: float = 0.002,
+    eager: np.ndarray, ranker: Ranker, fs: FeatureSet, idx: np.ndarray, tolerance: float, auc_margin: float = 0.002,
     quantized: bool = False,
 ) -> tuple[ParitySpec, np.ndarray]:
-    """The parity verdict, and the bundle's probabilities on the rows it checked (for the model card)."""
-    idx = fs.holdout_idx if len(fs.holdout_idx) else fs.train_idx
-    if rows:
-        idx = idx[:rows]
-    model.eval()
-    eager = predict(model, fs, idx, 4096).double().numpy()
+    """The parity verdict for the eager probabilities of rows `idx`, and the bundle's probabilities on
+    them (for the model card)."""
     exported = bundle_probs(ranker, fs, idx)
     labels = torch.from_numpy(fs.labels[idx])
     auc_eager = ranking_metrics(torch.from_numpy(eager), labels)["auc"]

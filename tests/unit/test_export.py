@@ -36,6 +36,17 @@ def test_checkpoint_loads_without_the_training_world(trained: dict[str, Any], fe
         torch.testing.assert_close(loaded.state_dict()[k], v, atol=0, rtol=0)
 
 
+def test_streamed_reference_equals_the_whole_eager_model(trained: dict[str, Any], features: Any, small_cfg: Any) -> None:
+    """Export's eager reference loads one table at a time; it must be the TorchRec model's output."""
+    from export.bundle import load_dense, streamed_eager_probs
+    from export.parity import eager_probs
+
+    idx = features.holdout_idx[:3000]
+    dense = load_dense(small_cfg, trained["checkpoint"], features)
+    got = streamed_eager_probs(small_cfg, trained["checkpoint"], features, dense, idx)
+    np.testing.assert_allclose(got, eager_probs(trained["model"], features, idx), atol=1e-6, rtol=0)
+
+
 def test_bundle_passes_parity(trained: dict[str, Any], features: Any) -> None:
     p = trained["manifest"].parity
     assert p.passed and not p.quantized and p.rows == len(features.holdout_idx) and p.max_abs_diff <= 1e-5
@@ -43,7 +54,7 @@ def test_bundle_passes_parity(trained: dict[str, Any], features: Any) -> None:
 
 
 def test_parity_catches_a_perturbed_table(trained: dict[str, Any], features: Any, tmp_path: Path) -> None:
-    from export.parity import ParityError, check_parity, require_parity
+    from export.parity import ParityError, check_parity, eager_probs, require_parity
     from serving.ranker import Ranker
 
     bundle = tmp_path / "bundle"
@@ -53,7 +64,8 @@ def test_parity_catches_a_perturbed_table(trained: dict[str, Any], features: Any
     rng = np.random.default_rng(0)
     table["weight"] = table["weight"] + rng.normal(0, 1e-3, table["weight"].shape).astype(np.float32)
     save_file(table, path)
-    p, _ = check_parity(trained["model"], Ranker(bundle), features, 2048, 1e-5)
+    idx = features.holdout_idx[:2048]
+    p, _ = check_parity(eager_probs(trained["model"], features, idx), Ranker(bundle), features, idx, 1e-5)
     assert not p.passed and p.max_abs_diff > 1e-5
     with pytest.raises(ParityError, match="not registered"):
         require_parity(p)
