@@ -143,6 +143,12 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     """Show a progress bar on rank 0."""
+    checkpoint_every: int = 0
+    """Also checkpoint every N steps (0: only at the end). A restarted job resumes from the newest one."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept in the run directory (0: all)."""
+    max_failures: int = 1
+    """Times Ray Train restarts a failed worker group; each restart resumes from the newest checkpoint."""
 
 
 @dataclass

@@ -96,7 +96,7 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     client.set_tag(run_id, "adsfm.data_fingerprint", data_fingerprint(cfg.data))
     client.log_artifact(run_id, str(run_dir / "config.yaml"))
 
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from training.worker import train_worker
@@ -111,7 +111,11 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
             resources_per_worker={"CPU": cfg.parallel.cpu_per_worker},
         ),
         torch_config=TorchConfig(backend=cfg.parallel.backend),
-        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir / "ray")),
+        run_config=RunConfig(
+            name=run_dir.name,
+            storage_path=str(run_dir / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
     )
     try:
         trainer.fit()

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from parallel.plan import format_plan, plan_rows
 from parallel.shard import OptimConfig, parallelize_dlrm
-from training.checkpoint import save_checkpoint
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import AdsfmConfig
 from training.data import iter_batches, load_features
 from training.loop import evaluate, global_mean, train_step
@@ -50,47 +50,69 @@ def train_worker(config: dict[str, Any]) -> None:
 
         client = MlflowClient(config["tracking_uri"])
 
-    steps_per_epoch = len(fs.train_idx) // cfg.train.batch_size
-    total = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    losses: list[float] = []
-    history: list[dict[str, float]] = []
-    bar = tqdm(total=total, desc="train", disable=rank != 0 or not cfg.train.progress, mininterval=2.0)
+    pids = run_dir / "workers"
+    pids.mkdir(exist_ok=True)
+    (pids / f"rank{rank}.pid").write_text(str(os.getpid()))  # for failure drills: kill -9 $(cat ...)
+
+    t = cfg.train
+    steps_per_epoch = len(fs.train_idx) // t.batch_size
+    total = steps_per_epoch * t.epochs
+    if t.max_steps:
+        total = min(total, t.max_steps)
+    state: dict[str, Any] = {"step": 0, "losses": [], "eval_history": []}
+    resume = latest_checkpoint(run_dir / "checkpoints")
+    if resume is not None:
+        optimizer.init_state()  # materialize lazy optimizer state so the checkpoint loads in place
+        state = load_checkpoint(dmp, resume, optimizer)
+        if rank == 0:
+            print(f"[adsfm] resumed from {resume} at step {state['step']} ({world} rank(s))", flush=True)
+    step: int = state["step"]
+    losses: list[float] = state["losses"]
+    history: list[dict[str, float]] = state["eval_history"]
+    bar = tqdm(total=total, initial=step, desc="train", disable=rank != 0 or not t.progress, mininterval=2.0)
     t0 = time.time()
-    step = 0
-    for epoch in range(cfg.train.epochs):
-        batches = iter_batches(fs.train_idx, cfg.train.batch_size, rank, world, seed=cfg.train.seed + epoch)
-        for rows_idx in batches:
-            if step >= total:
-                break
+    steps_run = 0
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        # The same permutation per epoch on every run: a resumed run skips the batches it already took.
+        batches = iter_batches(fs.train_idx, t.batch_size, rank, world, seed=t.seed + epoch)
+        for i, rows_idx in enumerate(batches):
+            if i < offset:
+                continue
             loss = global_mean(train_step(dmp, optimizer, fs.take(rows_idx)))
             losses.append(loss)
             step += 1
+            steps_run += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
-            if client is not None and (step % cfg.train.log_every == 0 or step == total):
+            if client is not None and (step % t.log_every == 0 or step == total):
                 client.log_metric(config["run_id"], "train_loss", loss, step=step)
-        metrics = evaluate(dmp, fs, fs.holdout_idx, cfg.train.eval_batch_size)
-        history.append({"epoch": epoch, "step": step, **metrics})
-        if client is not None:
-            bar.write(f"[adsfm] epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "n"))
-            for k in ("auc", "logloss", "ne", "calibration"):
-                client.log_metric(config["run_id"], f"holdout_{k}", metrics[k], step=step)
-        if step >= total:
-            break
+            if i + 1 == steps_per_epoch or step == total:
+                metrics = evaluate(dmp, fs, fs.holdout_idx, t.eval_batch_size)
+                history.append({"epoch": epoch, "step": step, **metrics})
+                if client is not None:
+                    bar.write(f"[adsfm] epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "n"))
+                    for k in ("auc", "logloss", "ne", "calibration"):
+                        client.log_metric(config["run_id"], f"holdout_{k}", metrics[k], step=step)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
+                save_checkpoint(dmp, run_dir / "checkpoints" / f"step_{step}", optimizer,
+                                {"step": step, "losses": losses, "eval_history": history}, keep=t.keep_checkpoints)
+            if step == total:
+                break
     bar.close()
     elapsed = time.time() - t0
-    ckpt = save_checkpoint(dmp, run_dir / "checkpoints" / f"step_{step}")
+    ckpt = save_checkpoint(dmp, run_dir / "checkpoints" / f"step_{step}", optimizer,
+                           {"step": step, "losses": losses, "eval_history": history}, keep=t.keep_checkpoints)
     final = history[-1]
     if rank == 0:
         result = {
             "checkpoint": str(ckpt),
             "run_id": config["run_id"],
             "steps": step,
+            "resumed_from": str(resume) if resume else None,
             "world_size": world,
             "train_seconds": elapsed,
-            "samples_per_second": step * cfg.train.batch_size / max(elapsed, 1e-9),
+            "samples_per_second": steps_run * t.batch_size / max(elapsed, 1e-9),
             "losses": losses,
             "eval_history": history,
             "holdout": {k: final[k] for k in ("auc", "logloss", "ne", "calibration", "n")},
