@@ -55,13 +55,18 @@ def validate(cfg: AdsfmConfig) -> dict[str, Any]:
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join `address` (or RAY_ADDRESS), else start a local cluster that stays on 127.0.0.1."""
+    # Set before Ray reads its environment: keeps 127.0.0.1 from being rewritten to the host's address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # `ray start` enables token authentication by default in Ray 2.60; a driver that does not also
+        # ask for it is refused (InvalidAuthToken). The token is read from ~/.ray/auth_token.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
@@ -96,12 +101,11 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     client.set_tag(run_id, "adsfm.data_fingerprint", data_fingerprint(cfg.data))
     client.log_artifact(run_id, str(run_dir / "config.yaml"))
 
+    init_ray(cfg.cluster.address, cfg.cluster.num_cpus)  # first: it sets the environment Ray reads on import
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from training.worker import train_worker
-
-    init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": resolved, "run_dir": str(run_dir), "tracking_uri": uri, "run_id": run_id},
