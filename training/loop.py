@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -31,10 +29,6 @@ def global_mean(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
-
-
-def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch]) -> list[float]:
-    return [global_mean(train_step(model, optimizer, b)) for b in batches]
 
 
 @torch.no_grad()
