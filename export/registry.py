@@ -150,11 +150,12 @@ def _who() -> str:
 
 def _move_champion(client: MlflowClient, name: str, target: str, kind: str, reason: str, extra: dict[str, str]) -> None:
     previous = alias_version(client, name, CHAMPION)
-    client.set_registered_model_alias(name, CHAMPION, target)
     at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     entry = {"version": target, "previous": previous, "at": at, "by": _who(), "reason": reason or kind, "kind": kind}
-    history = (champion_history(client, name) + [entry])[-HISTORY_KEEP:]
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    if previous != target:  # re-promoting the champion is not a move: tag it, keep the history clean
+        client.set_registered_model_alias(name, CHAMPION, target)
+        history = (champion_history(client, name) + [entry])[-HISTORY_KEEP:]
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
     tags = {"adsfm.promoted_by": entry["by"], "adsfm.promoted_at": at, "adsfm.promote_reason": entry["reason"],
             "adsfm.promote_kind": kind, "adsfm.previous_champion": previous or "", **extra}
     for k, v in tags.items():
