@@ -74,19 +74,15 @@ def holdout_columns(manifest: Manifest) -> tuple[dict[str, list[Any]], np.ndarra
 
 
 def holdout_auc(ranker: Ranker, columns: dict[str, list[Any]], labels: np.ndarray) -> float:
-    probs = ranker.score_columns({k: v for k, v in columns.items() if k in _names(ranker)})
+    fields = ranker.manifest.request_fields()
+    probs = ranker.score_columns({k: v for k, v in columns.items() if k in fields})
     return ranking_metrics(torch.from_numpy(probs), torch.from_numpy(labels))["auc"]
-
-
-def _names(r: Ranker) -> set[str]:
-    m = r.manifest
-    return {f.name for f in m.sparse} | {d.name for d in m.dense} | ({m.item_column} if m.item_column else set())
 
 
 def scoring_latency(ranker: Ranker, columns: dict[str, list[Any]], candidates: int, requests: int) -> tuple[float, float]:
     """(p50, p99) ms of scoring 1 user x `candidates` items in-process (the replica's work per request)."""
     m = ranker.manifest
-    user = {k: columns[k][0] for k in _names(ranker) if k in columns and _side(m, k) == "user"}
+    user = {k: columns[k][0] for k in m.request_fields("user") if k in columns}
     items = [{m.item_column: i} for i in list(ranker.item_store)[:candidates]] if m.item_column else [{}] * candidates
     ranker.score(user, items)
     times = []
@@ -96,11 +92,6 @@ def scoring_latency(ranker: Ranker, columns: dict[str, list[Any]], candidates: i
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return statistics.median(times), times[min(len(times) - 1, int(0.99 * len(times)))]
-
-
-def _side(m: Manifest, name: str) -> str:
-    sides = {f.name: f.side for f in m.sparse} | {d.name: d.side for d in m.dense}
-    return sides.get(name, "item")
 
 
 def run_gate(name: str, version: str, tracking_uri: str, gate: GateConfig, workdir: Path) -> GateReport:

@@ -106,6 +106,18 @@ class Manifest(BaseModel):
     """The training data config (resolved), so a gate can rebuild the same holdout."""
     parity: ParitySpec | None = None
 
+    def feature_names(self, side: str | None = None) -> list[str]:
+        """Sparse then dense feature names, of one side ('user' / 'item') or all."""
+        sparse = [f.name for f in self.sparse if side is None or f.side == side]
+        return sparse + [d.name for d in self.dense if side is None or d.side == side]
+
+    def request_fields(self, side: str | None = None) -> set[str]:
+        """Fields a request may carry: the features, and the item id on the item side."""
+        fields = set(self.feature_names(side))
+        if self.item_column and side in (None, "item"):
+            fields.add(self.item_column)
+        return fields
+
     def write(self, bundle: Path) -> Path:
         path = bundle / MANIFEST_FILE
         path.write_text(self.model_dump_json(indent=1))

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from safetensors.numpy import load_file
 
-from export.manifest import Manifest, SparseFeatureSpec, TableSpec, stable_hash
+from export.manifest import DenseFeatureSpec, Manifest, SparseFeatureSpec, TableSpec, stable_hash
 
 
 class FeatureError(ValueError):
@@ -50,6 +50,13 @@ def _load_table(bundle: Path, name: str, t: TableSpec) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _standardise(spec: DenseFeatureSpec, x: np.ndarray) -> np.ndarray:
+    """The training-time transform of a dense column: optional log1p, then the training mean and std."""
+    if spec.log1p:
+        x = np.log1p(np.maximum(x, 0.0))
+    return (x - spec.mean) / spec.std
+
+
 def dequantize(arrays: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
     """fp32 rows of a stored table: fp32/fp16 as stored, int8 as codes * scale + bias per row."""
     if "weight" in arrays:
@@ -77,8 +84,6 @@ class Ranker:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(self.bundle / m.dense_graph.file), opts, providers=["CPUExecutionProvider"])
-        self.user_sparse = [f for f in m.sparse if f.side == "user"]
-        self.item_sparse = [f for f in m.sparse if f.side == "item"]
 
     # ------------------------------------------------------------------------------------ indexed path
 
@@ -122,8 +127,7 @@ class Ranker:
         index = self._index[f.table]
         return np.array([index.get(v, 0) for v in values], dtype=np.int64)
 
-    def _dense_value(self, spec_name: str, raw: Any, where: str) -> float:
-        spec = next(d for d in self.manifest.dense if d.name == spec_name)
+    def _dense_value(self, spec: DenseFeatureSpec, raw: Any, where: str) -> float:
         if raw is None:
             return 0.0  # the training mean, after standardisation
         try:
@@ -132,9 +136,7 @@ class Ranker:
             raise FeatureError(where, f"expected a number, got {raw!r}") from None
         if not np.isfinite(x):
             raise FeatureError(where, f"expected a finite number, got {raw!r}")
-        if spec.log1p:
-            x = float(np.log1p(max(x, 0.0)))
-        return (x - spec.mean) / spec.std
+        return float(_standardise(spec, np.array([x]))[0])
 
     def item_features(self, item: dict[str, Any]) -> dict[str, Any]:
         """Request fields override the bundle's item store; unknown items fall back to OOV and means."""
@@ -161,9 +163,9 @@ class Ranker:
         dense = np.zeros((n, len(m.dense)), dtype=np.float32)
         for k, d in enumerate(m.dense):
             if d.side == "user":
-                dense[:, k] = self._dense_value(d.name, user.get(d.name), f"user.{d.name}")
+                dense[:, k] = self._dense_value(d, user.get(d.name), f"user.{d.name}")
             else:
-                dense[:, k] = [self._dense_value(d.name, it.get(d.name), f"candidates[{i}].{d.name}") for i, it in enumerate(items)]
+                dense[:, k] = [self._dense_value(d, it.get(d.name), f"candidates[{i}].{d.name}") for i, it in enumerate(items)]
         return self._run(dense, emb)
 
     def featurize_columns(self, columns: dict[str, list[Any]]) -> tuple[np.ndarray, dict[str, Bag]]:
@@ -173,7 +175,7 @@ class Ranker:
         n = len(next(iter(columns.values()))) if columns else 0
         if m.item_column and m.item_column in columns:
             stored = [self.item_store.get(str(i), {}) for i in columns[m.item_column]]
-            for name in [f.name for f in m.sparse if f.side == "item"] + [d.name for d in m.dense if d.side == "item"]:
+            for name in m.feature_names("item"):
                 if name not in columns:
                     columns[name] = [s.get(name) for s in stored]
         bags: dict[str, Bag] = {}
@@ -184,26 +186,21 @@ class Ranker:
         dense = np.zeros((n, len(m.dense)), dtype=np.float32)
         for k, d in enumerate(m.dense):
             x = np.array([np.nan if v is None else float(v) for v in columns.get(d.name, [None] * n)], dtype=np.float64)
-            if d.log1p:
-                x = np.log1p(np.maximum(x, 0.0))
-            dense[:, k] = np.nan_to_num((x - d.mean) / d.std, nan=0.0)
+            dense[:, k] = np.nan_to_num(_standardise(d, x), nan=0.0)
         return dense, bags
 
     def score_columns(self, columns: dict[str, list[Any]], batch: int = 4096) -> np.ndarray:
         """Probabilities for many (user, item) rows given as raw columns (batch scoring, evaluation)."""
         dense, bags = self.featurize_columns(dict(columns))
+        offsets = {k: np.concatenate([[0], np.cumsum(b.lengths)]) for k, b in bags.items()}
         out = []
         for s in range(0, len(dense), batch):
-            part = {}
-            for k, b in bags.items():
-                off = np.concatenate([[0], np.cumsum(b.lengths)])
-                part[k] = Bag(b.values[off[s] : off[min(s + batch, len(b.lengths))]], b.lengths[s : s + batch])
+            e = min(s + batch, len(dense))
+            part = {k: Bag(b.values[offsets[k][s] : offsets[k][e]], b.lengths[s:e]) for k, b in bags.items()}
             out.append(self.score_indexed(dense[s : s + batch], part))
         return np.concatenate(out) if out else np.zeros(0)
 
     def score_records(self, records: list[dict[str, Any]]) -> np.ndarray:
         """One (user, item) pair per record with raw feature values; for batch scoring through MLflow pyfunc."""
-        names = [f.name for f in self.manifest.sparse] + [d.name for d in self.manifest.dense]
-        if self.manifest.item_column:
-            names.append(self.manifest.item_column)
-        return self.score_columns({k: [r.get(k) for r in records] for k in dict.fromkeys(names) if any(k in r for r in records)})
+        names = self.manifest.request_fields()
+        return self.score_columns({k: [r.get(k) for r in records] for k in names if any(k in r for r in records)})

@@ -15,10 +15,8 @@ class RankService:
         self.model_version = model_version
         self.max_candidates = max_candidates
         m = ranker.manifest
-        self.user_fields = {f.name for f in m.sparse if f.side == "user"} | {d.name for d in m.dense if d.side == "user"}
-        self.item_fields = {f.name for f in m.sparse if f.side == "item"} | {d.name for d in m.dense if d.side == "item"}
-        if m.item_column:
-            self.item_fields.add(m.item_column)
+        self.user_fields = m.request_fields("user")
+        self.item_fields = m.request_fields("item")
 
     def validate(self, req: RankRequest) -> None:
         """Names the first offending field; raises FeatureError (→ HTTP 422)."""
