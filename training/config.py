@@ -80,11 +80,36 @@ class SyntheticConfig:
 
 
 @dataclass
+class StreamConfig:
+    """Criteo-format files read as a stream (source=criteo): nothing is held in memory but one chunk."""
+
+    paths: list[str] = field(default_factory=list)
+    """Training files or globs, read in this order: Criteo TSV (plain or .gz) or parquet with the same columns."""
+    holdout_paths: list[str] = field(default_factory=list)
+    """Holdout files or globs (for the Criteo logs: the last day)."""
+    num_dense: int = 13
+    """Integer columns after the label (int_0..): log1p, then standardised."""
+    num_sparse: int = 26
+    """Categorical columns after those (cat_0..): hashed into one table each."""
+    hash_buckets: int = 100_000
+    """Rows of every categorical table (+1 reserved row), unless num_embeddings_per_feature is given."""
+    num_embeddings_per_feature: list[int] = field(default_factory=list)
+    """Hash buckets per categorical column, as TorchRec's Criteo examples take them."""
+    chunk_bytes: int = 8 << 20
+    """Bytes parsed at once; memory per worker is a few times this."""
+    stats_rows: int = 100_000
+    """Leading training rows that estimate the dense columns' mean and std."""
+    holdout_rows: int = 200_000
+    """Leading holdout rows kept for evaluation, export parity and the promotion gate."""
+
+
+@dataclass
 class DataConfig:
     """Where the rows come from and how they become features."""
 
     source: str = "movielens"
-    """'movielens' (MovieLens-100k from the recbole wheel), 'tabular' (a CSV/parquet file) or 'synthetic'."""
+    """'movielens' (MovieLens-100k from the recbole wheel), 'tabular' (a CSV/parquet file), 'synthetic', or
+    'criteo' (Criteo-format TSV or parquet files, streamed and split across workers; see `stream`)."""
     path: str | None = None
     """CSV or parquet file for source=tabular."""
     label: str = "label"
@@ -103,6 +128,7 @@ class DataConfig:
     sparse: list[SparseFeature] = field(default_factory=list)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     cache_dir: str = "${oc.env:ADSFM_CACHE,${oc.env:HOME}/.cache/adsfm}"
     """Downloads and prepared datasets are kept here, keyed by a fingerprint of this config."""
     seed: int = 0

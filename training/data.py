@@ -381,6 +381,13 @@ def data_fingerprint(cfg: DataConfig) -> str:
     blob += f"format={FEATURE_FORMAT}"
     if cfg.source == "tabular" and cfg.path and Path(cfg.path).exists():
         blob += hashlib.sha256(Path(cfg.path).read_bytes()).hexdigest()
+    if cfg.source == "criteo":  # terabytes are not hashed: names, sizes and modification times stand for them
+        from training.stream import resolve
+
+        for field_name in ("paths", "holdout_paths"):
+            for f in resolve(list(getattr(cfg.stream, field_name)), f"stream.{field_name}"):
+                st = f.stat()
+                blob += f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -396,8 +403,12 @@ def load_frame(cfg: DataConfig) -> tuple[pd.DataFrame, DataConfig]:
     elif cfg.source == "synthetic":
         df = synthetic_frame(cfg)
         cfg = synthetic_features(cfg)
+    elif cfg.source == "criteo":  # training rows are streamed by the workers; the frame is the holdout sample
+        from training.stream import criteo_data_config, criteo_holdout
+
+        return criteo_holdout(cfg)[0], criteo_data_config(cfg)
     else:
-        raise ValueError(f"data.source={cfg.source!r}: use 'movielens', 'tabular' or 'synthetic'")
+        raise ValueError(f"data.source={cfg.source!r}: use 'movielens', 'tabular', 'synthetic' or 'criteo'")
     return add_history(df, cfg), cfg
 
 
@@ -408,8 +419,13 @@ def load_features(cfg: DataConfig) -> FeatureSet:
     path = cache / "features" / f"{cfg.source}-{key}"
     if (path / "done").exists():
         return _load_cached(path)
-    df, cfg = load_frame(cfg)
-    fs = featurize(df, cfg)
+    if cfg.source == "criteo":
+        from training.stream import criteo_holdout
+
+        fs = criteo_holdout(cfg)[1]
+    else:
+        df, cfg = load_frame(cfg)
+        fs = featurize(df, cfg)
     fs.spec["fingerprint"] = key
     _save_cached(fs, path)
     return fs

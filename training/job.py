@@ -14,6 +14,7 @@ from parallel.config import validate_parallel
 from training.config import AdsfmConfig
 from training.data import data_fingerprint, load_features
 from training.models.dlrm import DLRMDense, table_configs
+from training.sweep import PARENT_ENV
 from training.tracking import ensure_experiment, tracking_uri
 
 
@@ -48,7 +49,7 @@ def validate(cfg: AdsfmConfig) -> dict[str, Any]:
     tables = [c.name for c in table_configs(fs.spec, cfg.model.embedding_dim)]
     validate_parallel(p, tables)
     DLRMDense(len(fs.spec["dense"]), len(fs.spec["sparse"]), cfg.model)  # raises on inconsistent sizes
-    if len(fs.train_idx) < t.batch_size:
+    if cfg.data.source != "criteo" and len(fs.train_idx) < t.batch_size:
         raise ValueError(f"train.batch_size({t.batch_size}) > training rows({len(fs.train_idx)})")
     return fs.spec
 
@@ -94,7 +95,11 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     uri = tracking_uri(cfg.mlflow.tracking_uri, cfg.run_root)
     exp_id = ensure_experiment(uri, cfg.mlflow.experiment, cfg.run_root)
     client = MlflowClient(uri)
-    run = client.create_run(exp_id, run_name=f"{cfg.experiment_name}-train", tags={"adsfm.stage": "train"})
+    tags, name = {"adsfm.stage": "train"}, f"{cfg.experiment_name}-train"
+    if os.environ.get(PARENT_ENV):  # one job of a Hydra sweep (training/sweep.py); run_dir is <sweep>/<job number>
+        tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
+        name = f"{cfg.experiment_name}-job{run_dir.name}"
+    run = client.create_run(exp_id, run_name=name, tags=tags)
     run_id = run.info.run_id
     flat = _flatten(resolved)  # type: ignore[arg-type]
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:500]) for k, v in flat.items()])

@@ -7,9 +7,10 @@ import torch
 
 from parallel.shard import unsharded_optimizer
 from training.config import AdsfmConfig
-from training.data import FeatureSet, iter_batches
+from training.data import FeatureSet
 from training.loop import train_step
 from training.models.dlrm import DLRMRanker
+from training.stream import train_source
 from training.worker import optim_config
 
 
@@ -18,11 +19,12 @@ def train_local(cfg: AdsfmConfig, fs: FeatureSet, max_steps: int = 0, seed: int 
     torch.manual_seed(seed)
     model = DLRMRanker(fs.spec, cfg.model, device="cpu")
     opt = unsharded_optimizer(model, optim_config(cfg))
+    source = train_source(cfg.data, fs, cfg.train.batch_size, cfg.train.seed)
     step = 0
     for epoch in range(cfg.train.epochs):
-        for rows in iter_batches(fs.train_idx, cfg.train.batch_size, 0, 1, seed=cfg.train.seed + epoch):
+        for batch in source.epoch(epoch, 0, 1, skip=0):
             if max_steps and step >= max_steps:
                 return model.eval()
-            train_step(model, opt, fs.take(rows))
+            train_step(model, opt, batch)
             step += 1
     return model.eval()

@@ -31,6 +31,16 @@ def global_mean(value: float) -> float:
     return float(t) / dist.get_world_size()
 
 
+def all_ranks(flag: bool) -> bool:
+    """True when `flag` holds on every rank (one tiny all_reduce): lets ranks with unequal streams stop at
+    the same step, since a rank that leaves a collective early hangs the others."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 @torch.no_grad()
 def predict(model: nn.Module, fs: FeatureSet, idx: np.ndarray, batch_size: int) -> torch.Tensor:
     """Probabilities for rows `idx`, computed across all ranks and gathered on every rank.

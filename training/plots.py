@@ -71,3 +71,33 @@ def calibration_curve(probs: np.ndarray, labels: np.ndarray, path: Path, bins: i
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def sweep_plot(labels: list[str], aucs: list[float | None], losses: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """A sweep at a glance: holdout AUC per run (best first) beside each run's training loss."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, max(3.5, 0.45 * len(labels) + 1.5)))
+    y = np.arange(len(labels))
+    vals = [a if a is not None else np.nan for a in aucs]
+    ax1.barh(y, vals, color="tab:blue")
+    ax1.set_yticks(y, labels, fontsize=8)
+    ax1.invert_yaxis()
+    finite = [v for v in vals if np.isfinite(v)]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        ax1.set_xlim(max(0.0, lo - 0.05 * max(hi - lo, 0.01) - 0.01), min(1.0, hi + 0.01))
+    for i, v in enumerate(vals):
+        if np.isfinite(v):
+            ax1.text(v, i, f" {v:.4f}", va="center", fontsize=8)
+    ax1.set_xlabel("holdout AUC")
+    for label, hist in losses.items():
+        if hist:
+            steps, values = zip(*sorted(hist), strict=True)
+            ax2.plot(steps, values, marker=".", label=label)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("train loss")
+    ax2.legend(fontsize=7)
+    fig.suptitle("adsfm sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -18,9 +18,10 @@ from parallel.plan import format_plan, plan_rows
 from parallel.shard import OptimConfig, parallelize_dlrm
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import AdsfmConfig
-from training.data import iter_batches, load_features
+from training.data import load_features
 from training.loop import evaluate, global_mean, train_step
 from training.models.dlrm import DLRMRanker
+from training.stream import train_source
 
 
 def optim_config(cfg: AdsfmConfig) -> OptimConfig:
@@ -55,10 +56,9 @@ def train_worker(config: dict[str, Any]) -> None:
     (pids / f"rank{rank}.pid").write_text(str(os.getpid()))  # for failure drills: kill -9 $(cat ...)
 
     t = cfg.train
-    steps_per_epoch = len(fs.train_idx) // t.batch_size
-    total = steps_per_epoch * t.epochs
-    if t.max_steps:
-        total = min(total, t.max_steps)
+    source = train_source(cfg.data, fs, t.batch_size, t.seed)
+    per_epoch = source.steps_per_epoch
+    total = t.max_steps or (per_epoch * t.epochs if per_epoch is not None else 0)  # 0: until the epochs end
     state: dict[str, Any] = {"step": 0, "losses": [], "eval_history": []}
     resume = latest_checkpoint(run_dir / "checkpoints")
     if resume is not None:
@@ -69,40 +69,47 @@ def train_worker(config: dict[str, Any]) -> None:
     step: int = state["step"]
     losses: list[float] = state["losses"]
     history: list[dict[str, float]] = state["eval_history"]
-    bar = tqdm(total=total, initial=step, desc="train", disable=rank != 0 or not t.progress, mininterval=2.0)
+    # Position in the sample stream; checkpoints before it was recorded imply it from the step.
+    epoch, epoch_step = state.get("epoch", 0), state.get("epoch_step", step)
+    if "epoch" not in state and per_epoch:
+        epoch, epoch_step = divmod(step, per_epoch)
+
+    def position() -> dict[str, Any]:
+        return {"step": step, "epoch": epoch, "epoch_step": epoch_step, "losses": losses, "eval_history": history}
+
+    bar = tqdm(total=total or None, initial=step, desc="train", disable=rank != 0 or not t.progress, mininterval=2.0)
     t0 = time.time()
     steps_run = 0
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        # The same permutation per epoch on every run: a resumed run skips the batches it already took.
-        batches = iter_batches(fs.train_idx, t.batch_size, rank, world, seed=t.seed + epoch)
-        for i, rows_idx in enumerate(batches):
-            if i < offset:
-                continue
-            loss = global_mean(train_step(dmp, optimizer, fs.take(rows_idx)))
+    while epoch < t.epochs and not (total and step >= total):
+        # The same sample order per epoch on every run: a resumed run skips the batches it already took.
+        for batch in source.epoch(epoch, rank, world, skip=epoch_step):
+            loss = global_mean(train_step(dmp, optimizer, batch))
             losses.append(loss)
             step += 1
+            epoch_step += 1
             steps_run += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if client is not None and (step % t.log_every == 0 or step == total):
                 client.log_metric(config["run_id"], "train_loss", loss, step=step)
-            if i + 1 == steps_per_epoch or step == total:
-                metrics = evaluate(dmp, fs, fs.holdout_idx, t.eval_batch_size)
-                history.append({"epoch": epoch, "step": step, **metrics})
-                if client is not None:
-                    bar.write(f"[adsfm] epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "n"))
-                    for k in ("auc", "logloss", "ne", "calibration"):
-                        client.log_metric(config["run_id"], f"holdout_{k}", metrics[k], step=step)
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
-                save_checkpoint(dmp, run_dir / "checkpoints" / f"step_{step}", optimizer,
-                                {"step": step, "losses": losses, "eval_history": history}, keep=t.keep_checkpoints)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step != total:
+                save_checkpoint(dmp, run_dir / "checkpoints" / f"step_{step}", optimizer, position(), keep=t.keep_checkpoints)
             if step == total:
                 break
+        metrics = evaluate(dmp, fs, fs.holdout_idx, t.eval_batch_size)
+        history.append({"epoch": epoch, "step": step, **metrics})
+        if client is not None:
+            bar.write(f"[adsfm] epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "n"))
+            for k in ("auc", "logloss", "ne", "calibration"):
+                client.log_metric(config["run_id"], f"holdout_{k}", metrics[k], step=step)
+        if total and step >= total:
+            break
+        epoch, epoch_step = epoch + 1, 0
+    if not history:
+        raise RuntimeError("no training step ran: the training data yields no full batch (data.stream.paths, train.batch_size)")
     bar.close()
     elapsed = time.time() - t0
-    ckpt = save_checkpoint(dmp, run_dir / "checkpoints" / f"step_{step}", optimizer,
-                           {"step": step, "losses": losses, "eval_history": history}, keep=t.keep_checkpoints)
+    ckpt = save_checkpoint(dmp, run_dir / "checkpoints" / f"step_{step}", optimizer, position(), keep=t.keep_checkpoints)
     final = history[-1]
     if rank == 0:
         result = {

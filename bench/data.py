@@ -1,0 +1,155 @@
+"""Criteo-format reader throughput: rows/s from file to model-ready batches, against a naive reader.
+
+    python bench/data.py [--quick] [--out FILE.json] [--rows N]
+
+Writes one Criteo-format file (label, 13 integers, 26 hex categoricals; Zipf ids, some empty fields) as
+TSV, gzip and parquet, then measures in one run, each to the same end point (standardised dense floats and
+hashed table rows for every line):
+- adsfm's streaming reader (training/stream.py) on 1 worker for each format, and on 2 workers (2 processes,
+  each reading only its half of the TSV) for the aggregate rate;
+- a naive reader: the file read line by line in Python, split on tabs, every value converted and hashed
+  on its own (no chunked parsing, no memo) -- what a hand-rolled loader does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BATCH = 2048
+
+
+def _stream_rows(cfg: Any, spec: dict[str, Any], rank: int, world: int) -> int:
+    from training.stream import CriteoSource
+
+    return sum(len(c) for c in CriteoSource(cfg, spec, BATCH).local_batches(rank, world))
+
+
+def _worker(args: tuple[Any, dict[str, Any], int, int]) -> tuple[int, float]:
+    import torch
+
+    import training.stream  # noqa: F401 - imports (torch, torchrec: seconds) are not reading time
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    n = _stream_rows(*args)
+    return n, time.perf_counter() - t0
+
+
+def naive_rows(path: Path, spec: dict[str, Any]) -> int:
+    import numpy as np
+
+    from export.manifest import stable_hash
+
+    mean = np.array([d["mean"] for d in spec["dense"]])
+    std = np.array([d["std"] for d in spec["dense"]])
+    buckets = [spec["tables"][f["table"]]["hash_buckets"] for f in spec["sparse"]]
+    nd = len(mean)
+    n = 0
+    dense_rows, cat_rows = [], []
+    with open(path) as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            x = np.array([float(v) if v else np.nan for v in parts[1 : 1 + nd]])
+            dense_rows.append(np.nan_to_num((np.log1p(np.maximum(x, 0)) - mean) / std))
+            cat_rows.append([stable_hash(v, b) + 1 for v, b in zip(parts[1 + nd :], buckets, strict=True)])
+            n += 1
+            if len(cat_rows) == BATCH:
+                np.stack(dense_rows), np.array(cat_rows)
+                dense_rows, cat_rows = [], []
+    return n
+
+
+def run(rows: int, quick: bool) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from training.config import DataConfig, StreamConfig
+    from training.stream import criteo_spec, write_synthetic_criteo
+
+    values: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        t0 = time.perf_counter()
+        files = {kind: write_synthetic_criteo(d / f"day_0.{kind}", rows, seed=0) for kind in ("tsv", "gz", "parquet")}
+        print(f"wrote {rows:,} rows as tsv ({files['tsv'].stat().st_size / 2**20:.0f} MiB), gz, parquet "
+              f"in {time.perf_counter() - t0:.0f} s")
+
+        def cfg_for(path: Path) -> Any:
+            c = OmegaConf.structured(DataConfig(source="criteo", stream=StreamConfig(hash_buckets=1_000_000)))
+            c.stream.paths = [str(path)]
+            c.stream.holdout_paths = [str(path)]
+            return c
+
+        spec = criteo_spec(cfg_for(files["tsv"]))
+        table = []
+        for kind, path in files.items():
+            t0 = time.perf_counter()
+            n = _stream_rows(cfg_for(path), spec, 0, 1)
+            rate = n / (time.perf_counter() - t0)
+            values[f"{kind}_rows_per_s_1w"] = rate
+            table.append((f"adsfm stream, {kind}", "1", n, rate))
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(2) as pool:
+            t0 = time.perf_counter()
+            parts = pool.map(_worker, [(cfg_for(files["tsv"]), spec, r, 2) for r in range(2)])
+            wall = time.perf_counter() - t0
+        n2 = sum(p[0] for p in parts)
+        values["tsv_rows_per_s_2w"] = n2 / max(p[1] for p in parts)  # reading time, not process start-up
+        values["tsv_rows_per_s_2w_wall"] = n2 / wall
+        table.append(("adsfm stream, tsv", "2", n2, values["tsv_rows_per_s_2w"]))
+        naive_path = files["tsv"]
+        if quick:  # the naive reader is slow: time it on a prefix
+            naive_path = d / "prefix.tsv"
+            with open(files["tsv"]) as src, open(naive_path, "w") as dst:
+                for i, line in enumerate(src):
+                    if i >= min(rows, 50_000):
+                        break
+                    dst.write(line)
+        t0 = time.perf_counter()
+        n = naive_rows(naive_path, spec)
+        values["naive_rows_per_s"] = n / (time.perf_counter() - t0)
+        table.append(("naive line-by-line reader, tsv", "1", n, values["naive_rows_per_s"]))
+
+    ratios = {
+        "adsfm_vs_naive_rows_per_s": values["tsv_rows_per_s_1w"] / values["naive_rows_per_s"],
+        "two_workers_vs_one": values["tsv_rows_per_s_2w"] / values["tsv_rows_per_s_1w"],
+    }
+    print(f"\n{'reader':<34} {'workers':>7} {'rows':>10} {'rows/s':>10}")
+    for name, w, n, rate in table:
+        print(f"{name:<34} {w:>7} {n:>10,} {rate:>10,.0f}")
+    print(f"\nadsfm vs naive (tsv, 1 worker): {ratios['adsfm_vs_naive_rows_per_s']:.1f}x; "
+          f"2 workers vs 1: {ratios['two_workers_vs_one']:.2f}x (this machine has {os.cpu_count()} cores)")
+    return {
+        "bench": "data",
+        "machine": {"cpus": os.cpu_count(), "gpu": None, "platform": platform.platform(), "python": platform.python_version()},
+        "config": {"rows": rows, "quick": quick, "batch": BATCH, "hash_buckets": 1_000_000, "format": "criteo 13 int + 26 cat"},
+        "values": values,
+        "ratios": ratios,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="200k rows; the naive reader on a 50k-row prefix")
+    ap.add_argument("--rows", type=int, help="rows in the generated file (default 1,000,000; --quick 200,000)")
+    ap.add_argument("--out", type=Path, help="write the figures as JSON")
+    args = ap.parse_args()
+    rows = args.rows or (200_000 if args.quick else 1_000_000)
+    result = run(rows, args.quick)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

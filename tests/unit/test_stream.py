@@ -1,0 +1,144 @@
+"""The Criteo-format streaming reader: parsing and hashing against hand-checked lines, every line read
+exactly once whatever the number of workers, and the same batches from TSV, gzip and parquet."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.config import DataConfig, StreamConfig
+from training.stream import (
+    CriteoSource,
+    criteo_spec,
+    rank_pieces,
+    read_piece,
+    read_rows,
+    resolve,
+    write_synthetic_criteo,
+)
+
+# label, 2 integers, 3 categoricals; empty fields, a negative integer, a repeated id.
+LINES = [
+    "1\t5\t\t68fd1e64\t\t0a519c5c",
+    "0\t-3\t12\t68fd1e64\tb5d6f0e2\t",
+    "1\t0\t7\t8cf07265\t1f89b1c8\t0a519c5c",
+]
+SMALL = StreamConfig(num_dense=2, num_sparse=3, hash_buckets=1000, stats_rows=10, holdout_rows=10)
+
+
+def _blake_row(value: str, buckets: int) -> int:
+    """The hashing contract written out independently of export.manifest.stable_hash."""
+    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little") % buckets + 1
+
+
+def _cfg(train: list[Path], holdout: list[Path], s: StreamConfig = SMALL) -> DataConfig:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.structured(DataConfig(source="criteo", stream=s))
+    cfg.stream.paths = [str(p) for p in train]
+    cfg.stream.holdout_paths = [str(p) for p in holdout]
+    return cfg  # type: ignore[no-any-return]
+
+
+def test_hand_checked_lines_parse_and_hash(tmp_path: Path) -> None:
+    f = tmp_path / "day_0"
+    f.write_text("\n".join(LINES) + "\n")
+    cfg = _cfg([f], [f])
+    spec = criteo_spec(cfg)
+
+    # Dense: log1p of max(x, 0), statistics over the present values; a missing value is 0 after scaling.
+    col0 = np.log1p([5.0, 0.0, 0.0])  # -3 is clipped to 0
+    col1 = np.log1p([12.0, 7.0])  # the first line's value is missing
+    assert spec["dense"][0]["mean"] == pytest.approx(col0.mean()) and spec["dense"][0]["std"] == pytest.approx(col0.std())
+    assert spec["dense"][1]["mean"] == pytest.approx(col1.mean()) and spec["dense"][1]["std"] == pytest.approx(col1.std())
+    assert spec["tables"]["cat_0"] == {"rows": 1001, "pooling": "sum", "hash_buckets": 1000, "vocab": []}
+
+    batch = next(CriteoSource(cfg, spec, batch_size=3).epoch(0, 0, 1, skip=0))
+    np.testing.assert_array_equal(batch.labels.numpy(), [1, 0, 1])
+    want_dense = np.array([
+        [(np.log1p(5) - col0.mean()) / col0.std(), 0.0],
+        [(0 - col0.mean()) / col0.std(), (np.log1p(12) - col1.mean()) / col1.std()],
+        [(0 - col0.mean()) / col0.std(), (np.log1p(7) - col1.mean()) / col1.std()],
+    ])
+    np.testing.assert_allclose(batch.dense_features.numpy(), want_dense, rtol=1e-6, atol=1e-6)
+    kjt = batch.sparse_features.to_dict()
+    raw = [line.split("\t")[3:] for line in LINES]
+    for j in range(3):
+        np.testing.assert_array_equal(kjt[f"cat_{j}"].values().numpy(), [_blake_row(r[j], 1000) for r in raw])
+        np.testing.assert_array_equal(kjt[f"cat_{j}"].lengths().numpy(), [1, 1, 1])
+    assert kjt["cat_0"].values()[0] == kjt["cat_0"].values()[1]  # the same raw id, the same row
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_every_line_is_read_exactly_once(tmp_path: Path, world: int) -> None:
+    files = [write_synthetic_criteo(tmp_path / f"day_{i}.tsv", 700 + 131 * i, seed=i, s=SMALL) for i in range(4)]
+    whole = pd.concat([pd.read_csv(f, sep="\t", header=None, dtype=str, keep_default_na=False) for f in files], ignore_index=True)
+    s = StreamConfig(num_dense=2, num_sparse=3, chunk_bytes=997)  # blocks end mid-line
+    shares = []
+    for rank in range(world):
+        pieces = rank_pieces(files, rank, world)
+        frames = [df for p in pieces for df in read_piece(p, s)]
+        shares.append(pd.concat(frames, ignore_index=True) if frames else None)
+    got = pd.concat([x for x in shares if x is not None], ignore_index=True)
+    assert len(got) == len(whole)
+    np.testing.assert_array_equal(got["label"].to_numpy(), whole[0].astype(int).to_numpy())
+    np.testing.assert_array_equal(got["cat_2"].to_numpy(), whole[5].to_numpy())
+    sizes = [len(x) if x is not None else 0 for x in shares]
+    assert max(sizes) - min(sizes) <= 2 * len(files)  # equal byte shares: rows differ by line-length noise only
+
+
+def test_workers_read_only_their_files(tmp_path: Path) -> None:
+    files = [write_synthetic_criteo(tmp_path / f"day_{i}.tsv", 500, seed=i, s=SMALL) for i in range(4)]
+    for f in files[1:]:  # equal sizes, so the byte halves fall on file boundaries
+        f.write_bytes(files[0].read_bytes())
+    assert {p.path for p in rank_pieces(files, 0, 2)} == set(files[:2])
+    assert {p.path for p in rank_pieces(files, 1, 2)} == set(files[2:])
+    gz = [write_synthetic_criteo(tmp_path / f"day_{i}.gz", 300 * (i + 1), seed=i, s=SMALL) for i in range(3)]
+    owners = [{p.path for p in rank_pieces(gz, r, 2)} for r in range(2)]
+    assert owners[0].isdisjoint(owners[1]) and owners[0] | owners[1] == set(gz)  # whole gzip files, never shared
+
+
+@pytest.mark.parametrize("suffix", ["gz", "parquet"])
+def test_gzip_and_parquet_stream_the_same_batches_as_tsv(tmp_path: Path, suffix: str) -> None:
+    tsv = write_synthetic_criteo(tmp_path / "d.tsv", 2000, seed=7)
+    other = write_synthetic_criteo(tmp_path / f"d.{suffix}", 2000, seed=7)
+    ref_cfg, cfg = _cfg([tsv], [tsv], StreamConfig()), _cfg([other], [other], StreamConfig())
+    spec = criteo_spec(ref_cfg)
+    assert criteo_spec(cfg) == spec
+    a = list(CriteoSource(ref_cfg, spec, 256).local_batches(0, 1))
+    b = list(CriteoSource(cfg, spec, 256).local_batches(0, 1))
+    assert len(a) == len(b) == 2000 // 256
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x.cats, y.cats)
+        np.testing.assert_array_equal(x.dense, y.dense)
+        np.testing.assert_array_equal(x.labels, y.labels)
+    if suffix == "parquet":  # row shares, reading only the overlapping row groups
+        s = StreamConfig()
+        shares = [pd.concat([df for p in rank_pieces([other], r, 3) for df in read_piece(p, s)]) for r in range(3)]
+        assert [len(x) for x in shares] == [666, 667, 667]
+        whole = read_rows([tsv], s, 10**9)
+        np.testing.assert_array_equal(pd.concat(shares)["cat_5"].to_numpy(), whole["cat_5"].to_numpy())
+
+
+def test_bad_files_and_config_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"data.stream.paths is empty"):
+        resolve([], "stream.paths")
+    with pytest.raises(FileNotFoundError, match=r"data.stream.holdout_paths: .*matches no file"):
+        resolve([str(tmp_path / "nope*.tsv")], "stream.holdout_paths")
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("1\t2\t3\n")
+    with pytest.raises(ValueError, match=r"bad.tsv: a line has 3 tab-separated fields, not 6"):
+        read_rows([bad], SMALL, 10)
+    bad.write_text("1\t2\t3\ta\tb\tc\td\n")
+    with pytest.raises(ValueError, match=r"bad.tsv: a line has 7 tab-separated fields, not 6"):
+        read_rows([bad], SMALL, 10)
+    bad.write_text("yes\t2\t3\ta\tb\tc\n")
+    with pytest.raises(ValueError, match=r"bad.tsv: not Criteo format"):
+        read_rows([bad], SMALL, 10)
+    cfg = _cfg([bad], [bad], StreamConfig(num_sparse=3, num_embeddings_per_feature=[10, 10]))
+    with pytest.raises(ValueError, match=r"num_embeddings_per_feature has 2 entries != data.stream.num_sparse\(3\)"):
+        criteo_spec(cfg)

@@ -1,0 +1,417 @@
+"""Where a worker's training batches come from: rows held in memory, or Criteo-format files streamed.
+
+Criteo format: one example per line, tab-separated: the label, `num_dense` integer columns and `num_sparse`
+categorical columns (32-bit hex strings); any column may be empty. The same layout in parquet has the
+columns `label, int_0.., cat_0..`. Files are read in the configured order and split across workers so that
+no worker reads another's bytes:
+
+- plain text: the files, taken as one byte stream, are cut into `world` equal byte ranges; a line belongs to
+  the range holding its first byte (each reader skips the partial line it starts in, and finishes the line
+  it ends in), so every line is read exactly once and the ranks' shares differ by at most one line's bytes;
+- gzip: a file cannot be entered in the middle, so whole files are dealt out, largest first, to the rank
+  with the fewest bytes so far;
+- parquet: the rows, taken in file order, are cut into `world` equal shares; a rank reads only the row
+  groups that overlap its share.
+
+Categorical values are hashed with `export.manifest.stable_hash` into `buckets` rows plus the reserved row
+0, exactly as serving hashes a raw request value (an empty value is hashed like any other string). Dense
+values get log1p (negatives clipped to 0) and are standardised with statistics from the first
+`stats_rows` training rows; a missing dense value becomes 0 after standardisation, as in serving.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from export.manifest import stable_hash
+from training.config import DataConfig, DenseFeature, SparseFeature, StreamConfig
+from training.data import FeatureSet, iter_batches
+from training.loop import all_ranks
+
+
+def columns(s: StreamConfig) -> tuple[list[str], list[str]]:
+    return [f"int_{j}" for j in range(s.num_dense)], [f"cat_{j}" for j in range(s.num_sparse)]
+
+
+def buckets(s: StreamConfig) -> list[int]:
+    if s.num_embeddings_per_feature:
+        if len(s.num_embeddings_per_feature) != s.num_sparse:
+            raise ValueError(
+                f"data.stream.num_embeddings_per_feature has {len(s.num_embeddings_per_feature)} entries != "
+                f"data.stream.num_sparse({s.num_sparse}): give one per categorical column, or none"
+            )
+        return list(s.num_embeddings_per_feature)
+    return [s.hash_buckets] * s.num_sparse
+
+
+def criteo_data_config(cfg: DataConfig) -> DataConfig:
+    """The feature declarations a Criteo-format source implies (what the manifest and serving see)."""
+    from omegaconf import OmegaConf
+
+    out: DataConfig = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)  # type: ignore[assignment]
+    dense, sparse = columns(cfg.stream)
+    out.sparse = [SparseFeature(name=n, hash_buckets=b) for n, b in zip(sparse, buckets(cfg.stream), strict=True)]
+    out.dense = [DenseFeature(name=n, log1p=True) for n in dense]
+    out.label = "label"
+    return out
+
+
+def resolve(patterns: list[str], field: str) -> list[Path]:
+    """Files named by `patterns` (globs expanded, sorted per pattern, pattern order kept)."""
+    if not patterns:
+        raise ValueError(f"data.{field} is empty: list the Criteo-format files (globs allowed), e.g. data.{field}=[/data/day_0.gz]")
+    files: list[Path] = []
+    for p in patterns:
+        hits = sorted(glob.glob(str(Path(p).expanduser())))
+        if not hits:
+            raise FileNotFoundError(f"data.{field}: {p!r} matches no file")
+        files.extend(Path(h) for h in hits)
+    kinds = {_kind(f) for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"data.{field} mixes {sorted(kinds)} files: use one format per list")
+    return files
+
+
+def _kind(path: Path) -> str:
+    if path.suffix in (".parquet", ".pq"):
+        return "parquet"
+    return "gzip" if path.suffix == ".gz" else "text"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """[start, end) of one file: bytes for text, rows for parquet; end=-1 means to the end (gzip)."""
+
+    path: Path
+    start: int
+    end: int
+
+
+def rank_pieces(files: list[Path], rank: int, world: int) -> list[Piece]:
+    """This rank's share of `files` (see the module docstring for how each format is split)."""
+    kind = _kind(files[0])
+    if kind == "gzip":
+        load = [0] * world
+        owner: dict[Path, int] = {}
+        for f in sorted(files, key=lambda f: -f.stat().st_size):
+            r = int(np.argmin(load))
+            owner[f] = r
+            load[r] += f.stat().st_size
+        return [Piece(f, 0, -1) for f in files if owner[f] == rank]
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    else:
+        sizes = [f.stat().st_size for f in files]
+    total = sum(sizes)
+    lo, hi = total * rank // world, total * (rank + 1) // world
+    pieces, base = [], 0
+    for f, n in zip(files, sizes, strict=True):
+        s, e = max(lo - base, 0), min(hi - base, n)
+        if s < e:
+            pieces.append(Piece(f, s, e))
+        base += n
+    return pieces
+
+
+def _text_lines(piece: Piece, chunk_bytes: int) -> Iterator[bytes]:
+    """Blocks of whole lines whose first byte lies in [start, end)."""
+    opener = gzip.open if piece.end < 0 else open
+    end = piece.end if piece.end >= 0 else float("inf")
+    with opener(piece.path, "rb") as f:
+        if piece.start > 0:
+            f.seek(piece.start - 1)
+            f.readline()  # the line holding byte start-1 belongs to the previous range
+        pos, carry = f.tell(), b""
+        while pos < end:
+            data = f.read(int(min(chunk_bytes, end - pos)))
+            if not data:
+                break
+            pos += len(data)
+            data = carry + data
+            carry = b""
+            if pos >= end:
+                if not data.endswith(b"\n"):
+                    data += f.readline()  # the last line started inside the range: finish it
+                yield data
+                return
+            cut = data.rfind(b"\n") + 1
+            carry = data[cut:]
+            if cut:
+                yield data[:cut]
+        if carry:
+            yield carry  # the file's last line, without a newline
+
+
+def read_piece(piece: Piece, s: StreamConfig) -> Iterator[pd.DataFrame]:
+    """Frames of raw rows: label (int), int_* (float, NaN where empty), cat_* (str, '' where empty)."""
+    dense, sparse = columns(s)
+    if _kind(piece.path) == "parquet":
+        yield from _parquet_rows(piece, s, dense, sparse)
+        return
+    names = ["label", *dense, *sparse]
+    dtypes: dict[str, Any] = {"label": np.int64, **{c: np.float64 for c in dense}, **{c: str for c in sparse}}
+    for block in _text_lines(piece, s.chunk_bytes):
+        lines = block.count(b"\n") + (not block.endswith(b"\n"))
+        if block.count(b"\t") != lines * (len(names) - 1):  # pandas pads short lines silently
+            bad = next(ln for ln in block.split(b"\n") if ln and ln.count(b"\t") != len(names) - 1)
+            fields = bad.count(b"\t") + 1
+            raise ValueError(
+                f"{piece.path}: a line has {fields} tab-separated fields, not {len(names)} "
+                f"(label + data.stream.num_dense={s.num_dense} + num_sparse={s.num_sparse}): {bad[:120]!r}"
+            )
+        try:
+            df = pd.read_csv(
+                io.BytesIO(block), sep="\t", header=None, names=names, dtype=dtypes, keep_default_na=False,
+                na_values={c: [""] for c in dense}, engine="c", index_col=False,
+            )
+        except (ValueError, pd.errors.ParserError) as e:
+            raise ValueError(
+                f"{piece.path}: not Criteo format with data.stream.num_dense={s.num_dense} and "
+                f"num_sparse={s.num_sparse} (label, {s.num_dense} integers, {s.num_sparse} categoricals, tab-separated): {e}"
+            ) from e
+        yield df
+
+
+def _parquet_rows(piece: Piece, s: StreamConfig, dense: list[str], sparse: list[str]) -> Iterator[pd.DataFrame]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(piece.path)
+    missing = {"label", *dense, *sparse} - set(pf.schema_arrow.names)
+    if missing:
+        raise ValueError(f"{piece.path}: parquet lacks the Criteo columns {sorted(missing)[:5]}…")
+    base = 0
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        s_, e_ = max(piece.start - base, 0), min(piece.end - base, n)
+        base += n
+        if s_ >= e_:
+            continue
+        t = pf.read_row_group(g, columns=["label", *dense, *sparse]).slice(s_, e_ - s_)
+        df = t.to_pandas()
+        for c in dense:
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype(np.float64)
+        for c in sparse:
+            df[c] = df[c].fillna("").astype(str)
+        df["label"] = df["label"].astype(np.int64)
+        yield df
+
+
+def read_rows(files: list[Path], s: StreamConfig, limit: int) -> pd.DataFrame:
+    """The first `limit` rows of `files`, in order."""
+    frames, n = [], 0
+    for piece in rank_pieces(files, 0, 1):
+        for df in read_piece(piece, s):
+            frames.append(df)
+            n += len(df)
+            if n >= limit:
+                return pd.concat(frames, ignore_index=True).iloc[:limit]
+    if not frames:
+        raise ValueError(f"{files[0]}: no rows")
+    return pd.concat(frames, ignore_index=True)
+
+
+class Hasher:
+    """Raw categorical value → table row, with a bounded memo: hashing is per distinct value, and the
+    Criteo columns repeat heavily (Zipf-like), so most of a chunk's values are memo hits."""
+
+    def __init__(self, table_buckets: list[int], memo_size: int = 1 << 20) -> None:
+        self.buckets = table_buckets
+        self.memo: list[dict[str, int]] = [{} for _ in table_buckets]
+        self.memo_size = memo_size
+
+    def rows(self, j: int, values: np.ndarray) -> np.ndarray:
+        codes, uniques = pd.factorize(values)
+        memo, b = self.memo[j], self.buckets[j]
+        if len(memo) > self.memo_size:
+            memo.clear()
+        table = np.empty(len(uniques), dtype=np.int64)
+        for k, u in enumerate(uniques):
+            r = memo.get(u)
+            if r is None:
+                r = memo[u] = stable_hash(u, b) + 1
+            table[k] = r
+        return table[codes]
+
+
+@dataclass
+class Chunk:
+    dense: np.ndarray  # [n, num_dense] float32, standardised
+    cats: np.ndarray  # [n, num_sparse] int64 table rows
+    labels: np.ndarray  # [n] float32
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def cut(self, n: int) -> tuple[Chunk, Chunk]:
+        return (Chunk(self.dense[:n], self.cats[:n], self.labels[:n]), Chunk(self.dense[n:], self.cats[n:], self.labels[n:]))
+
+    @staticmethod
+    def join(a: Chunk, b: Chunk) -> Chunk:
+        return Chunk(np.concatenate([a.dense, b.dense]), np.concatenate([a.cats, b.cats]), np.concatenate([a.labels, b.labels]))
+
+    def batch(self, keys: list[str]) -> Batch:
+        n, m = self.cats.shape
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=keys,
+            values=torch.from_numpy(np.ascontiguousarray(self.cats.T).reshape(-1)),  # key-major, one value per row
+            lengths=torch.ones(n * m, dtype=torch.int32),
+        )
+        return Batch(dense_features=torch.from_numpy(self.dense), sparse_features=kjt, labels=torch.from_numpy(self.labels))
+
+
+def featurize_rows(df: pd.DataFrame, spec: dict[str, Any], hasher: Hasher) -> Chunk:
+    stats = spec["dense"]
+    x = df[[d["column"] for d in stats]].to_numpy(dtype=np.float64) if stats else np.zeros((len(df), 0))
+    x = np.log1p(np.maximum(x, 0))
+    mean = np.array([d["mean"] for d in stats])
+    std = np.array([d["std"] for d in stats])
+    dense = np.nan_to_num((x - mean) / std, nan=0.0).astype(np.float32)
+    cats = np.stack([hasher.rows(j, df[f["column"]].to_numpy()) for j, f in enumerate(spec["sparse"])], axis=1)
+    labels = df["label"].to_numpy().astype(np.float32)
+    return Chunk(dense, cats.astype(np.int64), labels)
+
+
+def criteo_spec(cfg: DataConfig) -> dict[str, Any]:
+    """The FeatureSet spec of a Criteo-format source, from the config and the first stats_rows rows."""
+    s = cfg.stream
+    dense, sparse = columns(s)
+    table_buckets = buckets(s)
+    head = read_rows(resolve(s.paths, "stream.paths"), s, s.stats_rows)
+    stats = []
+    for c in dense:
+        x = np.log1p(np.maximum(head[c].to_numpy(dtype=np.float64), 0))
+        mean = float(np.nanmean(x)) if np.isfinite(x).any() else 0.0
+        std = float(np.nanstd(x)) if np.isfinite(x).any() else 1.0
+        stats.append({"name": c, "column": c, "side": "user", "log1p": True, "mean": mean, "std": std or 1.0})
+    return {
+        "sparse": [{"name": c, "column": c, "table": c, "multi": False, "sep": "|", "side": "user"} for c in sparse],
+        "dense": stats,
+        "tables": {c: {"rows": b + 1, "pooling": "sum", "hash_buckets": b, "vocab": []} for c, b in zip(sparse, table_buckets, strict=True)},
+        "item_column": None,
+        "user_column": None,
+        "history": {"name": "history", "positive_name": None, "length": 0},
+        "item_store": {},
+    }
+
+
+def criteo_holdout(cfg: DataConfig) -> tuple[pd.DataFrame, FeatureSet]:
+    """The first holdout_rows holdout rows, raw and featurized (training rows are streamed, never held)."""
+    s = cfg.stream
+    spec = criteo_spec(cfg)
+    df = read_rows(resolve(s.holdout_paths, "stream.holdout_paths"), s, s.holdout_rows)
+    c = featurize_rows(df, spec, Hasher(buckets(s)))
+    sparse = {f["name"]: (c.cats[:, j].copy(), np.ones(len(c), np.int32)) for j, f in enumerate(spec["sparse"])}
+    fs = FeatureSet(dense=c.dense, sparse=sparse, labels=c.labels, train_idx=np.zeros(0, np.int64),
+                    holdout_idx=np.arange(len(c), dtype=np.int64), users=None, times=None, spec=spec)
+    return df, fs
+
+
+# ------------------------------------------------------------------------------------------ batch sources
+
+
+class BatchSource(Protocol):
+    steps_per_epoch: int | None
+    """None when the length of an epoch is only known once it is read (a stream)."""
+
+    def epoch(self, epoch: int, rank: int, world: int, skip: int) -> Iterator[Batch]:
+        """This rank's batches of `epoch`, after skipping the first `skip` (a resumed run). Every rank
+        yields the same number of batches."""
+        ...
+
+
+class MemorySource:
+    """Rows of a FeatureSet, reshuffled every epoch with seed + epoch."""
+
+    def __init__(self, fs: FeatureSet, batch_size: int, seed: int) -> None:
+        self.fs, self.batch_size, self.seed = fs, batch_size, seed
+        self.steps_per_epoch: int | None = len(fs.train_idx) // batch_size
+
+    def epoch(self, epoch: int, rank: int, world: int, skip: int) -> Iterator[Batch]:
+        for i, rows in enumerate(iter_batches(self.fs.train_idx, self.batch_size, rank, world, seed=self.seed + epoch)):
+            if i >= skip:
+                yield self.fs.take(rows)
+
+
+class CriteoSource:
+    """Criteo-format files streamed in file order, this rank reading only its share. Ranks stop together
+    when the first runs out (their shares differ by at most a line, or by a file's size for gzip)."""
+
+    def __init__(self, cfg: DataConfig, spec: dict[str, Any], batch_size: int) -> None:
+        self.cfg, self.spec, self.batch_size = cfg.stream, spec, batch_size
+        self.files = resolve(self.cfg.paths, "stream.paths")
+        self.keys = [f["name"] for f in spec["sparse"]]
+        self.hasher = Hasher(buckets(self.cfg))
+        self.steps_per_epoch: int | None = None
+
+    def local_batches(self, rank: int, world: int) -> Iterator[Chunk]:
+        local = self.batch_size // world
+        held: Chunk | None = None
+        for piece in rank_pieces(self.files, rank, world):
+            for df in read_piece(piece, self.cfg):
+                c = featurize_rows(df, self.spec, self.hasher)
+                held = c if held is None else Chunk.join(held, c)
+                while len(held) >= local:
+                    out, held = held.cut(local)
+                    yield out
+
+    def epoch(self, epoch: int, rank: int, world: int, skip: int) -> Iterator[Batch]:
+        for i, chunk in enumerate(self.local_batches(rank, world)):
+            if not all_ranks(True):
+                return
+            if i >= skip:
+                yield chunk.batch(self.keys)
+        all_ranks(False)  # this rank is done: the others learn it at the same step
+
+
+def train_source(cfg: DataConfig, fs: FeatureSet, batch_size: int, seed: int) -> BatchSource:
+    if cfg.source == "criteo":
+        return CriteoSource(cfg, fs.spec, batch_size)
+    return MemorySource(fs, batch_size, seed)
+
+
+def write_synthetic_criteo(path: Path, rows: int, seed: int = 0, s: StreamConfig | None = None,
+                           values_per_column: int = 1000) -> Path:
+    """A Criteo-format file (TSV, .gz or parquet by suffix) with Zipf-distributed hex ids, ~5% empty
+    categoricals and ~10% empty integers, and labels that depend on both, for tests and benchmarks."""
+    s = s or StreamConfig()
+    rng = np.random.default_rng(seed)
+    effect = np.random.default_rng(12345).normal(size=(s.num_sparse, values_per_column))  # same across files
+    ids = (rng.zipf(1.2, size=(rows, s.num_sparse)) - 1) % values_per_column
+    ints = rng.poisson(3, size=(rows, s.num_dense)).astype(np.int64)
+    logit = effect[np.arange(s.num_sparse), ids].sum(axis=1) / 3 + (0.3 * (ints[:, 0] - 3) if s.num_dense else 0)
+    label = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    hexes = np.char.mod("%08x", (ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(1 << 32))
+    cats = np.where(rng.random(ids.shape) < 0.05, "", hexes)
+    int_s = np.where(rng.random(ints.shape) < 0.1, "", ints.astype(str))
+    dense, sparse = columns(s)
+    path = Path(path)
+    if _kind(path) == "parquet":
+        df = pd.DataFrame({"label": label})
+        for j, c in enumerate(dense):
+            df[c] = pd.array(ints[:, j], dtype="Int64")
+            df.loc[int_s[:, j] == "", c] = pd.NA
+        for j, c in enumerate(sparse):
+            df[c] = cats[:, j]
+        df.to_parquet(path, row_group_size=max(1, rows // 4))
+        return path
+    lines = "\n".join("\t".join(r) for r in np.concatenate([label.astype(str)[:, None], int_s, cats], axis=1)) + "\n"
+    if _kind(path) == "gzip":
+        with gzip.open(path, "wt") as f:
+            f.write(lines)
+    else:
+        path.write_text(lines)
+    return path
