@@ -1,7 +1,7 @@
 """adsfm-train: compose the config, validate it, train on Ray.
 
     adsfm-train                                   # experiment=movielens_dlrm, 2 workers, table-wise
-    adsfm-train parallel=cw2 train.epochs=1
+    adsfm-train parallel=rw2 train.epochs=1
 """
 
 from __future__ import annotations
@@ -30,3 +30,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     _main()
+
+
+if __name__ == "__main__":  # `python -m launch.train`: how adsfm-submit runs it in the job's working_dir
+    main()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -13,33 +15,62 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from parallel.config import ParallelConfig
 
 
+class EmbeddingBagSharder(EmbeddingBagCollectionSharder):
+    """TorchRec's sharder, offering row-wise, table-row-wise and grid sharding on CPU too.
+
+    TorchRec lists them for CUDA only, from the days when gloo had no reduce-scatter (the output dist of
+    row-wise pooled embeddings). The gloo of our pinned torch has it, and tests/distributed checks each
+    of these layouts against a single process, step by step, on CPU.
+    """
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        if compute_device_type == "cpu":
+            types += [t for t in super().sharding_types("cuda") if t not in types]
+        return types
+
+
 def sharders() -> list[ModuleSharder[nn.Module]]:
-    return [EmbeddingBagCollectionSharder()]  # type: ignore[list-item]
+    return [EmbeddingBagSharder()]  # type: ignore[list-item]
 
 
-def make_plan(model: nn.Module, cfg: ParallelConfig, world_size: int, pg: dist.ProcessGroup | None) -> ShardingPlan:
-    """Ask the planner for a plan within the layout's allowed sharding types; identical on every rank."""
+class CostCapture(NoopEmbeddingStats):
+    """Keeps the planner's estimated cost per table (the sum of its shards' perf estimates, ms)."""
+
+    def __init__(self) -> None:
+        self.est_ms: dict[str, float] = {}
+
+    def log(self, sharding_plan: ShardingPlan, topology: Topology, batch_size: int, storage_reservation: Any,
+            num_proposals: int, num_plans: int, run_time: float, best_plan: list[Any], *args: Any, **kwargs: Any) -> None:
+        for so in best_plan:
+            self.est_ms[so.name] = float(sum(s.perf.total for s in so.shards if s.perf is not None))
+
+
+def make_plan(model: nn.Module, cfg: ParallelConfig, world_size: int, pg: dist.ProcessGroup | None) -> tuple[ShardingPlan, dict[str, float]]:
+    """Ask the planner for a plan within the layout's allowed sharding types; identical on every rank.
+    Also returns the planner's estimated cost per table, known on the rank that planned (rank 0)."""
     tables = [c.name for m in model.modules() if isinstance(m, EmbeddingBagCollection) for c in m.embedding_bag_configs()]
     constraints = {
         t: ParameterConstraints(
             sharding_types=list(cfg.tables[t].sharding_types if t in cfg.tables and cfg.tables[t].sharding_types else cfg.sharding_types),
             compute_kernels=[cfg.tables[t].compute_kernel] if t in cfg.tables and cfg.tables[t].compute_kernel else None,
-            min_partition=cfg.tables[t].column_split if t in cfg.tables else None,
+            min_partition=(cfg.tables[t].column_split if t in cfg.tables else None) or cfg.column_split,
         )
         for t in tables
     }
+    stats = CostCapture()  # instead of TorchRec's long report: we print our own, shorter table
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world_size, compute_device=cfg.device),
         constraints=constraints,
-        stats=NoopEmbeddingStats(),  # we print our own, shorter table
+        stats=stats,
     )
     if pg is None:
-        return planner.plan(model, sharders())
-    return planner.collective_plan(model, sharders(), pg)
+        return planner.plan(model, sharders()), stats.est_ms
+    return planner.collective_plan(model, sharders(), pg), stats.est_ms
 
 
-def plan_rows(plan: ShardingPlan) -> list[dict[str, object]]:
-    """One row per table: sharding type, kernel, ranks, bytes per rank (fp32)."""
+def plan_rows(plan: ShardingPlan, est_ms: dict[str, float] | None = None) -> list[dict[str, object]]:
+    """One row per table: sharding type, kernel, ranks, bytes per rank (fp32), estimated cost (ms)."""
     rows = []
     for module_path, params in plan.plan.items():
         for table, ps in params.items():  # type: ignore[attr-defined]
@@ -58,6 +89,7 @@ def plan_rows(plan: ShardingPlan) -> list[dict[str, object]]:
                     "compute_kernel": ps.compute_kernel,
                     "ranks": list(ps.ranks or []),
                     "bytes_per_rank": per_rank,
+                    "est_ms": (est_ms or {}).get(table),
                 }
             )
     return rows
@@ -65,10 +97,13 @@ def plan_rows(plan: ShardingPlan) -> list[dict[str, object]]:
 
 def format_plan(rows: list[dict[str, object]]) -> str:
     w = max([5, *(len(str(r["table"])) for r in rows)]) + 2
-    head = f"{'table':<{w}} {'sharding':<18} {'kernel':<8} {'ranks':<10} bytes per rank"
+    head = f"{'table':<{w}} {'sharding':<18} {'kernel':<8} {'ranks':<10} {'est. ms':>8}  bytes per rank"
     lines = [head, "-" * len(head)]
     for r in rows:
         bpr = ", ".join(f"r{k}:{v / 1024:.0f}KiB" for k, v in sorted(r["bytes_per_rank"].items()))  # type: ignore[attr-defined]
-        lines.append(f"{r['table']!s:<{w}} {r['sharding_type']!s:<18} {r['compute_kernel']!s:<8} {str(r['ranks']):<10} {bpr or 'replicated'}")
+        cost = f"{r['est_ms']:.3f}" if isinstance(r.get("est_ms"), float) else "-"
+        lines.append(
+            f"{r['table']!s:<{w}} {r['sharding_type']!s:<18} {r['compute_kernel']!s:<8} {str(r['ranks']):<10} {cost:>8}  {bpr or 'replicated'}"
+        )
     return "\n".join(lines)
 

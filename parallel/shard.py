@@ -20,14 +20,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from parallel.config import ParallelConfig
-from parallel.plan import make_plan, sharders
+from parallel.plan import make_plan, plan_rows, sharders
 
 SPARSE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "rowwise_adagrad": RowWiseAdagrad,
@@ -79,18 +78,32 @@ def parallelize_dlrm(
     optim: OptimConfig,
     device: torch.device,
     pg: dist.ProcessGroup | None = None,
-) -> tuple[DistributedModelParallel, CombinedOptimizer, ShardingPlan]:
-    """Shard `model.sparse`, replicate `model.dense`; return the wrapped model, its optimizer and the plan."""
+) -> tuple[DistributedModelParallel, CombinedOptimizer, list[dict[str, object]]]:
+    """Shard `model.sparse`, replicate `model.dense`; return the wrapped model, its optimizer and the plan
+    (one row per table, see parallel.plan.plan_rows)."""
     _check_optim(optim)
     world_size = dist.get_world_size(pg) if dist.is_initialized() else 1
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[optim.sparse], model.sparse.parameters(), sparse_optimizer_kwargs(optim))
-    plan = make_plan(model, cfg, world_size, pg if dist.is_initialized() else None)  # type: ignore[arg-type]
+    plan, est_ms = make_plan(model, cfg, world_size, pg if dist.is_initialized() else None)  # type: ignore[arg-type]
     dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders())  # type: ignore[arg-type]
-    dense_opt = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+    unfused = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    # Data-parallel tables are replicated dense weights (DDP all-reduces their gradients), which TorchRec
+    # leaves to the dense optimizer; they get the configured sparse optimizer, unfused, as in one process.
+    replicated = {k: v for k, v in unfused.items() if _is_table_weight(k)}
+    optimizers: list[Any] = [dmp.fused_optimizer]
+    if replicated:
+        optimizers.append(KeyedOptimizerWrapper(
+            replicated, lambda params: SPARSE_OPTIMIZERS[optim.sparse](params, **sparse_optimizer_kwargs(optim))
+        ))
+    optimizers.append(KeyedOptimizerWrapper(
+        {k: v for k, v in unfused.items() if k not in replicated},
         lambda params: DENSE_OPTIMIZERS[optim.dense](params, lr=optim.dense_lr, weight_decay=optim.weight_decay),
-    )
-    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense_opt]), plan
+    ))
+    return dmp, CombinedOptimizer(optimizers), plan_rows(plan, est_ms)
+
+
+def _is_table_weight(name: str) -> bool:
+    return ".embedding_bags." in name
 
 
 @torch.no_grad()

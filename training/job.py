@@ -47,7 +47,7 @@ def validate(cfg: AdsfmConfig) -> dict[str, Any]:
         raise ValueError(f"train.epochs({t.epochs}) and train.eval_batch_size({t.eval_batch_size}) must be > 0")
     fs = load_features(cfg.data)
     tables = [c.name for c in table_configs(fs.spec, cfg.model.embedding_dim)]
-    validate_parallel(p, tables)
+    validate_parallel(p, tables, cfg.model.embedding_dim, t.sparse_optimizer)
     DLRMDense(len(fs.spec["dense"]), len(fs.spec["sparse"]), cfg.model)  # raises on inconsistent sizes
     if cfg.data.source != "criteo" and len(fs.train_idx) < t.batch_size:
         raise ValueError(f"train.batch_size({t.batch_size}) > training rows({len(fs.train_idx)})")
@@ -135,7 +135,7 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     from training.plots import loss_curve
 
     loss_curve(raw["losses"], raw["eval_history"], run_dir / "loss_curve.png")
-    for name in ("loss_curve.png", "sharding_plan.json", "train_result.json"):
+    for name in ("loss_curve.png", "sharding_plan.json", "sharding_plan.txt", "train_result.json"):
         client.log_artifact(run_id, str(run_dir / name))
     client.log_metric(run_id, "samples_per_second", raw["samples_per_second"])
     client.set_terminated(run_id)

@@ -1,4 +1,4 @@
-"""Hydra multirun as one MLflow parent run: `adsfm-train -m train.dense_lr=0.001,0.003 parallel=tw2,cw2`.
+"""Hydra multirun as one MLflow parent run: `adsfm-train -m train.dense_lr=0.001,0.003 parallel=tw2,rw2`.
 
 The callback opens a parent run when the sweep starts; every job's training run is created as its child
 (run_training reads ADSFM_PARENT_RUN_ID); when the sweep ends, the children are compared on their holdout

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from parallel.plan import format_plan, plan_rows
+from parallel.plan import format_plan
 from parallel.shard import OptimConfig, parallelize_dlrm
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import AdsfmConfig
@@ -41,11 +41,12 @@ def train_worker(config: dict[str, Any]) -> None:
     fs = load_features(cfg.data)
 
     model = DLRMRanker(fs.spec, cfg.model, device="meta")
-    dmp, optimizer, plan = parallelize_dlrm(model, cfg.parallel, optim_config(cfg), torch.device("cpu"))
-    rows = plan_rows(plan)
+    dmp, optimizer, rows = parallelize_dlrm(model, cfg.parallel, optim_config(cfg), torch.device("cpu"))
     client = None
     if rank == 0:
-        print(f"[adsfm] sharding plan over {world} rank(s):\n{format_plan(rows)}", flush=True)
+        table = format_plan(rows)
+        print(f"[adsfm] sharding plan over {world} rank(s):\n{table}", flush=True)
+        (run_dir / "sharding_plan.txt").write_text(table + "\n")
         (run_dir / "sharding_plan.json").write_text(json.dumps(rows, indent=1, default=str))
         from mlflow.tracking import MlflowClient
 

@@ -50,7 +50,7 @@ def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, 
     losses = []
     for rows in _batches(fs.train_idx):
         losses.append(global_mean(train_step(dmp, opt, fs.take(rows[rank * local : (rank + 1) * local]))))
-    save_checkpoint(dmp, Path(out_dir) / "ckpt")
+    save_checkpoint(dmp, Path(out_dir) / "ckpt", opt)
     if rank == 0:
         (Path(out_dir) / "losses.json").write_text(json.dumps(losses))
     dist.barrier()
@@ -58,8 +58,7 @@ def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, 
     os._exit(0)
 
 
-@pytest.fixture(scope="module")
-def reference(small_cfg: Any, features: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def _reference(features: Any, init: Path, sparse_optimizer: str) -> dict[str, Any]:
     from parallel.shard import unsharded_optimizer
     from training.config import compose
     from training.job import as_config
@@ -67,25 +66,55 @@ def reference(small_cfg: Any, features: Any, tmp_path_factory: pytest.TempPathFa
     from training.models.dlrm import DLRMRanker
     from training.worker import optim_config
 
-    small_cfg = as_config(compose(["parallel=single"]))
-    torch.manual_seed(123)
-    model = DLRMRanker(features.spec, small_cfg.model, device="cpu")
-    init = tmp_path_factory.mktemp("init") / "init.pt"
-    torch.save(model.state_dict(), init)
-    opt = unsharded_optimizer(model, optim_config(small_cfg))
+    cfg = as_config(compose(["parallel=single", f"train.sparse_optimizer={sparse_optimizer}"]))
+    model = DLRMRanker(features.spec, cfg.model, device="cpu")
+    model.load_state_dict(torch.load(init))
+    opt = unsharded_optimizer(model, optim_config(cfg))
     losses = [train_step(model, opt, features.take(rows)) for rows in _batches(features.train_idx)]
     return {"init": init, "losses": losses, "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
-@pytest.mark.parametrize("layout", ["single", "tw2", "cw2"])
-def test_sharded_training_matches_single_process(layout: str, small_cfg: Any, features: Any, reference: dict[str, Any], tmp_path: Path) -> None:
-    from training.checkpoint import load_into_unsharded
-    from training.config import compose
-    from training.job import as_config
+@pytest.fixture(scope="module")
+def references(small_cfg: Any, features: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The unsharded model trained with a given sparse optimizer, from one shared initialisation."""
     from training.models.dlrm import DLRMRanker
 
-    cfg = as_config(compose([f"run_root={tmp_path}", f"parallel={layout}", f"train.batch_size={BATCH}"]))
+    torch.manual_seed(123)
+    init = tmp_path_factory.mktemp("init") / "init.pt"
+    torch.save(DLRMRanker(features.spec, small_cfg.model, device="cpu").state_dict(), init)
+    memo: dict[str, dict[str, Any]] = {}
+
+    def get(sparse_optimizer: str = "rowwise_adagrad") -> dict[str, Any]:
+        if sparse_optimizer not in memo:
+            memo[sparse_optimizer] = _reference(features, init, sparse_optimizer)
+        return memo[sparse_optimizer]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(references: Any) -> dict[str, Any]:
+    return references()  # type: ignore[no-any-return]
+
+
+LAYOUTS = [("single", "rowwise_adagrad"), ("tw2", "rowwise_adagrad"), ("rw2", "rowwise_adagrad"), ("twrw2", "rowwise_adagrad"),
+           ("dp2", "rowwise_adagrad"), ("cw2", "adagrad"), ("twcw2", "adagrad")]  # column shards need element-wise Adagrad
+
+
+@pytest.mark.parametrize("layout,sparse_optimizer", LAYOUTS)
+def test_sharded_training_matches_single_process(
+    layout: str, sparse_optimizer: str, small_cfg: Any, features: Any, references: Any, tmp_path: Path
+) -> None:
+    from training.checkpoint import load_into_unsharded
+    from training.config import compose
+    from training.job import as_config, validate
+    from training.models.dlrm import DLRMRanker
+
+    reference = references(sparse_optimizer)
+    cfg = as_config(compose([f"run_root={tmp_path}", f"parallel={layout}", f"train.batch_size={BATCH}",
+                             f"train.sparse_optimizer={sparse_optimizer}"]))
     cfg.data = small_cfg.data
+    validate(cfg)
     world = cfg.parallel.num_workers
     mp.start_processes(
         _rank_main,
@@ -106,3 +135,63 @@ def test_sharded_training_matches_single_process(layout: str, small_cfg: Any, fe
     for k, want in reference["state"].items():
         got = gathered.state_dict()[k]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3, msg=lambda m, k=k: f"{layout} {k}: {m}")
+
+
+def _rank_reload(rank: int, world: int, port: int, cfg_yaml: str, ckpt: str, out_dir: str) -> None:
+    """Load `ckpt` (written under another layout) into this layout, evaluate the holdout, save again."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from parallel.shard import parallelize_dlrm
+    from training.checkpoint import load_checkpoint, save_checkpoint
+    from training.data import load_features
+    from training.job import as_config
+    from training.loop import evaluate
+    from training.models.dlrm import DLRMRanker
+    from training.worker import optim_config
+
+    cfg = as_config(OmegaConf.create(cfg_yaml))
+    fs = load_features(cfg.data)
+    dmp, opt, _ = parallelize_dlrm(DLRMRanker(fs.spec, cfg.model, device="meta"), cfg.parallel, optim_config(cfg), torch.device("cpu"))
+    opt.init_state()
+    load_checkpoint(dmp, Path(ckpt), opt)
+    metrics = evaluate(dmp, fs, fs.holdout_idx, 4096)
+    save_checkpoint(dmp, Path(out_dir) / "ckpt", opt)
+    if rank == 0:
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics))
+    dist.barrier()
+    os._exit(0)
+
+
+def _spawn(fn: Any, layout: str, small_cfg: Any, out: Path, *args: str) -> dict[str, Any]:
+    from training.config import compose
+    from training.job import as_config
+
+    # Element-wise Adagrad: its state reshards between row and column shards (row-wise Adagrad's cannot
+    # be split by columns, see parallel.config.validate_parallel).
+    cfg = as_config(compose([f"run_root={out}", f"parallel={layout}", f"train.batch_size={BATCH}", "train.sparse_optimizer=adagrad"]))
+    cfg.data = small_cfg.data
+    world = cfg.parallel.num_workers
+    mp.start_processes(fn, args=(world, free_port(), OmegaConf.to_yaml(cfg), *args, str(out)), nprocs=world, join=True, start_method="spawn")
+    return json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+
+
+def test_checkpoints_reshard_across_layouts(small_cfg: Any, features: Any, reference: dict[str, Any], tmp_path: Path) -> None:
+    """tw2 → single and tw2 → cw2 → rw2 (optimizer state included): the same holdout loss as the
+    checkpoint's weights gathered into a plain model, within 1e-5."""
+    from training.checkpoint import load_into_unsharded
+    from training.loop import evaluate
+    from training.models.dlrm import DLRMRanker
+
+    _spawn(_rank_main, "tw2", small_cfg, tmp_path / "tw2", str(reference["init"]))
+    source = tmp_path / "tw2" / "ckpt"
+    plain = DLRMRanker(features.spec, small_cfg.model, device="cpu")
+    load_into_unsharded(plain, source)
+    want = evaluate(plain.eval(), features, features.holdout_idx, 4096)["logloss"]
+
+    single = _spawn(_rank_reload, "single", small_cfg, tmp_path / "single", str(source))
+    cw2 = _spawn(_rank_reload, "cw2", small_cfg, tmp_path / "cw2", str(source))
+    rw2 = _spawn(_rank_reload, "rw2", small_cfg, tmp_path / "rw2", str(tmp_path / "cw2" / "ckpt"))
+    print(f"holdout logloss: gathered {want:.6f}, single {single['logloss']:.6f}, cw2 {cw2['logloss']:.6f}, rw2 {rw2['logloss']:.6f}")
+    for name, got in (("single", single), ("cw2", cw2), ("rw2", rw2)):
+        assert abs(got["logloss"] - want) <= 1e-5, f"{name}: {got['logloss']} != {want}"

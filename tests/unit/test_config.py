@@ -61,8 +61,12 @@ def test_bad_layout_is_refused_with_the_arithmetic(small_cfg: Any) -> None:
     cfg = OmegaConf.merge(small_cfg, {"parallel": {"num_workers": 3}, "train": {"batch_size": 256}})
     with pytest.raises(ValueError, match=r"train.batch_size\(256\) % parallel.num_workers\(3\) = 1 != 0"):
         validate(cfg)  # type: ignore[arg-type]
-    cfg = OmegaConf.merge(small_cfg, {"parallel": {"sharding_types": ["row_wise"]}})
-    with pytest.raises(ValueError, match="row_wise.*cannot run on device=cpu"):
+    cfg = OmegaConf.merge(small_cfg, {"parallel": {"sharding_types": ["column_wise"], "column_split": 8}})
+    with pytest.raises(ValueError, match=r"column_split\(8\) < model.embedding_dim\(16\) and train.sparse_optimizer=rowwise_adagrad"):
+        validate(cfg)  # type: ignore[arg-type]
+    validate(OmegaConf.merge(cfg, {"train": {"sparse_optimizer": "adagrad"}}))  # type: ignore[arg-type]
+    cfg = OmegaConf.merge(small_cfg, {"parallel": {"sharding_types": ["grid_shard"]}})
+    with pytest.raises(ValueError, match="grid_shard.*cannot run on device=cpu"):
         validate(cfg)  # type: ignore[arg-type]
     cfg = OmegaConf.merge(small_cfg, {})
     with open_dict(cfg):
