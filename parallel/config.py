@@ -45,7 +45,27 @@ class ParallelConfig:
     tables: dict[str, TableConstraint] = field(default_factory=dict)
     """Per-table constraints, keyed by table name."""
     data_parallel: str = "ddp"
-    """Dense layers: 'ddp' (replicated, gradients all-reduced)."""
+    """Dense layers over the "dp" mesh dimension: 'ddp' (replicated, gradients all-reduced) or 'fsdp'
+    (FSDP2 fully_shard: parameters, gradients and optimizer state sharded). Tensor parallel needs 'fsdp'."""
+    dp: int = -1
+    """Data-parallel degree of the dense side; -1: the ranks that tp leaves (num_workers / tp)."""
+    tp: int = 1
+    """Tensor-parallel degree: the top MLP's first two layers split column-wise then row-wise (DTensor)."""
+
+
+def dense_degrees(cfg: ParallelConfig, world: int) -> tuple[int, int]:
+    """(dp, tp) with -1 resolved; raises with the arithmetic when they do not fill the world."""
+    if cfg.tp < 1:
+        raise ValueError(f"parallel.tp={cfg.tp}: must be >= 1")
+    if cfg.dp == -1:
+        if world % cfg.tp:
+            raise ValueError(f"parallel.num_workers({world}) % parallel.tp({cfg.tp}) = {world % cfg.tp} != 0: "
+                             f"use a tp that divides {world}")
+        return world // cfg.tp, cfg.tp
+    if cfg.dp < 1 or cfg.dp * cfg.tp != world:
+        raise ValueError(f"parallel.dp({cfg.dp}) * parallel.tp({cfg.tp}) = {cfg.dp * cfg.tp} != "
+                         f"parallel.num_workers({world}): set dp=-1 to take the remaining ranks")
+    return cfg.dp, cfg.tp
 
 
 COLUMN_SPLITTING = ("column_wise", "table_column_wise", "grid_shard")
@@ -60,8 +80,14 @@ def validate_parallel(cfg: ParallelConfig, table_names: list[str], embedding_dim
         raise ValueError(f"parallel.device={cfg.device!r}: use 'cpu' or 'cuda'")
     if cfg.device == "cpu" and cfg.backend != "gloo":
         raise ValueError(f"parallel.backend={cfg.backend!r} on device=cpu: only 'gloo' runs on CPU")
-    if cfg.data_parallel != "ddp":
-        raise ValueError(f"parallel.data_parallel={cfg.data_parallel!r}: only 'ddp' is implemented")
+    if cfg.data_parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"parallel.data_parallel={cfg.data_parallel!r}: use 'ddp' or 'fsdp'")
+    dp, tp = dense_degrees(cfg, cfg.num_workers)
+    if tp > 1 and cfg.data_parallel != "fsdp":
+        raise ValueError(
+            f"parallel.tp({tp}) > 1 with parallel.data_parallel=ddp: DDP does not compose with tensor parallel; "
+            "use parallel.data_parallel=fsdp"
+        )
     allowed: tuple[str, ...] = CPU_SHARDING_TYPES if cfg.device == "cpu" else ALL_SHARDING_TYPES
     allowed = tuple(t for t in allowed if t not in NOT_YET)
     unknown_tables = sorted(set(cfg.tables) - set(table_names))

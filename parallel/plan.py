@@ -97,13 +97,14 @@ def plan_rows(plan: ShardingPlan, est_ms: dict[str, float] | None = None) -> lis
 
 def format_plan(rows: list[dict[str, object]]) -> str:
     w = max([5, *(len(str(r["table"])) for r in rows)]) + 2
-    head = f"{'table':<{w}} {'sharding':<18} {'kernel':<8} {'ranks':<10} {'est. ms':>8}  bytes per rank"
+    rw = max([10, *(len(str(r["ranks"])) for r in rows)]) + 1
+    head = f"{'table':<{w}} {'sharding':<18} {'kernel':<8} {'ranks':<{rw}} {'est. ms':>8}  bytes per rank"
     lines = [head, "-" * len(head)]
     for r in rows:
         bpr = ", ".join(f"r{k}:{v / 1024:.0f}KiB" for k, v in sorted(r["bytes_per_rank"].items()))  # type: ignore[attr-defined]
         cost = f"{r['est_ms']:.3f}" if isinstance(r.get("est_ms"), float) else "-"
         lines.append(
-            f"{r['table']!s:<{w}} {r['sharding_type']!s:<18} {r['compute_kernel']!s:<8} {str(r['ranks']):<10} {cost:>8}  {bpr or 'replicated'}"
+            f"{r['table']!s:<{w}} {r['sharding_type']!s:<18} {r['compute_kernel']!s:<8} {str(r['ranks']):<{rw}} {cost:>8}  {bpr or 'replicated'}"
         )
     return "\n".join(lines)
 

@@ -1,9 +1,12 @@
-"""The one place that applies parallelism to a model, in this order:
+"""The one place that applies parallelism to a model, on one mesh, in this order:
 
-1. embedding sharding: the TorchRec planner places each table (config-constrained) and
+1. embedding sharding over all ranks: the TorchRec planner places each table (config-constrained) and
    DistributedModelParallel materializes the meta-device tables as shards, with the sparse optimizer
    fused into the lookup kernel (registered before wrapping, so DMP can fuse it);
-2. data parallel: DMP wraps the remaining dense modules in DDP (gradients averaged over ranks).
+2. tensor parallel over the mesh's "tp" dimension (DTensor): the top MLP's first layer column-wise, its
+   second row-wise, so the hidden activation stays split and one all-reduce joins the output;
+3. data parallel over "dp": DDP (DMP wraps the dense modules), or FSDP2 `fully_shard` on the dense
+   blocks and then the dense root.
 
 Gradient scale: DDP averages dense gradients over ranks, and TorchRec's output dist averages the
 gradients of sharded tables the same way (measured: tests/distributed/test_equivalence.py), so N ranks
@@ -19,6 +22,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -26,6 +31,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from parallel.config import ParallelConfig
+from parallel.mesh import build_mesh
 from parallel.plan import make_plan, plan_rows, sharders
 
 SPARSE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -83,9 +89,20 @@ def parallelize_dlrm(
     (one row per table, see parallel.plan.plan_rows)."""
     _check_optim(optim)
     world_size = dist.get_world_size(pg) if dist.is_initialized() else 1
+    mesh = build_mesh(cfg, device.type)
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[optim.sparse], model.sparse.parameters(), sparse_optimizer_kwargs(optim))
     plan, est_ms = make_plan(model, cfg, world_size, pg if dist.is_initialized() else None)  # type: ignore[arg-type]
-    dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders())  # type: ignore[arg-type]
+    ddp = cfg.data_parallel == "ddp"
+    dmp = DistributedModelParallel(
+        module=model, device=device, plan=plan, sharders=sharders(), init_data_parallel=ddp  # type: ignore[arg-type]
+    )
+    dense = dmp.module.dense
+    if mesh is not None and mesh["tp"].size() > 1:
+        parallelize_module(dense, mesh["tp"], dlrm_tp_plan())
+    if mesh is not None and not ddp:
+        for block in (dense.dense_arch, dense.over_arch):
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(dense, mesh=mesh["dp"])
     unfused = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     # Data-parallel tables are replicated dense weights (DDP all-reduces their gradients), which TorchRec
     # leaves to the dense optimizer; they get the configured sparse optimizer, unfused, as in one process.
@@ -100,6 +117,22 @@ def parallelize_dlrm(
         lambda params: DENSE_OPTIMIZERS[optim.dense](params, lr=optim.dense_lr, weight_decay=optim.weight_decay),
     ))
     return dmp, CombinedOptimizer(optimizers), plan_rows(plan, est_ms)
+
+
+def dlrm_tp_plan() -> dict[str, Any]:
+    """DLRM's top MLP: Linear(in, h1) column-wise, Linear(h1, h2) row-wise (output all-reduced)."""
+    return {
+        "over_arch.model.0._mlp.0._linear": ColwiseParallel(),
+        "over_arch.model.0._mlp.1._linear": RowwiseParallel(),
+    }
+
+
+def check_dlrm_tp(over_arch: list[int], tp: int) -> None:
+    if tp > 1 and (len(over_arch) < 3 or over_arch[0] % tp):
+        raise ValueError(
+            f"parallel.tp({tp}) splits model.over_arch[0]({over_arch[0] if over_arch else None}) across ranks: it needs "
+            f"at least two hidden layers before the logit and over_arch[0] % tp == 0 (got {over_arch})"
+        )
 
 
 def _is_table_weight(name: str) -> bool:

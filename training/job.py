@@ -10,7 +10,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from parallel.config import validate_parallel
+from parallel.config import dense_degrees, validate_parallel
+from parallel.shard import check_dlrm_tp
 from training.config import AdsfmConfig
 from training.data import data_fingerprint, load_features
 from training.models.dlrm import DLRMDense, table_configs
@@ -38,17 +39,17 @@ def as_config(cfg: DictConfig | AdsfmConfig) -> AdsfmConfig:
 def validate(cfg: AdsfmConfig) -> dict[str, Any]:
     """Everything that can be checked before a worker starts; returns the data spec it needed."""
     p, t = cfg.parallel, cfg.train
-    if t.batch_size % p.num_workers:
-        raise ValueError(
-            f"train.batch_size({t.batch_size}) % parallel.num_workers({p.num_workers}) = "
-            f"{t.batch_size % p.num_workers} != 0: use a multiple of {p.num_workers}"
-        )
+    dp = dense_degrees(p, p.num_workers)[0]  # also checks dp * tp == num_workers
+    if t.batch_size % dp:
+        what = "parallel.num_workers" if dp == p.num_workers else "parallel.dp"
+        raise ValueError(f"train.batch_size({t.batch_size}) % {what}({dp}) = {t.batch_size % dp} != 0: use a multiple of {dp}")
     if t.eval_batch_size <= 0 or t.epochs <= 0:
         raise ValueError(f"train.epochs({t.epochs}) and train.eval_batch_size({t.eval_batch_size}) must be > 0")
     fs = load_features(cfg.data)
     tables = [c.name for c in table_configs(fs.spec, cfg.model.embedding_dim)]
     validate_parallel(p, tables, cfg.model.embedding_dim, t.sparse_optimizer)
     DLRMDense(len(fs.spec["dense"]), len(fs.spec["sparse"]), cfg.model)  # raises on inconsistent sizes
+    check_dlrm_tp(list(cfg.model.over_arch), dense_degrees(p, p.num_workers)[1])
     if cfg.data.source != "criteo" and len(fs.train_idx) < t.batch_size:
         raise ValueError(f"train.batch_size({t.batch_size}) > training rows({len(fs.train_idx)})")
     return fs.spec

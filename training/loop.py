@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.datasets.utils import Batch
 
+from parallel.mesh import data_coords
 from training.data import FeatureSet
 from training.metrics import ranking_metrics
 
@@ -46,28 +47,28 @@ def predict(model: nn.Module, fs: FeatureSet, idx: np.ndarray, batch_size: int) 
     """Probabilities for rows `idx`, computed across all ranks and gathered on every rank.
 
     Sharded lookups are collectives, so every rank must run the same number of equally sized batches:
-    the rows are padded to a multiple of world * batch_size and the padding is dropped after the gather.
+    the rows are padded to a multiple of dp * batch_size and the padding is dropped after the gather.
     """
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    c = data_coords()  # ranks of one tensor-parallel group take the same rows
     n = len(idx)
-    per_step = world * batch_size
+    per_step = c.dp * batch_size
     steps = max(1, -(-n // per_step))
     padded = np.resize(idx, steps * per_step)  # repeats rows to fill the last step
     was_training = model.training
     model.eval()
     local = []
     for s in range(steps):
-        rows = padded[s * per_step + rank * batch_size : s * per_step + (rank + 1) * batch_size]
+        rows = padded[s * per_step + c.dp_rank * batch_size : s * per_step + (c.dp_rank + 1) * batch_size]
         b = fs.take(rows)
         local.append(torch.sigmoid(model(b.dense_features, b.sparse_features)))
     model.train(was_training)
     mine = torch.stack(local)  # [steps, batch]
-    if world > 1:
-        parts = [torch.empty_like(mine) for _ in range(world)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, mine)
-        # step s of rank r covers padded[s*per_step + r*bs : ...]: interleave back into row order.
-        mine = torch.stack(parts, dim=1)
+        # step s of data rank d covers padded[s*per_step + d*bs : ...]: interleave back into row order,
+        # taking one rank (tp coordinate 0) of each tensor-parallel group.
+        mine = torch.stack(parts[:: c.tp], dim=1)
     return mine.reshape(-1)[:n]
 
 

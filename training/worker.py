@@ -14,6 +14,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from parallel.mesh import data_coords
 from parallel.plan import format_plan
 from parallel.shard import OptimConfig, parallelize_dlrm
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -83,7 +84,8 @@ def train_worker(config: dict[str, Any]) -> None:
     steps_run = 0
     while epoch < t.epochs and not (total and step >= total):
         # The same sample order per epoch on every run: a resumed run skips the batches it already took.
-        for batch in source.epoch(epoch, rank, world, skip=epoch_step):
+        coords = data_coords()  # tensor-parallel peers take the same rows
+        for batch in source.epoch(epoch, coords.dp_rank, coords.dp, skip=epoch_step):
             loss = global_mean(train_step(dmp, optimizer, batch))
             losses.append(loss)
             step += 1

@@ -33,6 +33,7 @@ def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    from parallel.mesh import data_coords
     from parallel.shard import load_full_state, parallelize_dlrm
     from training.checkpoint import save_checkpoint
     from training.data import load_features
@@ -46,13 +47,19 @@ def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, 
     model = DLRMRanker(fs.spec, cfg.model, device="meta")
     dmp, opt, _ = parallelize_dlrm(model, cfg.parallel, optim_config(cfg), torch.device("cpu"))
     load_full_state(dmp, torch.load(init_path))
-    local = BATCH // world
+    c = data_coords()  # tensor-parallel peers take the same rows
+    local = BATCH // c.dp
     losses = []
     for rows in _batches(fs.train_idx):
-        losses.append(global_mean(train_step(dmp, opt, fs.take(rows[rank * local : (rank + 1) * local]))))
+        losses.append(global_mean(train_step(dmp, opt, fs.take(rows[c.dp_rank * local : (c.dp_rank + 1) * local]))))
     save_checkpoint(dmp, Path(out_dir) / "ckpt", opt)
     if rank == 0:
         (Path(out_dir) / "losses.json").write_text(json.dumps(losses))
+        w = dmp.module.dense.over_arch.model[0]._mlp[0]._linear.weight
+        layout = {"type": type(w).__name__, "local_shape": list(getattr(w, "to_local", lambda: w)().shape)}
+        if hasattr(w, "placements"):
+            layout.update(placements=[str(p) for p in w.placements], mesh=list(w.device_mesh.mesh_dim_names or []))
+        (Path(out_dir) / "layout.json").write_text(json.dumps(layout))
     dist.barrier()
     # Skip gloo's teardown: a peer that exits first can make the other's destructor abort (SIGABRT).
     os._exit(0)
@@ -98,7 +105,8 @@ def reference(references: Any) -> dict[str, Any]:
 
 
 LAYOUTS = [("single", "rowwise_adagrad"), ("tw2", "rowwise_adagrad"), ("rw2", "rowwise_adagrad"), ("twrw2", "rowwise_adagrad"),
-           ("dp2", "rowwise_adagrad"), ("cw2", "adagrad"), ("twcw2", "adagrad")]  # column shards need element-wise Adagrad
+           ("dp2", "rowwise_adagrad"), ("cw2", "adagrad"), ("twcw2", "adagrad"), ("fsdp2", "rowwise_adagrad"),
+           ("dp2tp2", "rowwise_adagrad")]  # column shards need element-wise Adagrad
 
 
 @pytest.mark.parametrize("layout,sparse_optimizer", LAYOUTS)
@@ -125,6 +133,16 @@ def test_sharded_training_matches_single_process(
     )
     losses = json.loads((tmp_path / "losses.json").read_text())
     ref = reference["losses"]
+    # The dense layout is what the config asked for (so equal losses are not the replicated model's).
+    top = json.loads((tmp_path / "layout.json").read_text())
+    full = [cfg.model.over_arch[0], reference["state"]["dense.over_arch.model.0._mlp.0._linear.weight"].shape[1]]
+    if cfg.parallel.data_parallel == "fsdp":
+        assert top["type"] == "DTensor" and top["placements"][0].lstrip("_").startswith("S(0"), top
+        if cfg.parallel.tp > 1:  # FSDP over dp composed with the column-wise split over tp
+            assert top["mesh"] == ["dp", "tp"] and top["placements"][1] == "S(0)", top
+        assert top["local_shape"] == [full[0] // world, full[1]], top  # sharded over dp (FSDP) and tp
+    else:
+        assert top["local_shape"] == full
     diffs = np.abs(np.array(losses) - np.array(ref))
     print(f"{layout}: max |loss diff| over {STEPS} steps = {diffs.max():.2e} (first {ref[0]:.4f}, last {ref[-1]:.4f})")
     assert diffs.max() <= 1e-4, f"{layout}: per-step loss diffs {diffs.round(6).tolist()}"
