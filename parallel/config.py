@@ -47,6 +47,9 @@ class ParallelConfig:
     data_parallel: str = "ddp"
     """Dense layers over the "dp" mesh dimension: 'ddp' (replicated, gradients all-reduced) or 'fsdp'
     (FSDP2 fully_shard: parameters, gradients and optimizer state sharded). Tensor parallel needs 'fsdp'."""
+    sparse_group: int = 0
+    """2D sparse parallelism: shard tables within groups of this many ranks and replicate them across the
+    num_workers / sparse_group groups (TorchRec's DMPCollection layout), synced every step. 0: one group."""
     dp: int = -1
     """Data-parallel degree of the dense side; -1: the ranks that tp leaves (num_workers / tp)."""
     tp: int = 1
@@ -83,6 +86,16 @@ def validate_parallel(cfg: ParallelConfig, table_names: list[str], embedding_dim
     if cfg.data_parallel not in ("ddp", "fsdp"):
         raise ValueError(f"parallel.data_parallel={cfg.data_parallel!r}: use 'ddp' or 'fsdp'")
     dp, tp = dense_degrees(cfg, cfg.num_workers)
+    if cfg.sparse_group:
+        k, w = cfg.sparse_group, cfg.num_workers
+        if k < 1 or w % k or k == w:
+            raise ValueError(
+                f"parallel.sparse_group({k}): must divide parallel.num_workers({w}) into 2 or more groups "
+                f"(num_workers % sparse_group = {w % k if k >= 1 else '-'}); 0 shards over all ranks"
+            )
+        if tp > 1:
+            raise ValueError(f"parallel.sparse_group({k}) with parallel.tp({tp}) > 1: 2D sparse and tensor parallel "
+                             "do not combine yet; choose one")
     if tp > 1 and cfg.data_parallel != "fsdp":
         raise ValueError(
             f"parallel.tp({tp}) > 1 with parallel.data_parallel=ddp: DDP does not compose with tensor parallel; "

@@ -8,6 +8,9 @@
 3. data parallel over "dp": DDP (DMP wraps the dense modules), or FSDP2 `fully_shard` on the dense
    blocks and then the dense root.
 
+With parallel.sparse_group = k, step 1 shards tables within groups of k ranks and replicates them across
+the groups (parallel/sparse2d.py), the optimizer syncing the replicas after every step.
+
 Gradient scale: DDP averages dense gradients over ranks, and TorchRec's output dist averages the
 gradients of sharded tables the same way (measured: tests/distributed/test_equivalence.py), so N ranks
 train like one process on the global batch with no correction.
@@ -33,6 +36,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from parallel.config import ParallelConfig
 from parallel.mesh import build_mesh
 from parallel.plan import make_plan, plan_rows, sharders
+from parallel.sparse2d import ReplicaSync, SyncedOptimizer, remap_plan, sparse_2d_env
 
 SPARSE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "rowwise_adagrad": RowWiseAdagrad,
@@ -91,10 +95,16 @@ def parallelize_dlrm(
     world_size = dist.get_world_size(pg) if dist.is_initialized() else 1
     mesh = build_mesh(cfg, device.type)
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[optim.sparse], model.sparse.parameters(), sparse_optimizer_kwargs(optim))
-    plan, est_ms = make_plan(model, cfg, world_size, pg if dist.is_initialized() else None)  # type: ignore[arg-type]
+    two_d = bool(cfg.sparse_group) and dist.is_initialized()
+    # 2D sparse: plan for one group of sparse_group ranks, then move it onto this rank's group.
+    plan, est_ms = make_plan(model, cfg, cfg.sparse_group if two_d else world_size, pg if dist.is_initialized() else None)  # type: ignore[arg-type]
+    env = None
+    if two_d:
+        env = sparse_2d_env(world_size, cfg.sparse_group, device.type)
+        remap_plan(plan, dist.get_rank(), world_size, cfg.sparse_group, device.type)
     ddp = cfg.data_parallel == "ddp"
     dmp = DistributedModelParallel(
-        module=model, device=device, plan=plan, sharders=sharders(), init_data_parallel=ddp  # type: ignore[arg-type]
+        module=model, device=device, plan=plan, sharders=sharders(), init_data_parallel=ddp, env=env  # type: ignore[arg-type]
     )
     dense = dmp.module.dense
     if mesh is not None and mesh["tp"].size() > 1:
@@ -116,6 +126,10 @@ def parallelize_dlrm(
         {k: v for k, v in unfused.items() if k not in replicated},
         lambda params: DENSE_OPTIMIZERS[optim.dense](params, lr=optim.dense_lr, weight_decay=optim.weight_decay),
     ))
+    if env is not None:
+        sync = ReplicaSync(dmp, env)
+        sync.broadcast()
+        return dmp, SyncedOptimizer(optimizers, sync), plan_rows(plan, est_ms)
     return dmp, CombinedOptimizer(optimizers), plan_rows(plan, est_ms)
 
 
@@ -147,6 +161,7 @@ def load_full_state(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
     from torch.distributed.tensor import DTensor
+    from torchrec.distributed.shards_wrapper import LocalShardsWrapper
 
     for key, dst in model.state_dict().items():
         if key not in full:
@@ -156,6 +171,10 @@ def load_full_state(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
             for shard in dst.local_shards():
                 region = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True))
                 shard.tensor.copy_(src[region])
+        elif isinstance(dst, DTensor) and isinstance(dst.to_local(), LocalShardsWrapper):  # 2D sparse tables
+            wrapper = dst.to_local()
+            for t, offsets in zip(wrapper.local_shards(), wrapper.local_offsets(), strict=True):  # type: ignore[attr-defined]
+                t.copy_(src[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape, strict=True))])
         elif isinstance(dst, DTensor):
             local = dst.to_local()
             offsets = _dtensor_offsets(dst)

@@ -2,58 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
-
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture()
-def head_node() -> Iterator[tuple[str, Path]]:
-    temp = Path(tempfile.mkdtemp(prefix="adsfm-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    port = free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-           "--temp-dir", str(temp), "--include-dashboard", "false", "--disable-usage-stats"]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
-    try:
-        yield f"127.0.0.1:{port}", temp
-    finally:
-        # Stop this cluster by its own processes (they name its temp dir), never with a machine-wide `ray stop`.
-        _stop(_pids_naming(str(temp)))
-
-
-def _pids_naming(text: str) -> list[int]:
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text.encode() in cmdline.read_bytes():
-                pids.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return [p for p in pids if p != os.getpid()]
-
-
-def _stop(pids: list[int]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.time() + 15
-        while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-            time.sleep(0.2)
+# head_node: tests/integration/conftest.py (shared with test_submit.py)
 
 
 def test_train_job_runs_on_a_cluster_by_address(head_node: tuple[str, Path], small_cfg: object, tmp_path: Path) -> None:
