@@ -23,6 +23,8 @@ class TableConstraint:
     """'fused' or 'dense'; None lets the planner choose."""
     column_split: int | None = None
     """Column width of each shard for column_wise sharding."""
+    cache_load_factor: float | None = None
+    """On CUDA with the fused_uvm_caching kernel: the share of the table's rows cached in GPU memory."""
 
 
 @dataclass
@@ -42,6 +44,8 @@ class ParallelConfig:
     """Sharding types the planner may choose from for every table."""
     column_split: int | None = None
     """Column width of each shard for column-wise types, for tables without their own column_split."""
+    memory_per_rank_gb: float | None = None
+    """Planner storage limit per rank (GPU memory on CUDA, host memory on CPU); None: the planner's default."""
     tables: dict[str, TableConstraint] = field(default_factory=dict)
     """Per-table constraints, keyed by table name."""
     data_parallel: str = "ddp"

@@ -9,7 +9,7 @@ from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.stats import NoopEmbeddingStats
-from torchrec.distributed.types import ModuleSharder, ShardingPlan
+from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from parallel.config import ParallelConfig
@@ -55,12 +55,17 @@ def make_plan(model: nn.Module, cfg: ParallelConfig, world_size: int, pg: dist.P
             sharding_types=list(cfg.tables[t].sharding_types if t in cfg.tables and cfg.tables[t].sharding_types else cfg.sharding_types),
             compute_kernels=[cfg.tables[t].compute_kernel] if t in cfg.tables and cfg.tables[t].compute_kernel else None,
             min_partition=(cfg.tables[t].column_split if t in cfg.tables else None) or cfg.column_split,
+            cache_params=CacheParams(load_factor=cfg.tables[t].cache_load_factor)
+            if t in cfg.tables and cfg.tables[t].cache_load_factor is not None else None,
         )
         for t in tables
     }
     stats = CostCapture()  # instead of TorchRec's long report: we print our own, shorter table
+    limit: dict[str, int] = {}
+    if cfg.memory_per_rank_gb is not None:
+        limit["hbm_cap" if cfg.device == "cuda" else "ddr_cap"] = int(cfg.memory_per_rank_gb * 1024**3)
     planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world_size, compute_device=cfg.device),
+        topology=Topology(world_size=world_size, compute_device=cfg.device, **limit),  # type: ignore[arg-type]
         constraints=constraints,
         stats=stats,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,83 @@ def save_checkpoint(
         (partial / STATE_FILE).write_text(json.dumps(state or {}))
     _barrier()
     if _rank() == 0:
-        if directory.exists():
-            shutil.rmtree(directory)
-        partial.rename(directory)
-        if keep > 0:
-            for old in complete_checkpoints(directory.parent)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        _publish(partial, directory, keep)
     _barrier()
     return directory
+
+
+class AsyncCheckpointer:
+    """Checkpoints written in the background while training goes on (`train.async_checkpoint`).
+
+    `save` copies the state into fresh CPU tensors (so later steps do not change what is written) and
+    returns; a thread writes it with DCP over a process group of its own, so its collectives never
+    interleave with training's. A checkpoint is published -- `state.json` added, `.partial` renamed -- by
+    the next `save` or by `wait`, once every rank's writes are done: the same guarantee as
+    `save_checkpoint`, that only complete checkpoints are visible. (DCP's own async_save cannot stage
+    TorchRec's ShardedTensors.)
+    """
+
+    def __init__(self) -> None:
+        self.pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adsfm-ckpt")
+        self.pending: tuple[Future[Any], Path, Path, str, int] | None = None
+
+    def save(self, model: nn.Module, directory: Path, optimizer: torch.optim.Optimizer | None = None,
+             state: dict[str, Any] | None = None, keep: int = 0) -> None:
+        self.wait()
+        partial = directory.with_name(directory.name + ".partial")
+        if _rank() == 0 and partial.exists():
+            shutil.rmtree(partial)
+        _barrier()
+        payload: dict[str, Any] = {"model": model.state_dict()}
+        if optimizer is not None:
+            payload["optim"] = optimizer.state_dict()
+        staged = _stage(payload)
+        future = self.pool.submit(
+            dcp.save, staged, checkpoint_id=str(partial), process_group=self.pg, no_dist=not dist.is_initialized()
+        )
+        self.pending = (future, partial, directory, json.dumps(state or {}), keep)
+
+    def wait(self) -> Path | None:
+        """Finish and publish the checkpoint in flight; returns its directory."""
+        if self.pending is None:
+            return None
+        future, partial, directory, state, keep = self.pending
+        self.pending = None
+        future.result()
+        _barrier()
+        if _rank() == 0:
+            (partial / STATE_FILE).write_text(state)
+            _publish(partial, directory, keep)
+        _barrier()
+        return directory
+
+
+def _stage(obj: Any) -> Any:
+    """A copy of a (sharded) state dict that later in-place updates do not touch."""
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+
+    if isinstance(obj, ShardedTensor):
+        shards = [Shard(tensor=s.tensor.detach().clone(), metadata=s.metadata) for s in obj.local_shards()]
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            shards, obj.metadata(), process_group=obj._process_group
+        )
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _stage(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_stage(v) for v in obj)
+    return obj
+
+
+def _publish(partial: Path, directory: Path, keep: int) -> None:
+    if directory.exists():
+        shutil.rmtree(directory)
+    partial.rename(directory)
+    if keep > 0:
+        for old in complete_checkpoints(directory.parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

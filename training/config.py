@@ -171,6 +171,9 @@ class TrainConfig:
     """Show a progress bar on rank 0."""
     checkpoint_every: int = 0
     """Also checkpoint every N steps (0: only at the end). A restarted job resumes from the newest one."""
+    async_checkpoint: bool = False
+    """Write periodic checkpoints in the background (staged to CPU memory first); each is published once
+    complete, by the next checkpoint or the end of training."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept in the run directory (0: all)."""
     max_failures: int = 1

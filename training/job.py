@@ -14,7 +14,7 @@ from parallel.config import dense_degrees, validate_parallel
 from parallel.shard import check_dlrm_tp
 from training.config import AdsfmConfig
 from training.data import data_fingerprint, load_features
-from training.models.dlrm import DLRMDense, table_configs
+from training.models.dlrm import DLRMDense, DLRMRanker, table_configs
 from training.sweep import PARENT_ENV
 from training.tracking import ensure_experiment, tracking_uri
 
@@ -50,9 +50,38 @@ def validate(cfg: AdsfmConfig) -> dict[str, Any]:
     validate_parallel(p, tables, cfg.model.embedding_dim, t.sparse_optimizer)
     DLRMDense(len(fs.spec["dense"]), len(fs.spec["sparse"]), cfg.model)  # raises on inconsistent sizes
     check_dlrm_tp(list(cfg.model.over_arch), dense_degrees(p, p.num_workers)[1])
+    check_plan(DLRMRanker(fs.spec, cfg.model, device="meta"), p)
     if cfg.data.source != "criteo" and len(fs.train_idx) < t.batch_size:
         raise ValueError(f"train.batch_size({t.batch_size}) > training rows({len(fs.train_idx)})")
     return fs.spec
+
+
+def check_plan(model: Any, p: Any) -> None:
+    """Plan here, as the workers will, so tables that fit nowhere fail before any worker starts."""
+    import logging
+
+    from torchrec.distributed.planner.types import PlannerError
+
+    from parallel.plan import make_plan
+
+    ranks = p.sparse_group or p.num_workers
+    # The planner's warnings (a hand-built topology) and its error dump are for workers' logs, not users.
+    loggers = [logging.getLogger(n) for n in ("torchrec.distributed.planner", "MethodLogger-NullHandler")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        make_plan(model, p, ranks, None)
+    except PlannerError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(
+            f"parallel: the planner places the tables on no layout of {ranks} rank(s) with "
+            f"parallel.sharding_types={list(p.sharding_types)}, memory_per_rank_gb={p.memory_per_rank_gb}: {first}; "
+            "allow more sharding types, more workers or more memory per rank"
+        ) from None
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:

@@ -23,13 +23,24 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch)
     return float(loss.detach())
 
 
-def global_mean(value: float) -> float:
-    """Mean over ranks (equal slices, so this is the global batch's mean loss)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
+class LossMeter:
+    """Per-step losses of the global batch, all-reduced in one collective per `flush` rather than one per
+    step (a tiny all-reduce per step cost adsfm 4% of its throughput on 2 gloo ranks)."""
+
+    def __init__(self) -> None:
+        self.pending: list[float] = []
+
+    def add(self, local_loss: float) -> None:
+        self.pending.append(local_loss)
+
+    def flush(self) -> list[float]:
+        """The global-batch mean loss of every step added since the last flush, in order."""
+        out, self.pending = self.pending, []
+        if not out or not dist.is_initialized() or dist.get_world_size() == 1:
+            return out
+        t = torch.tensor(out, dtype=torch.float64)
+        dist.all_reduce(t)
+        return (t / dist.get_world_size()).tolist()
 
 
 def all_ranks(flag: bool) -> bool:

@@ -17,10 +17,10 @@ from tqdm import tqdm
 from parallel.mesh import data_coords
 from parallel.plan import format_plan
 from parallel.shard import OptimConfig, parallelize_dlrm
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import AsyncCheckpointer, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import AdsfmConfig
 from training.data import load_features
-from training.loop import evaluate, global_mean, train_step
+from training.loop import LossMeter, evaluate, train_step
 from training.models.dlrm import DLRMRanker
 from training.stream import train_source
 
@@ -82,23 +82,30 @@ def train_worker(config: dict[str, Any]) -> None:
     bar = tqdm(total=total or None, initial=step, desc="train", disable=rank != 0 or not t.progress, mininterval=2.0)
     t0 = time.time()
     steps_run = 0
+    meter = LossMeter()
+    saver = AsyncCheckpointer() if t.async_checkpoint else None
     while epoch < t.epochs and not (total and step >= total):
         # The same sample order per epoch on every run: a resumed run skips the batches it already took.
         coords = data_coords()  # tensor-parallel peers take the same rows
         for batch in source.epoch(epoch, coords.dp_rank, coords.dp, skip=epoch_step):
-            loss = global_mean(train_step(dmp, optimizer, batch))
-            losses.append(loss)
+            meter.add(train_step(dmp, optimizer, batch))
             step += 1
             epoch_step += 1
             steps_run += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if client is not None and (step % t.log_every == 0 or step == total):
-                client.log_metric(config["run_id"], "train_loss", loss, step=step)
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step != total:
+            checkpoint = bool(t.checkpoint_every) and step % t.checkpoint_every == 0 and step != total
+            if step % t.log_every == 0 or step == total or checkpoint:  # the same steps on every rank
+                losses.extend(meter.flush())
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if client is not None:
+                    client.log_metric(config["run_id"], "train_loss", losses[-1], step=step)
+            if checkpoint and saver is not None:
+                saver.save(dmp, run_dir / "checkpoints" / f"step_{step}", optimizer, position(), keep=t.keep_checkpoints)
+            elif checkpoint:
                 save_checkpoint(dmp, run_dir / "checkpoints" / f"step_{step}", optimizer, position(), keep=t.keep_checkpoints)
             if step == total:
                 break
+        losses.extend(meter.flush())
         metrics = evaluate(dmp, fs, fs.holdout_idx, t.eval_batch_size)
         history.append({"epoch": epoch, "step": step, **metrics})
         if client is not None:
@@ -111,6 +118,8 @@ def train_worker(config: dict[str, Any]) -> None:
     if not history:
         raise RuntimeError("no training step ran: the training data yields no full batch (data.stream.paths, train.batch_size)")
     bar.close()
+    if saver is not None:
+        saver.wait()
     elapsed = time.time() - t0
     ckpt = save_checkpoint(dmp, run_dir / "checkpoints" / f"step_{step}", optimizer, position(), keep=t.keep_checkpoints)
     final = history[-1]

@@ -38,7 +38,7 @@ def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, 
     from training.checkpoint import save_checkpoint
     from training.data import load_features
     from training.job import as_config
-    from training.loop import global_mean, train_step
+    from training.loop import LossMeter, train_step
     from training.models.dlrm import DLRMRanker
     from training.worker import optim_config
 
@@ -49,9 +49,10 @@ def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, 
     load_full_state(dmp, torch.load(init_path))
     c = data_coords()  # tensor-parallel peers take the same rows
     local = BATCH // c.dp
-    losses = []
+    meter = LossMeter()
     for rows in _batches(fs.train_idx):
-        losses.append(global_mean(train_step(dmp, opt, fs.take(rows[c.dp_rank * local : (c.dp_rank + 1) * local]))))
+        meter.add(train_step(dmp, opt, fs.take(rows[c.dp_rank * local : (c.dp_rank + 1) * local])))
+    losses = meter.flush()
     save_checkpoint(dmp, Path(out_dir) / "ckpt", opt)
     if rank == 0:
         (Path(out_dir) / "losses.json").write_text(json.dumps(losses))

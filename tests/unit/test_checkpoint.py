@@ -64,3 +64,27 @@ def test_resume_continues_the_same_trajectory(small_cfg: Any, features: Any, tmp
     assert load_checkpoint(model, tmp_path / "step_10", opt) == {"step": 10}
     second = [train_step(model, opt, features.take(b)) for b in batches[10:]]
     assert first + second == pytest.approx(straight, abs=1e-7)
+
+
+def test_async_checkpoint_holds_the_state_at_save_and_publishes_when_complete(
+    trained: dict[str, Any], small_cfg: Any, features: Any, tmp_path: Path
+) -> None:
+    import copy
+
+    from training.checkpoint import AsyncCheckpointer, latest_checkpoint, load_into_unsharded
+    from training.models.dlrm import DLRMRanker
+
+    model = copy.deepcopy(trained["model"])
+    at_save = {k: v.clone() for k, v in model.state_dict().items()}
+    saver = AsyncCheckpointer()
+    saver.save(model, tmp_path / "step_10", state={"step": 10})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # training goes on while the checkpoint is written
+    assert latest_checkpoint(tmp_path) is None  # nothing is visible before it is published
+    assert saver.wait() == tmp_path / "step_10" and latest_checkpoint(tmp_path) == tmp_path / "step_10"
+    assert (tmp_path / "step_10" / "state.json").read_text() == '{"step": 10}'
+    restored = DLRMRanker(features.spec, small_cfg.model, device="cpu")
+    load_into_unsharded(restored, tmp_path / "step_10")
+    for k, want in at_save.items():
+        torch.testing.assert_close(restored.state_dict()[k], want, msg=lambda m, k=k: f"{k}: {m}")

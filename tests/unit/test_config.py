@@ -65,6 +65,10 @@ def test_bad_layout_is_refused_with_the_arithmetic(small_cfg: Any) -> None:
     with pytest.raises(ValueError, match=r"column_split\(8\) < model.embedding_dim\(16\) and train.sparse_optimizer=rowwise_adagrad"):
         validate(cfg)  # type: ignore[arg-type]
     validate(OmegaConf.merge(cfg, {"train": {"sparse_optimizer": "adagrad"}}))  # type: ignore[arg-type]
+    cfg = OmegaConf.merge(small_cfg, {"parallel": {"memory_per_rank_gb": 0.00001}})  # 10 KiB: the item table alone is 100
+    with pytest.raises(ValueError, match=r"the planner places the tables on no layout of 1 rank.*memory_per_rank_gb=1e-05"):
+        validate(cfg)  # type: ignore[arg-type]
+    validate(OmegaConf.merge(cfg, {"parallel": {"memory_per_rank_gb": 1.0}}))  # type: ignore[arg-type]
     cfg = OmegaConf.merge(small_cfg, {"parallel": {"sharding_types": ["grid_shard"]}})
     with pytest.raises(ValueError, match="grid_shard.*cannot run on device=cpu"):
         validate(cfg)  # type: ignore[arg-type]
