@@ -14,10 +14,8 @@ hashed table rows for every line):
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import result, write  # noqa: E402
 
 BATCH = 2048
 
@@ -129,13 +129,7 @@ def run(rows: int, quick: bool) -> dict[str, Any]:
         print(f"{name:<34} {w:>7} {n:>10,} {rate:>10,.0f}")
     print(f"\nadsfm vs naive (tsv, 1 worker): {ratios['adsfm_vs_naive_rows_per_s']:.1f}x; "
           f"2 workers vs 1: {ratios['two_workers_vs_one']:.2f}x (this machine has {os.cpu_count()} cores)")
-    return {
-        "bench": "data",
-        "machine": {"cpus": os.cpu_count(), "gpu": None, "platform": platform.platform(), "python": platform.python_version()},
-        "config": {"rows": rows, "quick": quick, "batch": BATCH, "hash_buckets": 1_000_000, "format": "criteo 13 int + 26 cat"},
-        "values": values,
-        "ratios": ratios,
-    }
+    return result("data", {"rows": rows, "quick": quick, "batch": BATCH, "hash_buckets": 1_000_000, "format": "criteo 13 int + 26 cat"}, values, ratios)
 
 
 def main() -> None:
@@ -145,10 +139,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the figures as JSON")
     args = ap.parse_args()
     rows = args.rows or (200_000 if args.quick else 1_000_000)
-    result = run(rows, args.quick)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+    res = run(rows, args.quick)
+    write(res, args.out)
 
 
 if __name__ == "__main__":

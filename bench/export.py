@@ -10,9 +10,7 @@ precision, and measure table bytes, export time, holdout AUC of the bundle and i
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +21,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # `python bench/export.py` puts bench/ first on sys.path, where this file would shadow the export package.
 sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import result, write  # noqa: E402
 
 
 def run(quick: bool, dims: list[int]) -> dict[str, Any]:
@@ -91,13 +91,7 @@ def run(quick: bool, dims: list[int]) -> dict[str, Any]:
         print(f"{dim:>4} {prec:<9} {b:>12,.0f} {ratio:>7.2f}x {ex:>9.2f} {auc:>7.4f} {drop:>+9.5f} {p50:>7.2f} {p99:>7.2f}")
     print(f"(drop = fp32 bundle AUC - this bundle's AUC on the {len(load_features(cfg.data).holdout_idx)} holdout rows; "
           f"first dim {d0} is the shipped model; latency: 1 user x 100 candidates in-process)")
-    return {
-        "bench": "export",
-        "machine": {"cpus": os.cpu_count(), "gpu": None, "platform": platform.platform(), "python": platform.python_version()},
-        "config": {"quick": quick, "dims": dims, "epochs": epochs, "data": "movielens-100k", "model": "dlrm"},
-        "values": values,
-        "ratios": ratios,
-    }
+    return result("export", {"quick": quick, "dims": dims, "epochs": epochs, "data": "movielens-100k", "model": "dlrm"}, values, ratios)
 
 
 def main() -> None:
@@ -106,10 +100,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the figures as JSON")
     ap.add_argument("--dims", default="16,64", help="embedding dims to measure; the first is the shipped model's")
     args = ap.parse_args()
-    result = run(args.quick, [int(d) for d in args.dims.split(",")])
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+    res = run(args.quick, [int(d) for d in args.dims.split(",")])
+    write(res, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+
+from bench.common import result, write  # noqa: E402
 
 
 def _batches(a: argparse.Namespace, world: int, rank: int) -> list[Any]:
@@ -247,13 +248,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     print()
     for k, v in ratios.items():
         print(f"{k:<28} {v:.3f}")
-    return {
-        "bench": "train",
-        "machine": {"cpus": os.cpu_count(), "gpu": None, "platform": platform.platform(), "python": platform.python_version()},
-        "config": {k: getattr(a, k) for k in ("tables", "rows", "dim", "batch", "steps", "warmup", "rounds", "quick")},
-        "values": values,
-        "ratios": ratios,
-    }
+    return result("train", {k: getattr(a, k) for k in ("tables", "rows", "dim", "batch", "steps", "warmup", "rounds", "quick")}, values, ratios)
 
 
 def main() -> None:
@@ -273,10 +268,8 @@ def main() -> None:
     a.rows = a.rows or (20_000 if a.quick else 100_000)
     a.steps = a.steps or (10 if a.quick else 60)
     a.loops = a.loops.split(",")
-    result = run(a)
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {a.out}")
+    res = run(a)
+    write(res, a.out)
 
 
 if __name__ == "__main__":

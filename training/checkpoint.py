@@ -36,13 +36,7 @@ def save_checkpoint(
     state: dict[str, Any] | None = None, keep: int = 0,
 ) -> Path:
     """Save model (and optimizer) shards from every rank; publish atomically; keep the newest `keep`."""
-    partial = directory.with_name(directory.name + ".partial")
-    if _rank() == 0 and partial.exists():
-        shutil.rmtree(partial)
-    _barrier()
-    payload: dict[str, Any] = {"model": model.state_dict()}
-    if optimizer is not None:
-        payload["optim"] = optimizer.state_dict()
+    partial, payload = _begin(model, directory, optimizer)
     dcp.save(payload, checkpoint_id=str(partial))
     if _rank() == 0:
         (partial / STATE_FILE).write_text(json.dumps(state or {}))
@@ -72,13 +66,7 @@ class AsyncCheckpointer:
     def save(self, model: nn.Module, directory: Path, optimizer: torch.optim.Optimizer | None = None,
              state: dict[str, Any] | None = None, keep: int = 0) -> None:
         self.wait()
-        partial = directory.with_name(directory.name + ".partial")
-        if _rank() == 0 and partial.exists():
-            shutil.rmtree(partial)
-        _barrier()
-        payload: dict[str, Any] = {"model": model.state_dict()}
-        if optimizer is not None:
-            payload["optim"] = optimizer.state_dict()
+        partial, payload = _begin(model, directory, optimizer)
         staged = _stage(payload)
         future = self.pool.submit(
             dcp.save, staged, checkpoint_id=str(partial), process_group=self.pg, no_dist=not dist.is_initialized()
@@ -116,6 +104,18 @@ def _stage(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(_stage(v) for v in obj)
     return obj
+
+
+def _begin(model: nn.Module, directory: Path, optimizer: torch.optim.Optimizer | None) -> tuple[Path, dict[str, Any]]:
+    """A clean `<dir>.partial` on every rank, and the state to write into it."""
+    partial = directory.with_name(directory.name + ".partial")
+    if _rank() == 0 and partial.exists():
+        shutil.rmtree(partial)
+    _barrier()
+    payload: dict[str, Any] = {"model": model.state_dict()}
+    if optimizer is not None:
+        payload["optim"] = optimizer.state_dict()
+    return partial, payload
 
 
 def _publish(partial: Path, directory: Path, keep: int) -> None:

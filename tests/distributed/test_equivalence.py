@@ -29,23 +29,30 @@ def _batches(n_rows: np.ndarray) -> list[np.ndarray]:
     return [rng.choice(n_rows, size=BATCH, replace=False) for _ in range(STEPS)]
 
 
-def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, out_dir: str) -> None:
+def _rank_setup(rank: int, world: int, port: int, cfg_yaml: str) -> tuple[Any, Any, Any, Any]:
+    """Join the gloo group and build the layout's model as the Ray worker does: (cfg, features, model, optimizer)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    from parallel.mesh import data_coords
-    from parallel.shard import load_full_state, parallelize_dlrm
-    from training.checkpoint import save_checkpoint
+    from parallel.shard import parallelize_dlrm
     from training.data import load_features
     from training.job import as_config
-    from training.loop import LossMeter, train_step
     from training.models.dlrm import DLRMRanker
     from training.worker import optim_config
 
     cfg = as_config(OmegaConf.create(cfg_yaml))
     fs = load_features(cfg.data)
-    model = DLRMRanker(fs.spec, cfg.model, device="meta")
-    dmp, opt, _ = parallelize_dlrm(model, cfg.parallel, optim_config(cfg), torch.device("cpu"))
+    dmp, opt, _ = parallelize_dlrm(DLRMRanker(fs.spec, cfg.model, device="meta"), cfg.parallel, optim_config(cfg), torch.device("cpu"))
+    return cfg, fs, dmp, opt
+
+
+def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, out_dir: str) -> None:
+    from parallel.mesh import data_coords
+    from parallel.shard import load_full_state
+    from training.checkpoint import save_checkpoint
+    from training.loop import LossMeter, train_step
+
+    cfg, fs, dmp, opt = _rank_setup(rank, world, port, cfg_yaml)
     load_full_state(dmp, torch.load(init_path))
     c = data_coords()  # tensor-parallel peers take the same rows
     local = BATCH // c.dp
@@ -158,20 +165,10 @@ def test_sharded_training_matches_single_process(
 
 def _rank_reload(rank: int, world: int, port: int, cfg_yaml: str, ckpt: str, out_dir: str) -> None:
     """Load `ckpt` (written under another layout) into this layout, evaluate the holdout, save again."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    from parallel.shard import parallelize_dlrm
     from training.checkpoint import load_checkpoint, save_checkpoint
-    from training.data import load_features
-    from training.job import as_config
     from training.loop import evaluate
-    from training.models.dlrm import DLRMRanker
-    from training.worker import optim_config
 
-    cfg = as_config(OmegaConf.create(cfg_yaml))
-    fs = load_features(cfg.data)
-    dmp, opt, _ = parallelize_dlrm(DLRMRanker(fs.spec, cfg.model, device="meta"), cfg.parallel, optim_config(cfg), torch.device("cpu"))
+    _, fs, dmp, opt = _rank_setup(rank, world, port, cfg_yaml)
     opt.init_state()
     load_checkpoint(dmp, Path(ckpt), opt)
     metrics = evaluate(dmp, fs, fs.holdout_idx, 4096)

@@ -69,6 +69,18 @@ def test_bad_layout_is_refused_with_the_arithmetic(small_cfg: Any) -> None:
     with pytest.raises(ValueError, match=r"the planner places the tables on no layout of 1 rank.*memory_per_rank_gb=1e-05"):
         validate(cfg)  # type: ignore[arg-type]
     validate(OmegaConf.merge(cfg, {"parallel": {"memory_per_rank_gb": 1.0}}))  # type: ignore[arg-type]
+    cfg = OmegaConf.merge(small_cfg, {"parallel": {"dp": 2, "tp": 2, "num_workers": 3, "data_parallel": "fsdp"}})
+    with pytest.raises(ValueError, match=r"parallel.dp\(2\) \* parallel.tp\(2\) = 4 != parallel.num_workers\(3\)"):
+        validate(cfg)  # type: ignore[arg-type]
+    cfg = OmegaConf.merge(small_cfg, {"parallel": {"tp": 2, "num_workers": 4}})
+    with pytest.raises(ValueError, match=r"parallel.tp\(2\) > 1 with parallel.data_parallel=ddp.*use parallel.data_parallel=fsdp"):
+        validate(cfg)  # type: ignore[arg-type]
+    cfg = OmegaConf.merge(small_cfg, {"parallel": {"tp": 3, "num_workers": 3, "data_parallel": "fsdp"}, "train": {"batch_size": 255}})
+    with pytest.raises(ValueError, match=r"parallel.tp\(3\) splits model.over_arch\[0\]\(128\)"):
+        validate(cfg)  # type: ignore[arg-type]
+    cfg = OmegaConf.merge(small_cfg, {"parallel": {"sparse_group": 3, "num_workers": 4}})
+    with pytest.raises(ValueError, match=r"parallel.sparse_group\(3\): must divide parallel.num_workers\(4\)"):
+        validate(cfg)  # type: ignore[arg-type]
     cfg = OmegaConf.merge(small_cfg, {"parallel": {"sharding_types": ["grid_shard"]}})
     with pytest.raises(ValueError, match="grid_shard.*cannot run on device=cpu"):
         validate(cfg)  # type: ignore[arg-type]
