@@ -25,3 +25,11 @@ def write(res: dict[str, Any], out: Path | None) -> None:
     if out:
         out.write_text(json.dumps(res, indent=1))
         print(f"wrote {out}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from bench.common import result, write  # noqa: E402
+from bench.common import free_port, result, write  # noqa: E402
 
 
 def _batches(a: argparse.Namespace, world: int, rank: int) -> list[Any]:
@@ -211,14 +211,6 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, out: str) -> 
         Path(out).write_text(json.dumps(a.steps * a.batch / seconds))
     dist.barrier()
     os._exit(0)  # skip gloo teardown (a peer exiting first can abort the other)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:

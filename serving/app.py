@@ -1,4 +1,9 @@
-"""Thin Ray Serve wrapper: an HTTP ingress deployment around RankService, loading models:/NAME@ALIAS."""
+"""Thin Ray Serve wrapper: an HTTP ingress deployment around RankService, loading models:/NAME@ALIAS.
+
+Per request: validate and featurize (the user side from the replica's cache), then the dense graph runs
+on the candidates of several concurrent requests at once (@serve.batch), then the response. Each replica
+exposes Prometheus metrics at /metrics.
+"""
 
 # No `from __future__ import annotations` here: FastAPI must see real types on the ingress methods.
 
@@ -9,11 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve import Application
 
+from serving import limits, metrics
 from serving.config import ServeConfig
 from serving.ranker import FeatureError, Ranker
 from serving.schemas import Health, RankRequest, RankResponse
@@ -25,7 +33,13 @@ api = FastAPI(title="adsfm ranking API", version="1")
 
 @api.exception_handler(FeatureError)
 async def _feature_error(_request: Request, exc: FeatureError) -> JSONResponse:
+    metrics.REQUESTS.labels("422").inc()
     return JSONResponse(status_code=422, content={"detail": [{"loc": exc.field.split("."), "msg": str(exc)}]})
+
+
+@api.middleware("http")
+async def _limits(request: Request, call_next: Any) -> Response:
+    return limits.refusal(request) or await call_next(request)  # type: ignore[no-any-return]
 
 
 @serve.deployment
@@ -35,6 +49,10 @@ class RankerDeployment:
         self.cfg, self.tracking_uri = cfg, tracking_uri
         self.cache = Path(tempfile.mkdtemp(prefix="adsfm-serve-"))
         self.service = self._load()
+        self._score_batch.set_max_batch_size(cfg.batch_max_requests)  # type: ignore[attr-defined]
+        self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)  # type: ignore[attr-defined]
+        limits.SETTINGS["cfg"] = cfg  # for the middleware; one replica per process
+
         if cfg.reload_interval_s > 0:
             threading.Thread(target=self._follow_alias, daemon=True, name="adsfm-alias-watch").start()
 
@@ -45,7 +63,7 @@ class RankerDeployment:
             version, bundle = resolve(self.cfg.model_name, self.cfg.alias, self.tracking_uri, self.cache)
         else:
             bundle = download_version(self.cfg.model_name, version, self.tracking_uri, self.cache)
-        ranker = Ranker(bundle, self.cfg.intra_op_threads)
+        ranker = Ranker(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size)
         return RankService(ranker, self.cfg.model_name, version, self.cfg.max_candidates)
 
     def _follow_alias(self) -> None:
@@ -66,20 +84,73 @@ class RankerDeployment:
             except Exception:  # a registry hiccup must not kill the replica; keep serving what we have
                 logger.exception("adsfm: alias check failed; still serving version %s", self.service.model_version)
 
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
+    async def _score_batch(self, items: list[tuple[Ranker, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Concurrent requests' candidates through one dense-graph run per model version."""
+        metrics.BATCH.observe(len(items))
+        out: list[np.ndarray | None] = [None] * len(items)
+        by_ranker: dict[int, list[int]] = {}
+        for i, (ranker, _, _) in enumerate(items):
+            by_ranker.setdefault(id(ranker), []).append(i)  # a reload mid-batch: each request keeps its version
+        for idx in by_ranker.values():
+            for i, probs in zip(idx, items[idx[0]][0].run_many([(items[i][1], items[i][2]) for i in idx]), strict=True):
+                out[i] = probs
+        return out  # type: ignore[return-value]
+
     @api.post("/v1/rank")
-    def rank(self, req: RankRequest) -> RankResponse:
-        return self.service.rank(req)
+    async def rank(self, req: RankRequest) -> RankResponse:
+        service = self.service  # this request stays on this version even if the alias moves meanwhile
+        p = service.prepare(req)
+        scores = await self._score_batch((service.ranker, p.dense, p.emb))
+        res = service.respond(p, scores)
+        metrics.LATENCY.labels(service.model_version).observe(res.latency_ms / 1e3)
+        metrics.CANDIDATES.observe(len(req.candidates))
+        metrics.REQUESTS.labels("200").inc()
+        return res
 
     @api.get("/healthz")
     def healthz(self) -> Health:
         return self.service.health()
 
+    @api.get("/readyz")
+    def readyz(self) -> Health:
+        """Ready once a model version is loaded (the replica constructor loads one or fails)."""
+        return self.service.health()
+
+    @api.get("/metrics")
+    def metrics(self) -> PlainTextResponse:
+        info = self.service.ranker.user_cache_info()
+        metrics.CACHE.labels("hits").set(info.hits)
+        metrics.CACHE.labels("misses").set(info.misses)
+        metrics.CACHE.labels("size").set(info.currsize)
+        return PlainTextResponse(generate_latest().decode(), media_type=CONTENT_TYPE_LATEST)
+
 
 def build_app(cfg: ServeConfig, tracking_uri: str) -> Application:
-    """The typed app builder: one ranker deployment behind Ray Serve's HTTP proxy."""
+    """The typed app builder: one ranker deployment behind Ray Serve's HTTP proxy. min_replicas are
+    provisioned capacity; with max_replicas above it, Ray Serve adds replicas on demand when the ongoing
+    requests per replica pass target_ongoing_requests."""
+    scaling: dict[str, Any] = {"num_replicas": cfg.num_replicas}
+    if cfg.max_replicas > max(cfg.min_replicas, 1):
+        scaling = {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                                          "target_ongoing_requests": cfg.target_ongoing_requests}}
     return RankerDeployment.options(  # type: ignore[attr-defined]
-        num_replicas=cfg.num_replicas, max_ongoing_requests=cfg.max_ongoing_requests
+        max_ongoing_requests=cfg.max_ongoing_requests, **scaling
     ).bind(cfg, tracking_uri)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """`serve run launch/serve.yaml`: the app from a Serve config file's `args` (ServeConfig fields and
+    `tracking_uri`); unknown keys fail here, with their names."""
+    args = dict(args)
+    tracking_uri = args.pop("tracking_uri", None)
+    if not tracking_uri:
+        raise ValueError("serve config args.tracking_uri is required (e.g. sqlite:////abs/path/runs/mlflow.db)")
+    known = set(ServeConfig.__dataclass_fields__)
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"serve config args: unknown keys {unknown}; known: {sorted(known)}")
+    return build_app(ServeConfig(**args), tracking_uri)
 
 
 def start(cfg: ServeConfig, tracking_uri: str, name: str = "adsfm") -> str:

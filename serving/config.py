@@ -16,6 +16,13 @@ class ServeConfig:
     alias: str = "champion"
     """Registry alias the replicas load."""
     num_replicas: int = 1
+    """Replicas when not autoscaling."""
+    min_replicas: int = 1
+    """Autoscaling (when max_replicas > min_replicas): provisioned replicas."""
+    max_replicas: int = 1
+    """Autoscaling: replicas added on demand up to this many."""
+    target_ongoing_requests: float = 8.0
+    """Autoscaling: ongoing requests per replica that Ray Serve aims for."""
     max_ongoing_requests: int = 64
     """Ray Serve's default (5) collapses a replica under 32 concurrent clients."""
     max_candidates: int = 2000
@@ -24,3 +31,13 @@ class ServeConfig:
     """ONNX Runtime threads per session."""
     reload_interval_s: float = 10.0
     """How often replicas check the alias and switch to the version it points at (0: never)."""
+    batch_max_requests: int = 16
+    """Concurrent requests whose candidates go through one run of the dense graph (@serve.batch)."""
+    batch_wait_ms: float = 1.0
+    """How long the first request of a batch waits for others."""
+    user_cache_size: int = 10_000
+    """Users whose looked-up user side is kept per replica (LRU, keyed by model version and features)."""
+    max_request_bytes: int = 1 << 20
+    """Larger request bodies are refused with 413."""
+    auth_token: str | None = None
+    """If set, /v1/ endpoints need `Authorization: Bearer <token>` (401 otherwise)."""

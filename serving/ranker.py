@@ -6,6 +6,7 @@ broadcast to the N candidates; only the item-side lookups and the dense graph ru
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,7 @@ def dequantize(arrays: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
 class Ranker:
     """Scores candidates for a user from a bundle directory (manifest.json, dense.onnx, tables)."""
 
-    def __init__(self, bundle: str | Path, intra_op_threads: int = 1) -> None:
+    def __init__(self, bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000) -> None:
         self.bundle = Path(bundle)
         self.manifest = Manifest.read(self.bundle)
         m = self.manifest
@@ -84,6 +85,16 @@ class Ranker:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(self.bundle / m.dense_graph.file), opts, providers=["CPUExecutionProvider"])
+        self._user_j = [j for j, f in enumerate(m.sparse) if f.side == "user"]
+        self._item_j = [j for j, f in enumerate(m.sparse) if f.side == "item"]
+        self._user_k = [k for k, d in enumerate(m.dense) if d.side == "user"]
+        self._item_k = [k for k, d in enumerate(m.dense) if d.side == "item"]
+        self._user_state = functools.lru_cache(maxsize=user_cache_size)(self._user_inputs)
+        # The item store's candidates, featurized once: a request naming only item ids gathers rows.
+        ids = list(self.item_store)
+        self._item_row = {i: r for r, i in enumerate(ids)}
+        key = m.item_column or ""
+        self._item_emb, self._item_dense = self._item_inputs([self.item_features({key: i}) for i in ids], list(range(len(ids))))
 
     # ------------------------------------------------------------------------------------ indexed path
 
@@ -106,6 +117,14 @@ class Ranker:
     def _run(self, dense: np.ndarray, emb: np.ndarray) -> np.ndarray:
         logits = self.session.run([self.manifest.dense_graph.output], {"dense": dense, "embeddings": emb})[0]
         return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+    def run_many(self, inputs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Several requests' inputs through one run of the dense graph (cross-request batching); each
+        request gets its own rows back. The graph is row-wise, so a row scores the same in any batch."""
+        if len(inputs) == 1:
+            return [self._run(*inputs[0])]
+        probs = self._run(np.concatenate([d for d, _ in inputs]), np.concatenate([e for _, e in inputs]))
+        return np.split(probs, np.cumsum([len(d) for d, _ in inputs])[:-1])
 
     # ---------------------------------------------------------------------------------- raw-value path
 
@@ -146,27 +165,67 @@ class Ranker:
 
     def score(self, user: dict[str, Any], items: list[dict[str, Any]]) -> np.ndarray:
         """Probabilities for each candidate; the user side is looked up and pooled once."""
+        if not items:
+            return np.zeros(0)
+        return self._run(*self.inputs(user, items))
+
+    def inputs(self, user: dict[str, Any], items: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """The dense graph's inputs (dense [N, K], pooled embeddings [N, F, D]) for one user x N items.
+
+        The user side comes from an LRU cache keyed by the user's feature values (this bundle is one model
+        version); candidates that send only an item id of the item store take precomputed rows."""
         m = self.manifest
         n = len(items)
-        if n == 0:
-            return np.zeros(0)
-        items = [self.item_features(it) for it in items]
         emb = np.empty((n, len(m.sparse), m.embedding_dim), dtype=np.float32)
-        for j, f in enumerate(m.sparse):
-            if f.side == "user":
-                rows = self.rows_of(f, user.get(f.name), f"user.{f.name}")
-                emb[:, j] = self.pool(f.table, Bag(rows, np.array([len(rows)])))[0]
-            else:
-                per = [self.rows_of(f, it.get(f.name), f"candidates[{i}].{f.name}") for i, it in enumerate(items)]
-                bag = Bag(np.concatenate(per) if per else np.zeros(0, np.int64), np.array([len(p) for p in per]))
-                emb[:, j] = self.pool(f.table, bag)
-        dense = np.zeros((n, len(m.dense)), dtype=np.float32)
-        for k, d in enumerate(m.dense):
-            if d.side == "user":
-                dense[:, k] = self._dense_value(d, user.get(d.name), f"user.{d.name}")
-            else:
-                dense[:, k] = [self._dense_value(d, it.get(d.name), f"candidates[{i}].{d.name}") for i, it in enumerate(items)]
-        return self._run(dense, emb)
+        dense = np.empty((n, len(m.dense)), dtype=np.float32)
+        user_emb, user_dense = self._user_state(json.dumps(user, sort_keys=True, default=str))
+        emb[:, self._user_j] = user_emb
+        dense[:, self._user_k] = user_dense
+        key = m.item_column or ""
+        stored = [i for i, it in enumerate(items) if len(it) == 1 and str(it.get(key)) in self._item_row] if key else []
+        if stored:
+            rows = [self._item_row[str(items[i][key])] for i in stored]
+            emb[np.ix_(stored, self._item_j)] = self._item_emb[rows]
+            dense[np.ix_(stored, self._item_k)] = self._item_dense[rows]
+        rest = sorted(set(range(n)) - set(stored))
+        if rest:
+            e, d = self._item_inputs([self.item_features(items[i]) for i in rest], rest)
+            emb[np.ix_(rest, self._item_j)] = e
+            dense[np.ix_(rest, self._item_k)] = d
+        return dense, emb
+
+    def _user_inputs(self, user_json: str) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled user-side embeddings [F_user, D] and standardised user-side dense values [K_user]."""
+        user = json.loads(user_json)
+        m = self.manifest
+        emb = np.zeros((len(self._user_j), m.embedding_dim), dtype=np.float32)
+        for col, j in enumerate(self._user_j):
+            f = m.sparse[j]
+            rows = self.rows_of(f, user.get(f.name), f"user.{f.name}")
+            emb[col] = self.pool(f.table, Bag(rows, np.array([len(rows)])))[0]
+        dense = np.array([self._dense_value(m.dense[k], user.get(m.dense[k].name), f"user.{m.dense[k].name}")
+                          for k in self._user_k], dtype=np.float32)
+        return emb, dense
+
+    def _item_inputs(self, items: list[dict[str, Any]], where: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled item-side embeddings [N, F_item, D] and dense values [N, K_item]; `where` numbers the
+        candidates in error messages."""
+        m = self.manifest
+        emb = np.zeros((len(items), len(self._item_j), m.embedding_dim), dtype=np.float32)
+        for col, j in enumerate(self._item_j):
+            f = m.sparse[j]
+            per = [self.rows_of(f, it.get(f.name), f"candidates[{w}].{f.name}") for w, it in zip(where, items, strict=True)]
+            bag = Bag(np.concatenate(per) if per else np.zeros(0, np.int64), np.array([len(p) for p in per]))
+            emb[:, col] = self.pool(f.table, bag)
+        dense = np.zeros((len(items), len(self._item_k)), dtype=np.float32)
+        for col, k in enumerate(self._item_k):
+            d = m.dense[k]
+            dense[:, col] = [self._dense_value(d, it.get(d.name), f"candidates[{w}].{d.name}") for w, it in zip(where, items, strict=True)]
+        return emb, dense
+
+    def user_cache_info(self) -> Any:
+        """functools' CacheInfo(hits, misses, maxsize, currsize) of the user-state cache."""
+        return self._user_state.cache_info()
 
     def featurize_columns(self, columns: dict[str, list[Any]]) -> tuple[np.ndarray, dict[str, Bag]]:
         """Raw values of many rows (feature name -> one value per row) → model inputs, vectorised per column.

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+
+import numpy as np
 
 from serving.ranker import FeatureError, Ranker
 from serving.schemas import Health, RankRequest, RankResponse, ScoredCandidate
+
+
+@dataclass
+class Prepared:
+    req: RankRequest
+    dense: np.ndarray
+    emb: np.ndarray
+    t0: float
 
 
 class RankService:
@@ -33,18 +44,27 @@ class RankService:
             if key and c.get(key) is None:
                 raise FeatureError(f"candidates[{i}].{key}", "is required")
 
-    def rank(self, req: RankRequest) -> RankResponse:
+    def prepare(self, req: RankRequest) -> Prepared:
+        """Validate and featurize: the dense graph's inputs for this request, ready to batch with others."""
         t0 = time.perf_counter()
         self.validate(req)
-        scores = self.ranker.score(dict(req.user), [dict(c) for c in req.candidates])
-        order = sorted(range(len(scores)), key=lambda i: -scores[i])
-        out = [ScoredCandidate(item=req.candidates[i], score=float(scores[i]), rank=r + 1) for r, i in enumerate(order)]
+        dense, emb = self.ranker.inputs(dict(req.user), [dict(c) for c in req.candidates])
+        return Prepared(req, dense, emb, t0)
+
+    def respond(self, p: Prepared, scores: np.ndarray) -> RankResponse:
+        order = np.argsort(-scores, kind="stable")
+        out = [ScoredCandidate(item=p.req.candidates[i], score=float(scores[i]), rank=r + 1) for r, i in enumerate(order)]
         return RankResponse(
             model_name=self.model_name,
             model_version=self.model_version,
             candidates=out,
-            latency_ms=(time.perf_counter() - t0) * 1e3,
+            latency_ms=(time.perf_counter() - p.t0) * 1e3,
         )
+
+    def rank(self, req: RankRequest) -> RankResponse:
+        """One request on its own (no cross-request batching)."""
+        p = self.prepare(req)
+        return self.respond(p, self.ranker.run_many([(p.dense, p.emb)])[0])
 
     def health(self) -> Health:
         return Health(status="ok", model_name=self.model_name, model_version=self.model_version)

@@ -24,7 +24,7 @@ def server(ray_cluster: None, serve_port: int, trained: dict[str, Any], tmp_path
     uri = f"sqlite:///{root / 'mlflow.db'}"
     exp = ensure_experiment(uri, "serve-test", str(root))
     log_and_register(trained["bundle"], "served", uri, run_id=None, experiment_id=exp)
-    cfg = ServeConfig(port=serve_port, model_name="served", max_candidates=100)
+    cfg = ServeConfig(port=serve_port, model_name="served", max_candidates=100, batch_wait_ms=20, max_request_bytes=200_000)
     url = app.start(cfg, uri, name="serve-test")
     yield url
     app.stop("serve-test")
@@ -96,3 +96,52 @@ def test_malformed_json_is_a_4xx_and_the_replica_survives(server: str) -> None:
     assert h.status_code == 200 and h.json()["status"] == "ok"
 
 
+
+
+def test_concurrent_requests_are_batched_and_score_as_alone(server: str) -> None:
+    """16 clients at once through the Python client: each gets the scores it gets alone, while the
+    replica ran some of their candidates through one dense-graph run (@serve.batch)."""
+    import threading
+
+    from serving.client import RankClient
+
+    client = RankClient(server)
+    users = [{"user_id": str(u), "history": [str(u + 1), str(u + 2)]} for u in range(1, 17)]
+    items = [{"item_id": str(i)} for i in range(1, 51)]
+    alone = [{c.item["item_id"]: c.score for c in client.rank(u, items).candidates} for u in users]
+
+    def batches() -> tuple[float, float]:
+        text = requests.get(f"{server}/metrics", timeout=30).text
+        count = float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("adsfm_batch_requests_count")))
+        total = float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("adsfm_batch_requests_sum")))
+        return count, total
+
+    before = batches()
+    got: list[dict[str, float]] = [{} for _ in users]
+    start = threading.Barrier(len(users))
+
+    def call(k: int) -> None:
+        start.wait()
+        got[k] = {c.item["item_id"]: c.score for c in RankClient(server).rank(users[k], items).candidates}
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(users))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(len(users)):
+        for item, score in alone[k].items():
+            assert abs(got[k][item] - score) <= 1e-6, (k, item)
+    after = batches()
+    runs, requests_scored = after[0] - before[0], after[1] - before[1]
+    assert requests_scored == len(users) and runs < len(users), f"{requests_scored} requests in {runs} dense-graph runs"
+
+
+def test_oversized_body_is_413_and_client_names_the_field(server: str) -> None:
+    from serving.client import RankClient, RankError
+
+    r = requests.post(f"{server}/v1/rank", data=b"x" * 300_000, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "max_request_bytes" in r.text
+    with pytest.raises(RankError) as e:
+        RankClient(server).rank({"user_id": "1"}, [{"item_id": "1", "colour": "red"}])
+    assert e.value.status == 422 and "colour" in str(e.value.detail)

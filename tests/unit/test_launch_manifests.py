@@ -226,3 +226,33 @@ def test_the_checks_catch_a_broken_cluster_config() -> None:
     typo["head_start_ray_comands"] = typo.pop("head_start_ray_commands")
     with pytest.raises(ManifestError, match="head_start_ray_comands"):
         check_cluster_yaml(typo, text)
+
+
+SERVE_YAML = ROOT / "launch" / "serve.yaml"
+
+
+def check_serve_config(doc: dict[str, Any]) -> Any:
+    """Ray Serve's own config schema, then our app builder on the args (no Ray cluster needed)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import app_builder
+
+    schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(doc)
+    (app_cfg,) = schema.applications
+    if app_cfg.import_path != "serving.app:app_builder":
+        raise ManifestError(f"serve.yaml: import_path {app_cfg.import_path!r} is not serving.app:app_builder")
+    if doc["http_options"]["host"] != "127.0.0.1":
+        raise ManifestError("serve.yaml: http_options.host must stay 127.0.0.1 in the shipped file")
+    try:
+        return app_builder(dict(app_cfg.args))
+    except (TypeError, ValueError) as e:
+        raise ManifestError(f"serve.yaml: {e}") from None
+
+
+def test_serve_run_config() -> None:
+    doc, _ = _load(SERVE_YAML)
+    check_serve_config(doc)
+    broken = yaml.safe_load(SERVE_YAML.read_text())
+    broken["applications"][0]["args"]["max_replica"] = 2
+    with pytest.raises(ManifestError, match=r"unknown keys \['max_replica'\]"):
+        check_serve_config(broken)

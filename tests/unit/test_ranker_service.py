@@ -52,3 +52,48 @@ def test_bad_requests_name_the_field(service: RankService, user: dict, candidate
     with pytest.raises(FeatureError) as e:
         service.rank(RankRequest(user=user, candidates=candidates))
     assert e.value.field == field
+
+
+def test_scores_do_not_depend_on_batching_or_caching(trained: dict[str, Any]) -> None:
+    """The same request alone, batched with others, from a cold and from a warm user cache."""
+    ranker = Ranker(trained["bundle"], user_cache_size=4)
+    svc = RankService(ranker, "m", "1", max_candidates=200)
+    req = RankRequest(user=USER, candidates=[{"item_id": str(i)} for i in range(1, 101)])
+    cold = svc.prepare(req)
+    assert ranker.user_cache_info().misses == 1 and ranker.user_cache_info().hits == 0
+    alone = ranker.run_many([(cold.dense, cold.emb)])[0]
+    warm = svc.prepare(req)
+    assert ranker.user_cache_info().hits == 1
+    np.testing.assert_array_equal(warm.dense, cold.dense)
+    np.testing.assert_array_equal(warm.emb, cold.emb)
+    others = [svc.prepare(RankRequest(user={"user_id": str(u), "history": [str(u + 1)]},
+                                      candidates=[{"item_id": str(i)} for i in range(u, u + 7 * u)])) for u in (1, 2, 3)]
+    batched = ranker.run_many([(o.dense, o.emb) for o in others[:2]] + [(warm.dense, warm.emb)] + [(others[2].dense, others[2].emb)])
+    assert [len(b) for b in batched] == [7, 14, 100, 21]
+    np.testing.assert_allclose(batched[2], alone, rtol=0, atol=1e-6)
+    # The precomputed item rows (a candidate naming only its id) equal the per-candidate path that a
+    # candidate sending its own item fields takes.
+    stored = ranker.item_store["50"]
+    via_store = ranker.score(USER, [{"item_id": "50"}])
+    via_fields = ranker.score(USER, [{"item_id": "50", **stored}])
+    np.testing.assert_allclose(via_store, via_fields, rtol=0, atol=1e-7)
+    assert ranker.score(USER, [{"item_id": "50", "release_year": 1950}])[0] != via_store[0]  # overrides are honoured
+
+
+def test_limits_and_auth_are_refused_with_4xx() -> None:
+    from starlette.requests import Request
+
+    from serving.config import ServeConfig
+    from serving.limits import refusal as _refusal
+
+    def request(path: str, headers: dict[str, str]) -> Request:
+        raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        return Request({"type": "http", "method": "POST", "path": path, "headers": raw, "query_string": b""})
+
+    cfg = ServeConfig(auth_token="s3cret", max_request_bytes=1000)
+    assert _refusal(request("/v1/rank", {}), cfg).status_code == 401  # type: ignore[union-attr]
+    assert _refusal(request("/v1/rank", {"authorization": "Bearer nope"}), cfg).status_code == 401  # type: ignore[union-attr]
+    ok = {"authorization": "Bearer s3cret"}
+    assert _refusal(request("/v1/rank", ok), cfg) is None
+    assert _refusal(request("/v1/rank", {**ok, "content-length": "5000"}), cfg).status_code == 413  # type: ignore[union-attr]
+    assert _refusal(request("/healthz", {}), cfg) is None  # probes need no token

@@ -1,0 +1,17 @@
+"""Prometheus metrics of a ranking replica, served at /metrics.
+
+A module of its own, used as `metrics.X` from serving/app.py: Ray pickles the ingress app by value, and
+metric objects pickled with it would be copies that the registry never sees; a module is pickled by
+reference, so the replica imports this one and registers its metrics once.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY = Histogram("adsfm_rank_latency_seconds", "Time in the replica per request", ["model_version"],
+                    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0))
+REQUESTS = Counter("adsfm_rank_requests", "Ranking requests by HTTP status", ["status"])
+BATCH = Histogram("adsfm_batch_requests", "Requests scored in one dense-graph run", buckets=(1, 2, 4, 8, 16, 32, 64))
+CANDIDATES = Histogram("adsfm_rank_candidates", "Candidates per request", buckets=(1, 10, 100, 500, 1000, 2000))
+CACHE = Gauge("adsfm_user_cache", "User-state cache counters of the serving version", ["kind"])
