@@ -33,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import free_port, result, write  # noqa: E402
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Before Ray is imported: otherwise Ray 2.60 may advertise the host's interface instead of 127.0.0.1.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def request_stream(cfg: Any, n_candidates: int, count: int, seed: int) -> list[bytes]:
@@ -178,7 +181,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     base = serve_app.start(cfg.serve, uri, name="adsfm")
     noop_api = FastAPI()
 
-    @serve.deployment(max_ongoing_requests=cfg.serve.max_ongoing_requests, num_replicas=cfg.serve.num_replicas)
+    @serve.deployment(max_ongoing_requests=cfg.serve.max_ongoing_requests, num_replicas=cfg.serve.num_replicas,
+                      logging_config={"enable_access_log": cfg.serve.access_log, "log_level": "WARNING"})
     @serve.ingress(noop_api)
     class Noop:
         @noop_api.post("/v1/rank")

@@ -37,6 +37,8 @@ class ServeConfig:
     """How long the first request of a batch waits for others."""
     user_cache_size: int = 10_000
     """Users whose looked-up user side is kept per replica (LRU, keyed by model version and features)."""
+    access_log: bool = False
+    """Ray Serve's per-request access log (off: it costs more than scoring on small hosts)."""
     max_request_bytes: int = 1 << 20
     """Larger request bodies are refused with 413."""
     auth_token: str | None = None
