@@ -55,26 +55,31 @@ def request_stream(cfg: Any, n_candidates: int, count: int, seed: int) -> list[b
     return out
 
 
+async def _post(session: Any, url: str, body: bytes) -> bool:
+    """One request; True when it was answered 200 (an error status or a broken connection counts as an error)."""
+    import aiohttp
+
+    try:
+        async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
+            await r.read()
+            return r.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
 async def closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, float]:
     import aiohttp
 
     lat: list[float] = []
     errors = 0
     stop = time.perf_counter() + seconds
-    headers = {"content-type": "application/json"}
 
     async def client(k: int, session: aiohttp.ClientSession) -> None:
         nonlocal errors
         i = k
         while time.perf_counter() < stop:
             t0 = time.perf_counter()
-            try:
-                async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as r:
-                    await r.read()
-                    if r.status != 200:
-                        errors += 1
-            except aiohttp.ClientError:
-                errors += 1
+            errors += not await _post(session, url, bodies[i % len(bodies)])
             lat.append(time.perf_counter() - t0)
             i += concurrency
 
@@ -92,17 +97,10 @@ async def open_loop(url: str, bodies: list[bytes], qps: float, seconds: float) -
 
     lat: list[float] = []
     errors = 0
-    headers = {"content-type": "application/json"}
 
     async def one(session: aiohttp.ClientSession, body: bytes, due: float) -> None:
         nonlocal errors
-        try:
-            async with session.post(url, data=body, headers=headers) as r:
-                await r.read()
-                if r.status != 200:
-                    errors += 1
-        except aiohttp.ClientError:
-            errors += 1
+        errors += not await _post(session, url, body)
         lat.append(time.perf_counter() - due)
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)) as session:
