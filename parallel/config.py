@@ -9,8 +9,6 @@ ALL_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_colum
 # checked against a single process. grid_shard runs there but does not match it (the first forward
 # already differs by 1e-4 on 2 ranks), so CPU refuses it.
 CPU_SHARDING_TYPES = tuple(t for t in ALL_SHARDING_TYPES if t != "grid_shard")
-# Layouts that would train a different model than one process does, refused until they don't.
-NOT_YET: dict[str, str] = {}
 
 
 @dataclass
@@ -106,7 +104,6 @@ def validate_parallel(cfg: ParallelConfig, table_names: list[str], embedding_dim
             "use parallel.data_parallel=fsdp"
         )
     allowed: tuple[str, ...] = CPU_SHARDING_TYPES if cfg.device == "cpu" else ALL_SHARDING_TYPES
-    allowed = tuple(t for t in allowed if t not in NOT_YET)
     unknown_tables = sorted(set(cfg.tables) - set(table_names))
     if unknown_tables:
         raise ValueError(
@@ -119,12 +116,10 @@ def validate_parallel(cfg: ParallelConfig, table_names: list[str], embedding_dim
         for st in types:
             if st not in ALL_SHARDING_TYPES:
                 raise ValueError(f"{where}: unknown sharding type {st!r}; choose from {list(ALL_SHARDING_TYPES)}")
-            if st in NOT_YET:
-                raise ValueError(f"{where}: {st!r} is not supported yet: {NOT_YET[st]}")
             if st not in allowed:
                 raise ValueError(
                     f"{where}: {st!r} cannot run on device={cfg.device}: on CPU over gloo it does not train the "
-                    f"single-process model; use one of {[t for t in CPU_SHARDING_TYPES if t not in NOT_YET]} or device=cuda"
+                    f"single-process model; use one of {list(CPU_SHARDING_TYPES)} or device=cuda"
                 )
     if not cfg.sharding_types and any(not c.sharding_types for c in cfg.tables.values()):
         raise ValueError("parallel.sharding_types is empty: list at least one sharding type")

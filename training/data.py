@@ -310,34 +310,12 @@ def featurize(df: pd.DataFrame, cfg: DataConfig) -> FeatureSet:
     dense_cols, dense_stats = [], []
     for d in cfg.dense:
         x = pd.to_numeric(df[_column(d)], errors="coerce").to_numpy(dtype=np.float64)
-        if d.log1p:
-            x = np.log1p(np.maximum(x, 0))
-        mean = float(np.nanmean(x[train_idx]))
-        std = float(np.nanstd(x[train_idx])) or 1.0
-        dense_cols.append(np.nan_to_num((x - mean) / std, nan=0.0))
-        dense_stats.append({"name": d.name, "column": _column(d), "side": d.side, "log1p": d.log1p, "mean": mean, "std": std})
+        stat = dense_stat(d, x[train_idx])
+        x = np.log1p(np.maximum(x, 0)) if d.log1p else x
+        dense_cols.append(np.nan_to_num((x - stat["mean"]) / stat["std"], nan=0.0))
+        dense_stats.append(stat)
     dense = np.stack(dense_cols, axis=1).astype(np.float32) if dense_cols else np.zeros((len(df), 0), np.float32)
-
-    spec = {
-        "sparse": [
-            {"name": f.name, "column": _column(f), "table": f.table or f.name, "multi": f.multi, "sep": f.sep, "side": f.side}
-            for f in cfg.sparse
-        ],
-        "dense": dense_stats,
-        "tables": {
-            t: {
-                "rows": vocabs[t].rows,
-                "pooling": feats[0].pooling,
-                "hash_buckets": vocabs[t].hash_buckets,
-                "vocab": vocabs[t].tokens,
-            }
-            for t, feats in tables.items()
-        },
-        "item_column": cfg.item_column,
-        "user_column": cfg.user_column,
-        "history": {"name": cfg.history.name, "positive_name": cfg.history.positive_name, "length": cfg.history.length},
-        "item_store": _item_store(df, cfg),
-    }
+    spec = feature_spec(cfg, dense_stats, vocabs, _item_store(df, cfg))
     return FeatureSet(
         dense=dense,
         sparse=sparse,
@@ -348,6 +326,41 @@ def featurize(df: pd.DataFrame, cfg: DataConfig) -> FeatureSet:
         times=df[cfg.time_column].to_numpy() if cfg.time_column else None,
         spec=spec,
     )
+
+
+def dense_stat(d: DenseFeature, x: np.ndarray) -> dict[str, Any]:
+    """A dense feature's spec entry: its transform and the mean and std of raw values `x` after it
+    (missing values ignored; a column with none present standardises to itself)."""
+    if d.log1p:
+        x = np.log1p(np.maximum(x, 0))
+    present = np.isfinite(x).any()
+    mean = float(np.nanmean(x)) if present else 0.0
+    std = (float(np.nanstd(x)) if present else 1.0) or 1.0
+    return {"name": d.name, "column": _column(d), "side": d.side, "log1p": d.log1p, "mean": mean, "std": std}
+
+
+def feature_spec(cfg: DataConfig, dense_stats: list[dict[str, Any]], vocabs: dict[str, Vocab],
+                 item_store: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The JSON-able spec that the model, the export manifest and serving read: features, tables,
+    vocabularies and normalisation."""
+    first: dict[str, SparseFeature] = {}
+    for f in cfg.sparse:
+        first.setdefault(f.table or f.name, f)  # a shared table takes its first feature's pooling
+    return {
+        "sparse": [
+            {"name": f.name, "column": _column(f), "table": f.table or f.name, "multi": f.multi, "sep": f.sep, "side": f.side}
+            for f in cfg.sparse
+        ],
+        "dense": dense_stats,
+        "tables": {
+            t: {"rows": vocabs[t].rows, "pooling": f.pooling, "hash_buckets": vocabs[t].hash_buckets, "vocab": vocabs[t].tokens}
+            for t, f in first.items()
+        },
+        "item_column": cfg.item_column,
+        "user_column": cfg.user_column,
+        "history": {"name": cfg.history.name, "positive_name": cfg.history.positive_name, "length": cfg.history.length},
+        "item_store": item_store,
+    }
 
 
 def _item_store(df: pd.DataFrame, cfg: DataConfig) -> dict[str, dict[str, Any]]:
@@ -404,9 +417,9 @@ def load_frame(cfg: DataConfig) -> tuple[pd.DataFrame, DataConfig]:
         df = synthetic_frame(cfg)
         cfg = synthetic_features(cfg)
     elif cfg.source == "criteo":  # training rows are streamed by the workers; the frame is the holdout sample
-        from training.stream import criteo_data_config, criteo_holdout
+        from training.stream import criteo_data_config, criteo_holdout_frame
 
-        return criteo_holdout(cfg)[0], criteo_data_config(cfg)
+        return criteo_holdout_frame(cfg), criteo_data_config(cfg)
     else:
         raise ValueError(f"data.source={cfg.source!r}: use 'movielens', 'tabular', 'synthetic' or 'criteo'")
     return add_history(df, cfg), cfg
@@ -420,9 +433,9 @@ def load_features(cfg: DataConfig) -> FeatureSet:
     if (path / "done").exists():
         return _load_cached(path)
     if cfg.source == "criteo":
-        from training.stream import criteo_holdout
+        from training.stream import criteo_features
 
-        fs = criteo_holdout(cfg)[1]
+        fs = criteo_features(cfg)
     else:
         df, cfg = load_frame(cfg)
         fs = featurize(df, cfg)

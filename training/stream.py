@@ -37,7 +37,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from export.manifest import stable_hash
 from training.config import DataConfig, DenseFeature, SparseFeature, StreamConfig
-from training.data import FeatureSet, iter_batches
+from training.data import FeatureSet, Vocab, dense_stat, feature_spec, iter_batches
 from training.loop import all_ranks
 
 
@@ -286,38 +286,30 @@ def featurize_rows(df: pd.DataFrame, spec: dict[str, Any], hasher: Hasher) -> Ch
 
 
 def criteo_spec(cfg: DataConfig) -> dict[str, Any]:
-    """The FeatureSet spec of a Criteo-format source, from the config and the first stats_rows rows."""
+    """The FeatureSet spec of a Criteo-format source: its declared features, hashed tables, and dense
+    statistics from the first stats_rows training rows."""
     s = cfg.stream
-    dense, sparse = columns(s)
-    table_buckets = buckets(s)
+    declared = criteo_data_config(cfg)
     head = read_rows(resolve(s.paths, "stream.paths"), s, s.stats_rows)
-    stats = []
-    for c in dense:
-        x = np.log1p(np.maximum(head[c].to_numpy(dtype=np.float64), 0))
-        mean = float(np.nanmean(x)) if np.isfinite(x).any() else 0.0
-        std = float(np.nanstd(x)) if np.isfinite(x).any() else 1.0
-        stats.append({"name": c, "column": c, "side": "user", "log1p": True, "mean": mean, "std": std or 1.0})
-    return {
-        "sparse": [{"name": c, "column": c, "table": c, "multi": False, "sep": "|", "side": "user"} for c in sparse],
-        "dense": stats,
-        "tables": {c: {"rows": b + 1, "pooling": "sum", "hash_buckets": b, "vocab": []} for c, b in zip(sparse, table_buckets, strict=True)},
-        "item_column": None,
-        "user_column": None,
-        "history": {"name": "history", "positive_name": None, "length": 0},
-        "item_store": {},
-    }
+    stats = [dense_stat(d, head[d.name].to_numpy(dtype=np.float64)) for d in declared.dense]
+    vocabs = {f.name: Vocab(hash_buckets=f.hash_buckets) for f in declared.sparse}
+    return feature_spec(declared, stats, vocabs, {})
 
 
-def criteo_holdout(cfg: DataConfig) -> tuple[pd.DataFrame, FeatureSet]:
-    """The first holdout_rows holdout rows, raw and featurized (training rows are streamed, never held)."""
+def criteo_holdout_frame(cfg: DataConfig) -> pd.DataFrame:
+    """The first holdout_rows holdout rows, raw (training rows are streamed, never held)."""
+    s = cfg.stream
+    return read_rows(resolve(s.holdout_paths, "stream.holdout_paths"), s, s.holdout_rows)
+
+
+def criteo_features(cfg: DataConfig) -> FeatureSet:
+    """The holdout sample featurized, with the source's spec; no training rows."""
     s = cfg.stream
     spec = criteo_spec(cfg)
-    df = read_rows(resolve(s.holdout_paths, "stream.holdout_paths"), s, s.holdout_rows)
-    c = featurize_rows(df, spec, Hasher(buckets(s)))
+    c = featurize_rows(criteo_holdout_frame(cfg), spec, Hasher(buckets(s)))
     sparse = {f["name"]: (c.cats[:, j].copy(), np.ones(len(c), np.int32)) for j, f in enumerate(spec["sparse"])}
-    fs = FeatureSet(dense=c.dense, sparse=sparse, labels=c.labels, train_idx=np.zeros(0, np.int64),
-                    holdout_idx=np.arange(len(c), dtype=np.int64), users=None, times=None, spec=spec)
-    return df, fs
+    return FeatureSet(dense=c.dense, sparse=sparse, labels=c.labels, train_idx=np.zeros(0, np.int64),
+                      holdout_idx=np.arange(len(c), dtype=np.int64), users=None, times=None, spec=spec)
 
 
 # ------------------------------------------------------------------------------------------ batch sources

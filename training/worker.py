@@ -60,7 +60,9 @@ def train_worker(config: dict[str, Any]) -> None:
     t = cfg.train
     source = train_source(cfg.data, fs, t.batch_size, t.seed)
     per_epoch = source.steps_per_epoch
-    total = t.max_steps or (per_epoch * t.epochs if per_epoch is not None else 0)  # 0: until the epochs end
+    total = per_epoch * t.epochs if per_epoch is not None else 0  # 0: a stream, until its epochs end
+    if t.max_steps:
+        total = min(total, t.max_steps) if total else t.max_steps
     state: dict[str, Any] = {"step": 0, "losses": [], "eval_history": []}
     resume = latest_checkpoint(run_dir / "checkpoints")
     if resume is not None:
@@ -71,10 +73,11 @@ def train_worker(config: dict[str, Any]) -> None:
     step: int = state["step"]
     losses: list[float] = state["losses"]
     history: list[dict[str, float]] = state["eval_history"]
-    # Position in the sample stream; checkpoints before it was recorded imply it from the step.
-    epoch, epoch_step = state.get("epoch", 0), state.get("epoch_step", step)
-    if "epoch" not in state and per_epoch:
-        epoch, epoch_step = divmod(step, per_epoch)
+    # Position in the sample stream; a checkpoint written before it was recorded implies it from the step.
+    if "epoch" in state:
+        epoch, epoch_step = state["epoch"], state["epoch_step"]
+    else:
+        epoch, epoch_step = divmod(step, per_epoch) if per_epoch else (0, step)
 
     def position() -> dict[str, Any]:
         return {"step": step, "epoch": epoch, "epoch_step": epoch_step, "losses": losses, "eval_history": history}
