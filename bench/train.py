@@ -8,7 +8,7 @@ batches, at 1 and 2 gloo workers (one process each), with three loops:
   replicated and wrapped in DDP;
 - raw TorchRec: EmbeddingBagCollection on meta, the planner (table-wise), DistributedModelParallel with
   row-wise Adagrad fused into the kernel and Adam for the rest, the loop written against TorchRec only;
-- adsfm: parallel.shard.parallelize_dlrm on the same layout and training.loop's step, as the Ray worker
+- adsfm: parallel.shard.parallelize_model on the same layout and training.loop's step, as the Ray worker
   runs it (including the loss all-reduce every 10 steps for the progress bar and MLflow).
 Samples/s is measured after warm-up steps, on the global batch; each loop runs in fresh processes, 3 times
 (alternating the order of the loops), and the fastest run counts.
@@ -175,14 +175,14 @@ def raw_torchrec(a: argparse.Namespace, world: int, batches: list[Any]) -> float
 
 def adsfm(a: argparse.Namespace, world: int, batches: list[Any]) -> float:
     from parallel.config import ParallelConfig
-    from parallel.shard import OptimConfig, parallelize_dlrm
+    from parallel.shard import OptimConfig, parallelize_model
     from training.loop import LossMeter, train_step
     from training.models.dlrm import DLRMRanker
 
     torch.manual_seed(0)
     model = DLRMRanker(_spec(a), _model_cfg(a), device="meta")
     layout = ParallelConfig(name=f"tw{world}", num_workers=world, sharding_types=["table_wise"])
-    dmp, opt, _ = parallelize_dlrm(model, layout, OptimConfig("rowwise_adagrad", 0.05, "adam", 1e-3), torch.device("cpu"))
+    dmp, opt, _ = parallelize_model(model, layout, OptimConfig("rowwise_adagrad", 0.05, "adam", 1e-3), torch.device("cpu"))
 
     meter, n = LossMeter(), [0]
 

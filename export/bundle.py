@@ -15,9 +15,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch import nn
 
 from export.card import write_card
-from export.manifest import DenseFeatureSpec, Manifest, SparseFeatureSpec, TableSpec
+from export.manifest import DenseFeatureSpec, Manifest, ParitySpec, SparseFeatureSpec, TableSpec
 from export.onnx import export_dense
 from export.parity import check_parity, parity_rows, require_parity
 from export.sparse import PRECISIONS, export_table, load_table
@@ -25,12 +26,13 @@ from serving.ranker import Ranker
 from training.checkpoint import load_into_unsharded
 from training.config import AdsfmConfig
 from training.data import FeatureSet, load_features
-from training.models.dlrm import DLRMDense, DLRMRanker, table_configs
+from training.models import build_model
+from training.models.dlrm import DLRMDense, table_configs
 
 
-def load_trained_model(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> DLRMRanker:
+def load_trained_model(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> nn.Module:
     """The whole eager model on CPU with the checkpoint's weights, without starting the training world."""
-    model = DLRMRanker(fs.spec, cfg.model, device="cpu")
+    model = build_model(fs.spec, cfg.model, device="cpu")
     load_into_unsharded(model, checkpoint)
     return model.eval()
 
@@ -97,6 +99,8 @@ def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: s
     Tables are streamed from the checkpoint one at a time (load, quantize, write, drop), for the bundle and
     for the eager reference alike, so export holds about 2x the largest table, never the whole model.
     """
+    if cfg.model.name == "hstu":
+        return _export_sequence(cfg, checkpoint, out, train_run_id)
     out.mkdir(parents=True, exist_ok=True)
     fs = load_features(cfg.data)
     configs = table_configs(fs.spec, cfg.model.embedding_dim)
@@ -122,19 +126,53 @@ def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: s
         tables=tables,
         item_column=fs.spec.get("item_column"),
         user_column=fs.spec.get("user_column"),
-        versions={p: version(p) for p in ("torch", "torchrec", "fbgemm-gpu-cpu", "onnx", "onnxruntime", "adsfm") if _installed(p)},
-        data_fingerprint=fs.spec.get("fingerprint", ""),
-        source_checkpoint=str(checkpoint),
-        train_run_id=train_run_id,
-        config_hash=config_hash(cfg),
-        git_commit=git_commit(),
-        data_config=_data_config(cfg),
+        **provenance(cfg, checkpoint, fs, train_run_id),
     )
     manifest.write(out)
     rows = parity_rows(fs, cfg.export.parity_rows)
     manifest.parity, probs = check_parity(
         streamed_eager_probs(cfg, checkpoint, fs, dense, rows), Ranker(out), fs, rows, cfg.export.parity_tolerance,
         cfg.export.auc_margin, quantized=any(t.precision != "fp32" for t in tables.values()),
+    )
+    manifest.write(out)
+    write_card(manifest, probs, fs.labels[rows], out / "card", loss_curve=checkpoint.parent.parent / "loss_curve.png")
+    require_parity(manifest.parity)
+    return manifest
+
+
+def provenance(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet, train_run_id: str) -> dict[str, Any]:
+    """The manifest fields that say where a bundle came from."""
+    return {
+        "versions": {p: version(p) for p in ("torch", "torchrec", "fbgemm-gpu-cpu", "onnx", "onnxruntime", "adsfm") if _installed(p)},
+        "data_fingerprint": fs.spec.get("fingerprint", ""),
+        "source_checkpoint": str(checkpoint),
+        "train_run_id": train_run_id,
+        "config_hash": config_hash(cfg),
+        "git_commit": git_commit(),
+        "data_config": _data_config(cfg),
+    }
+
+
+def _export_sequence(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: str) -> Manifest:
+    """The split bundle of a sequence model: the tables are small next to a DLRM's, so the eager model is
+    loaded whole and the parity reference is its joint forward."""
+    from export.sequence import export_sequence_bundle, sequence_parity
+    from training.models.hstu import HSTURanker
+
+    fs = load_features(cfg.data)
+    model = load_trained_model(cfg, checkpoint, fs)
+    assert isinstance(model, HSTURanker)
+    precision = table_precisions(cfg, [c.name for c in model.sparse.embedding_configs()])
+    manifest = export_sequence_bundle(model, fs, out, precision, cfg.export.opset, provenance(cfg, checkpoint, fs, train_run_id))
+    rows = parity_rows(fs, cfg.export.parity_rows)
+    figures, _, probs = sequence_parity(model, out, fs, rows)
+    quantized = any(p != "fp32" for p in precision.values())
+    drop = figures["auc_eager"] - figures["auc_bundle"]
+    manifest.parity = ParitySpec(
+        rows=len(rows), max_abs_diff=figures["max_abs_diff"], tolerance=cfg.export.parity_tolerance,
+        auc_eager=figures["auc_eager"], auc_bundle=figures["auc_bundle"], auc_drop=drop, auc_margin=cfg.export.auc_margin,
+        quantized=quantized,
+        passed=drop <= cfg.export.auc_margin if quantized else figures["max_abs_diff"] <= cfg.export.parity_tolerance,
     )
     manifest.write(out)
     write_card(manifest, probs, fs.labels[rows], out / "card", loss_curve=checkpoint.parent.parent / "loss_curve.png")

@@ -20,7 +20,9 @@ from omegaconf import OmegaConf
 from export.config import GateConfig
 from export.manifest import Manifest
 from export.registry import CHAMPION, alias_version, download_version
+from serving.bundle import open_ranker
 from serving.ranker import Ranker
+from serving.sequence import SequenceRanker
 from training.config import DataConfig
 from training.data import load_features, load_frame
 from training.metrics import ranking_metrics
@@ -73,13 +75,13 @@ def holdout_columns(manifest: Manifest) -> tuple[dict[str, list[Any]], np.ndarra
     return cols, fs.labels[fs.holdout_idx]
 
 
-def holdout_auc(ranker: Ranker, columns: dict[str, list[Any]], labels: np.ndarray) -> float:
+def holdout_auc(ranker: Ranker | SequenceRanker, columns: dict[str, list[Any]], labels: np.ndarray) -> float:
     fields = ranker.manifest.request_fields()
     probs = ranker.score_columns({k: v for k, v in columns.items() if k in fields})
     return ranking_metrics(torch.from_numpy(probs), torch.from_numpy(labels))["auc"]
 
 
-def scoring_latency(ranker: Ranker, columns: dict[str, list[Any]], candidates: int, requests: int) -> tuple[float, float]:
+def scoring_latency(ranker: Ranker | SequenceRanker, columns: dict[str, list[Any]], candidates: int, requests: int) -> tuple[float, float]:
     """(p50, p99) ms of scoring 1 user x `candidates` items in-process (the replica's work per request)."""
     m = ranker.manifest
     user = {k: columns[k][0] for k in m.request_fields("user") if k in columns}
@@ -102,14 +104,14 @@ def run_gate(name: str, version: str, tracking_uri: str, gate: GateConfig, workd
     manifest = Manifest.read(bundle)
     p = manifest.parity
     report.checks.append(Check("parity", bool(p and p.passed), p.reason() if p else "no parity check recorded"))
-    candidate = Ranker(bundle)
+    candidate = open_ranker(bundle)
     columns, labels = holdout_columns(manifest)
     auc = holdout_auc(candidate, columns, labels)
     report.metrics["candidate_auc"] = auc
     if champion is None or champion == version:
         report.checks.append(Check("quality", True, f"AUC {auc:.4f}; no other champion to compare with"))
     else:
-        champ_auc = holdout_auc(Ranker(download_version(name, champion, tracking_uri, workdir)), columns, labels)
+        champ_auc = holdout_auc(open_ranker(download_version(name, champion, tracking_uri, workdir)), columns, labels)
         report.metrics["champion_auc"] = champ_auc
         ok = auc >= champ_auc - gate.auc_margin
         report.checks.append(

@@ -27,10 +27,19 @@ class SparseFeatureSpec(BaseModel):
     name: str
     column: str | None = None
     """Column of the training data it came from (defaults to name)."""
-    table: str
+    table: str | None = None
+    """Its embedding table; None for a raw feature."""
     multi: bool = False
     sep: str = "|"
     side: Literal["user", "item"] = "user"
+    raw: bool = False
+    """Integer values used as they are (timestamps), not looked up."""
+
+    @property
+    def table_name(self) -> str:
+        if self.table is None:
+            raise ValueError(f"feature {self.name!r} is raw: it has no table")
+        return self.table
 
 
 class DenseFeatureSpec(BaseModel):
@@ -61,6 +70,30 @@ class DenseGraphSpec(BaseModel):
     output: str = "logit"
 
 
+class SequenceSpec(BaseModel):
+    """How a sequence model's two graphs fit together (model_type hstu), so serving needs no model code.
+
+    For one user: `history` [n, D] is the sum of the rows of the `history` and `actions` features of the
+    user's events (oldest first, the latest `max_history`); `times` [1 + n] int64 is a start time (the first
+    event's, or without events the request's) followed by the events' times; `context` [F * D] concatenates
+    the rows of `context_features`. The user graph maps those to `keys` and `values`, which serving caches
+    per user and history. Candidates: `items` [m, D] sums the rows of `item_features`; the candidate graph
+    takes them with `request_time` [1], the same `times` and the cached keys and values, and returns logits.
+    """
+
+    user_graph: str = "user.onnx"
+    candidate_graph: str = "candidate.onnx"
+    history: str
+    actions: str
+    times: str
+    time: str
+    """Raw user-side feature: the request's timestamp (seconds)."""
+    item_features: list[str]
+    context_features: list[str]
+    max_history: int
+    num_layers: int
+
+
 class ParitySpec(BaseModel):
     """Bundle against the eager fp32 model on the same holdout rows."""
 
@@ -84,7 +117,7 @@ class ParitySpec(BaseModel):
 
 class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
-    model_type: Literal["dlrm"] = "dlrm"
+    model_type: Literal["dlrm", "hstu"] = "dlrm"
     embedding_dim: int
     sparse: list[SparseFeatureSpec]
     """Feature order of the dense graph's `embeddings` input."""
@@ -105,6 +138,8 @@ class Manifest(BaseModel):
     data_config: dict = Field(default_factory=dict)
     """The training data config (resolved), so a gate can rebuild the same holdout."""
     parity: ParitySpec | None = None
+    sequence: SequenceSpec | None = None
+    """Set for sequence models (model_type hstu): the split graphs replace the dense graph."""
 
     def feature_names(self, side: str | None = None) -> list[str]:
         """Sparse then dense feature names, of one side ('user' / 'item') or all."""

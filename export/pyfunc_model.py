@@ -17,9 +17,9 @@ from mlflow.pyfunc import PythonModel
 
 class AdsfmRankerModel(PythonModel):
     def load_context(self, context: Any) -> None:
-        from serving.ranker import Ranker
+        from serving.bundle import open_ranker
 
-        self.ranker = Ranker(context.artifacts["bundle"])
+        self.ranker = open_ranker(context.artifacts["bundle"])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         return self.ranker.score_records(model_input.to_dict("records"))

@@ -18,7 +18,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from export.manifest import Manifest
-from serving.ranker import Ranker
+from serving.bundle import open_ranker
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -35,13 +35,13 @@ def _pip_requirements() -> list[str]:
 def input_example(bundle: Path, n: int = 2) -> pd.DataFrame:
     """A few (user, item) rows with raw values the bundle knows, for the signature and the docs."""
     m = Manifest.read(bundle)
-    ranker = Ranker(bundle)
+    ranker = open_ranker(bundle)
     items = list(ranker.item_store.items())[:n] or [("0", {})]
     rows = []
     for item_id, feats in items:
         row: dict[str, Any] = {}
         for f in m.sparse:
-            vocab = m.tables[f.table].vocab
+            vocab = m.tables[f.table].vocab if f.table else []
             row[f.name] = vocab[0] if vocab else "0"
         for d in m.dense:
             row[d.name] = d.mean
@@ -64,7 +64,7 @@ def log_and_register(
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     example = input_example(bundle)
-    scores = Ranker(bundle).score_records(example.to_dict("records"))
+    scores = open_ranker(bundle).score_records(example.to_dict("records"))
     with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name="export" if not run_id else None):
         info = mlflow.pyfunc.log_model(
             name="ranker",

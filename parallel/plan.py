@@ -6,11 +6,12 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.stats import NoopEmbeddingStats
 from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingPlan
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from parallel.config import ParallelConfig
 
@@ -31,7 +32,18 @@ class EmbeddingBagSharder(EmbeddingBagCollectionSharder):
 
 
 def sharders() -> list[ModuleSharder[nn.Module]]:
-    return [EmbeddingBagSharder()]  # type: ignore[list-item]
+    """Pooled tables (DLRM) and sequence tables (HSTU's EmbeddingCollection)."""
+    return [EmbeddingBagSharder(), EmbeddingCollectionSharder()]  # type: ignore[list-item]
+
+
+def table_names(model: nn.Module) -> list[str]:
+    names = []
+    for m in model.modules():
+        if isinstance(m, EmbeddingBagCollection):
+            names += [c.name for c in m.embedding_bag_configs()]
+        elif isinstance(m, EmbeddingCollection):
+            names += [c.name for c in m.embedding_configs()]
+    return names
 
 
 class CostCapture(NoopEmbeddingStats):
@@ -49,7 +61,7 @@ class CostCapture(NoopEmbeddingStats):
 def make_plan(model: nn.Module, cfg: ParallelConfig, world_size: int, pg: dist.ProcessGroup | None) -> tuple[ShardingPlan, dict[str, float]]:
     """Ask the planner for a plan within the layout's allowed sharding types; identical on every rank.
     Also returns the planner's estimated cost per table, known on the rank that planned (rank 0)."""
-    tables = [c.name for m in model.modules() if isinstance(m, EmbeddingBagCollection) for c in m.embedding_bag_configs()]
+    tables = table_names(model)
     constraints = {
         t: ParameterConstraints(
             sharding_types=list(cfg.tables[t].sharding_types if t in cfg.tables and cfg.tables[t].sharding_types else cfg.sharding_types),

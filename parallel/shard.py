@@ -82,7 +82,7 @@ def sparse_optimizer_kwargs(o: OptimConfig) -> dict[str, Any]:
     return {"lr": o.sparse_lr, "eps": 1e-8} if o.sparse != "sgd" else {"lr": o.sparse_lr}
 
 
-def parallelize_dlrm(
+def parallelize_model(
     model: Ranker,
     cfg: ParallelConfig,
     optim: OptimConfig,
@@ -107,10 +107,14 @@ def parallelize_dlrm(
         module=model, device=device, plan=plan, sharders=sharders(), init_data_parallel=ddp, env=env  # type: ignore[arg-type]
     )
     dense = dmp.module.dense
+    kind = getattr(model, "kind", "dlrm")
     if mesh is not None and mesh["tp"].size() > 1:
-        parallelize_module(dense, mesh["tp"], dlrm_tp_plan())
+        parallelize_module(dense, mesh["tp"], hstu_tp_plan(len(dense.layers)) if kind == "hstu" else dlrm_tp_plan())
+        if kind == "hstu":
+            _sum_head_shared_grads(dense, mesh["tp"].get_group())
     if mesh is not None and not ddp:
-        for block in (dense.dense_arch, dense.over_arch):
+        blocks = list(dense.layers) if kind == "hstu" else [dense.dense_arch, dense.over_arch]
+        for block in blocks:
             fully_shard(block, mesh=mesh["dp"])
         fully_shard(dense, mesh=mesh["dp"])
     unfused = dict(in_backward_optimizer_filter(dmp.named_parameters()))
@@ -141,6 +145,36 @@ def dlrm_tp_plan() -> dict[str, Any]:
     }
 
 
+def hstu_tp_plan(num_layers: int) -> dict[str, Any]:
+    """HSTU: per layer, Q, K, V and U column-wise (each rank holds whole heads) and the output projection
+    row-wise (its input stays split by head; one all-reduce joins the output), as Megatron splits attention."""
+    plan: dict[str, Any] = {}
+    for i in range(num_layers):
+        for proj in ("q", "k", "v", "u"):
+            plan[f"layers.{i}.{proj}"] = ColwiseParallel()
+        plan[f"layers.{i}.out"] = RowwiseParallel()
+    return plan
+
+
+def _sum_head_shared_grads(dense: nn.Module, group: dist.ProcessGroup) -> None:
+    """HSTU's relative bias is shared by all heads, so under tensor parallelism each rank's gradient covers
+    only its heads: summing over the tp group gives every rank the whole gradient, as in one process."""
+    for layer in dense.layers:  # type: ignore[union-attr]
+        for p in (layer.position_bias, layer.time_bias):
+            p.register_hook(lambda g, group=group: _all_reduced(g, group))
+
+
+def _all_reduced(g: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    g = g.clone()
+    dist.all_reduce(g, group=group)
+    return g
+
+
+def check_hstu_tp(num_heads: int, tp: int) -> None:
+    if tp > 1 and num_heads % tp:
+        raise ValueError(f"parallel.tp({tp}) splits model.sequence.num_heads({num_heads}) across ranks: num_heads % tp != 0")
+
+
 def check_dlrm_tp(over_arch: list[int], tp: int) -> None:
     if tp > 1 and (len(over_arch) < 3 or over_arch[0] % tp):
         raise ValueError(
@@ -150,7 +184,7 @@ def check_dlrm_tp(over_arch: list[int], tp: int) -> None:
 
 
 def _is_table_weight(name: str) -> bool:
-    return ".embedding_bags." in name
+    return ".embedding_bags." in name or ".embeddings." in name
 
 
 @torch.no_grad()
@@ -191,7 +225,7 @@ def _dtensor_offsets(t: Any) -> tuple[int, ...]:
 
 
 def unsharded_optimizer(model: Ranker, optim: OptimConfig) -> CombinedOptimizer:
-    """The same optimisers as `parallelize_dlrm`, unfused, for a plain single-process model: the
+    """The same optimisers as `parallelize_model`, unfused, for a plain single-process model: the
     reference that every layout must match."""
     _check_optim(optim)
     sparse = KeyedOptimizerWrapper(

@@ -22,8 +22,9 @@ from ray import serve
 from ray.serve import Application
 
 from serving import limits, metrics
+from serving.bundle import open_ranker
 from serving.config import ServeConfig
-from serving.ranker import FeatureError, Ranker
+from serving.ranker import FeatureError
 from serving.schemas import Health, RankRequest, RankResponse
 from serving.service import RankService
 
@@ -61,7 +62,7 @@ class RankerDeployment:
             version, bundle = resolve(self.cfg.model_name, self.cfg.alias, self.tracking_uri, self.cache)
         else:
             bundle = download_version(self.cfg.model_name, version, self.tracking_uri, self.cache)
-        ranker = Ranker(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size)
+        ranker = open_ranker(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size)
         return RankService(ranker, self.cfg.model_name, version, self.cfg.max_candidates)
 
     def _follow_alias(self) -> None:
@@ -83,15 +84,16 @@ class RankerDeployment:
                 logger.exception("adsfm: alias check failed; still serving version %s", self.service.model_version)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
-    async def _score_batch(self, items: list[tuple[Ranker, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        """Concurrent requests' candidates through one dense-graph run per model version."""
+    async def _score_batch(self, items: list[tuple[Any, Any]]) -> list[np.ndarray]:
+        """Concurrent requests' candidates through one engine call per model version (one dense-graph run
+        for DLRM)."""
         metrics.BATCH.observe(len(items))
         out: list[np.ndarray | None] = [None] * len(items)
         by_ranker: dict[int, list[int]] = {}
-        for i, (ranker, _, _) in enumerate(items):
+        for i, (ranker, _) in enumerate(items):
             by_ranker.setdefault(id(ranker), []).append(i)  # a reload mid-batch: each request keeps its version
         for idx in by_ranker.values():
-            for i, probs in zip(idx, items[idx[0]][0].run_many([(items[i][1], items[i][2]) for i in idx]), strict=True):
+            for i, probs in zip(idx, items[idx[0]][0].run_many([items[i][1] for i in idx]), strict=True):
                 out[i] = probs
         return out  # type: ignore[return-value]
 
@@ -100,9 +102,9 @@ class RankerDeployment:
         service = self.service  # this request stays on this version even if the alias moves meanwhile
         p = service.prepare(req)
         if self.cfg.batch_max_requests > 1:
-            scores = await self._score_batch((service.ranker, p.dense, p.emb))
+            scores = await self._score_batch((service.ranker, p.inputs))
         else:
-            scores = service.ranker.run_many([(p.dense, p.emb)])[0]
+            scores = service.ranker.run_many([p.inputs])[0]
         res = service.respond(p, scores)
         metrics.LATENCY.labels(service.model_version).observe(res.latency_ms / 1e3)
         metrics.CANDIDATES.observe(len(req.candidates))

@@ -66,10 +66,20 @@ def dequantize(arrays: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
     return arrays["codes"][rows].astype(np.float32) * sb[:, :1] + sb[:, 1:2]
 
 
-class Ranker:
-    """Scores candidates for a user from a bundle directory (manifest.json, dense.onnx, tables)."""
+def session_options(intra_op_threads: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = intra_op_threads
+    opts.inter_op_num_threads = 1
+    # Idle spinning threads fight torch's OpenMP threads on small hosts (p99 54 ms instead of 4 ms).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
 
-    def __init__(self, bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000) -> None:
+
+class TableStore:
+    """A bundle's manifest, tables, vocabularies and item store, and the raw value → row lookups."""
+
+    def __init__(self, bundle: str | Path) -> None:
         self.bundle = Path(bundle)
         self.manifest = Manifest.read(self.bundle)
         m = self.manifest
@@ -78,13 +88,65 @@ class Ranker:
         self.item_store: dict[str, dict[str, Any]] = {}
         if m.item_store_file and (self.bundle / m.item_store_file).exists():
             self.item_store = json.loads((self.bundle / m.item_store_file).read_text())
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = 1
-        # Idle spinning threads fight torch's OpenMP threads on small hosts (p99 54 ms instead of 4 ms).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.bundle / m.dense_graph.file), opts, providers=["CPUExecutionProvider"])
+
+    def pool(self, table: str, bag: Bag) -> np.ndarray:
+        """Sum or mean of the bag's rows, per row of the batch; an empty bag pools to zeros."""
+        n = len(bag.lengths)
+        out = np.zeros((n, self.manifest.tables[table].dim), dtype=np.float32)
+        if len(bag.values):
+            seg = np.repeat(np.arange(n), bag.lengths)
+            np.add.at(out, seg, dequantize(self.tables[table], bag.values))
+        if self.manifest.tables[table].pooling == "mean":
+            out /= np.maximum(bag.lengths, 1)[:, None].astype(np.float32)
+        return out
+
+    def rows_of(self, f: SparseFeatureSpec, raw: Any, where: str) -> np.ndarray:
+        """Table rows for one raw feature value (a scalar, a list, or a `sep`-joined string); for a raw
+        feature, its integer values."""
+        if raw is None:
+            values: list[str] = []
+        elif isinstance(raw, list | tuple):
+            values = [str(v) for v in raw]
+        elif isinstance(raw, str | int | float | bool):
+            values = [t for t in str(raw).split(f.sep) if t] if f.multi else [str(raw)]
+        else:
+            raise FeatureError(where, f"expected a string, a number or a list, got {type(raw).__name__}")
+        if not f.multi and len(values) > 1:
+            raise FeatureError(where, f"takes one value, got {len(values)}")
+        if f.raw:
+            try:
+                return np.array([int(float(v)) for v in values], dtype=np.int64)
+            except (ValueError, OverflowError):
+                raise FeatureError(where, f"expected integers (seconds for a time), got {values[:3]}") from None
+        t = self.manifest.tables[f.table_name]
+        if t.hash_buckets:
+            return np.array([stable_hash(v, t.hash_buckets) + 1 for v in values], dtype=np.int64)
+        index = self._index[f.table_name]
+        return np.array([index.get(v, 0) for v in values], dtype=np.int64)
+
+    def score_columns(self, columns: dict[str, list[Any]]) -> np.ndarray:
+        raise NotImplementedError
+
+    def score_records(self, records: list[dict[str, Any]]) -> np.ndarray:
+        """One (user, item) pair per record with raw feature values; for batch scoring through MLflow pyfunc."""
+        names = self.manifest.request_fields()
+        return self.score_columns({k: [r.get(k) for r in records] for k in names if any(k in r for r in records)})
+
+    def item_features(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Request fields override the bundle's item store; unknown items fall back to OOV and means."""
+        key = self.manifest.item_column
+        stored = self.item_store.get(str(item.get(key))) if key else None
+        return {**(stored or {}), **item}
+
+
+class Ranker(TableStore):
+    """Scores candidates for a user from a bundle directory (manifest.json, dense.onnx, tables)."""
+
+    def __init__(self, bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000) -> None:
+        super().__init__(bundle)
+        m = self.manifest
+        self.session = ort.InferenceSession(str(self.bundle / m.dense_graph.file), session_options(intra_op_threads),
+                                            providers=["CPUExecutionProvider"])
         self._user_j = [j for j, f in enumerate(m.sparse) if f.side == "user"]
         self._item_j = [j for j, f in enumerate(m.sparse) if f.side == "item"]
         self._user_k = [k for k, d in enumerate(m.dense) if d.side == "user"]
@@ -98,20 +160,9 @@ class Ranker:
 
     # ------------------------------------------------------------------------------------ indexed path
 
-    def pool(self, table: str, bag: Bag) -> np.ndarray:
-        """Sum or mean of the bag's rows, per row of the batch; an empty bag pools to zeros."""
-        n = len(bag.lengths)
-        out = np.zeros((n, self.manifest.tables[table].dim), dtype=np.float32)
-        if len(bag.values):
-            seg = np.repeat(np.arange(n), bag.lengths)
-            np.add.at(out, seg, dequantize(self.tables[table], bag.values))
-        if self.manifest.tables[table].pooling == "mean":
-            out /= np.maximum(bag.lengths, 1)[:, None].astype(np.float32)
-        return out
-
     def score_indexed(self, dense: np.ndarray, bags: dict[str, Bag]) -> np.ndarray:
         """Probabilities for already indexed rows (the parity check's path)."""
-        emb = np.stack([self.pool(f.table, bags[f.name]) for f in self.manifest.sparse], axis=1)
+        emb = np.stack([self.pool(f.table_name, bags[f.name]) for f in self.manifest.sparse], axis=1)
         return self._run(dense.astype(np.float32), emb)
 
     def _run(self, dense: np.ndarray, emb: np.ndarray) -> np.ndarray:
@@ -128,24 +179,6 @@ class Ranker:
 
     # ---------------------------------------------------------------------------------- raw-value path
 
-    def rows_of(self, f: SparseFeatureSpec, raw: Any, where: str) -> np.ndarray:
-        """Table rows for one raw feature value (a scalar, a list, or a `sep`-joined string)."""
-        if raw is None:
-            values: list[str] = []
-        elif isinstance(raw, list | tuple):
-            values = [str(v) for v in raw]
-        elif isinstance(raw, str | int | float | bool):
-            values = [t for t in str(raw).split(f.sep) if t] if f.multi else [str(raw)]
-        else:
-            raise FeatureError(where, f"expected a string, a number or a list, got {type(raw).__name__}")
-        if not f.multi and len(values) > 1:
-            raise FeatureError(where, f"takes one value, got {len(values)}")
-        t = self.manifest.tables[f.table]
-        if t.hash_buckets:
-            return np.array([stable_hash(v, t.hash_buckets) + 1 for v in values], dtype=np.int64)
-        index = self._index[f.table]
-        return np.array([index.get(v, 0) for v in values], dtype=np.int64)
-
     def _dense_value(self, spec: DenseFeatureSpec, raw: Any, where: str) -> float:
         if raw is None:
             return 0.0  # the training mean, after standardisation
@@ -156,12 +189,6 @@ class Ranker:
         if not np.isfinite(x):
             raise FeatureError(where, f"expected a finite number, got {raw!r}")
         return float(_standardise(spec, np.array([x]))[0])
-
-    def item_features(self, item: dict[str, Any]) -> dict[str, Any]:
-        """Request fields override the bundle's item store; unknown items fall back to OOV and means."""
-        key = self.manifest.item_column
-        stored = self.item_store.get(str(item.get(key))) if key else None
-        return {**(stored or {}), **item}
 
     def score(self, user: dict[str, Any], items: list[dict[str, Any]]) -> np.ndarray:
         """Probabilities for each candidate; the user side is looked up and pooled once."""
@@ -202,7 +229,7 @@ class Ranker:
         for col, j in enumerate(self._user_j):
             f = m.sparse[j]
             rows = self.rows_of(f, user.get(f.name), f"user.{f.name}")
-            emb[col] = self.pool(f.table, Bag(rows, np.array([len(rows)])))[0]
+            emb[col] = self.pool(f.table_name, Bag(rows, np.array([len(rows)])))[0]
         dense = np.array([self._dense_value(m.dense[k], user.get(m.dense[k].name), f"user.{m.dense[k].name}")
                           for k in self._user_k], dtype=np.float32)
         return emb, dense
@@ -216,7 +243,7 @@ class Ranker:
             f = m.sparse[j]
             per = [self.rows_of(f, it.get(f.name), f"candidates[{w}].{f.name}") for w, it in zip(where, items, strict=True)]
             bag = Bag(np.concatenate(per) if per else np.zeros(0, np.int64), np.array([len(p) for p in per]))
-            emb[:, col] = self.pool(f.table, bag)
+            emb[:, col] = self.pool(f.table_name, bag)
         dense = np.zeros((len(items), len(self._item_k)), dtype=np.float32)
         for col, k in enumerate(self._item_k):
             d = m.dense[k]
@@ -258,8 +285,3 @@ class Ranker:
             part = {k: Bag(b.values[offsets[k][s] : offsets[k][e]], b.lengths[s:e]) for k, b in bags.items()}
             out.append(self.score_indexed(dense[s : s + batch], part))
         return np.concatenate(out) if out else np.zeros(0)
-
-    def score_records(self, records: list[dict[str, Any]]) -> np.ndarray:
-        """One (user, item) pair per record with raw feature values; for batch scoring through MLflow pyfunc."""
-        names = self.manifest.request_fields()
-        return self.score_columns({k: [r.get(k) for r in records] for k in names if any(k in r for r in records)})

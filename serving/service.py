@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from serving.ranker import FeatureError, Ranker
 from serving.schemas import Health, RankRequest, RankResponse, ScoredCandidate
+from serving.sequence import SequenceRanker
 
 
 @dataclass
 class Prepared:
     req: RankRequest
-    dense: np.ndarray
-    emb: np.ndarray
+    inputs: Any
+    """The engine's inputs for this request (run_many takes a list of them)."""
     t0: float
 
 
 class RankService:
-    def __init__(self, ranker: Ranker, model_name: str, model_version: str, max_candidates: int) -> None:
+    def __init__(self, ranker: Ranker | SequenceRanker, model_name: str, model_version: str, max_candidates: int) -> None:
         self.ranker = ranker
         self.model_name = model_name
         self.model_version = model_version
@@ -48,8 +50,7 @@ class RankService:
         """Validate and featurize: the dense graph's inputs for this request, ready to batch with others."""
         t0 = time.perf_counter()
         self.validate(req)
-        dense, emb = self.ranker.inputs(dict(req.user), [dict(c) for c in req.candidates])
-        return Prepared(req, dense, emb, t0)
+        return Prepared(req, self.ranker.inputs(dict(req.user), [dict(c) for c in req.candidates]), t0)
 
     def respond(self, p: Prepared, scores: np.ndarray) -> RankResponse:
         order = np.argsort(-scores, kind="stable")
@@ -64,7 +65,7 @@ class RankService:
     def rank(self, req: RankRequest) -> RankResponse:
         """One request on its own (no cross-request batching)."""
         p = self.prepare(req)
-        return self.respond(p, self.ranker.run_many([(p.dense, p.emb)])[0])
+        return self.respond(p, self.ranker.run_many([p.inputs])[0])
 
     def health(self) -> Health:
         return Health(status="ok", model_name=self.model_name, model_version=self.model_version)

@@ -38,6 +38,8 @@ class SparseFeature:
     """'user' or 'item': which side of a ranking request carries it."""
     pooling: str = "sum"
     """'sum' or 'mean' pooling of a bag; a shared table takes its first feature's pooling."""
+    raw: bool = False
+    """Integer values used as they are (timestamps of a sequence model): no vocabulary, no table."""
 
 
 @dataclass
@@ -64,6 +66,12 @@ class HistoryConfig:
     """Name of the generated multi-valued column."""
     positive_name: str | None = None
     """If set, also build a column of earlier items whose label was positive (known at that time)."""
+    actions_name: str | None = None
+    """If set, also build a column of those events' raw label values (MovieLens: the rating), in step."""
+    times_name: str | None = None
+    """If set, also build a column of those events' timestamps, in step (a sequence model's time bias)."""
+    chronological: bool = False
+    """Oldest first (a sequence model reads it in time order); default: most recent first."""
 
 
 @dataclass
@@ -135,16 +143,48 @@ class DataConfig:
 
 
 @dataclass
+class SequenceModelConfig:
+    """HSTU (model.name=hstu): which features form the sequence, and the transducer's sizes."""
+
+    history: str = "history"
+    """Jagged item feature: the user's earlier items, oldest first (data.history.chronological)."""
+    actions: str = "history_rating"
+    """Jagged feature in step with `history`: what the user did with each item (its own table)."""
+    times: str = "history_time"
+    """Raw jagged feature in step with `history`: each event's timestamp (seconds)."""
+    item: str = "item_id"
+    """The candidate's item feature (shares the item table with `history`)."""
+    time: str = "timestamp"
+    """Raw feature: the moment of the request (training: the event's own timestamp)."""
+    num_layers: int = 2
+    num_heads: int = 2
+    attention_dim: int = 16
+    """Per-head query/key dimension."""
+    linear_dim: int = 16
+    """Per-head value (and gate) dimension; num_heads * linear_dim is projected back to embedding_dim."""
+    position_buckets: int = 64
+    """Relative-position bias buckets (distance clamped to this - 1)."""
+    time_buckets: int = 16
+    """Relative time-gap bias buckets: |dt| in [4^(k-1), 4^k) seconds → bucket k."""
+    attention_norm: float = 0.0
+    """Attention weights are silu(score) / attention_norm; 0: data.history.length (the longest history)."""
+    dropout: float = 0.1
+
+
+@dataclass
 class ModelConfig:
-    """DLRM: embeddings + bottom MLP → pairwise dot interaction → top MLP."""
+    """DLRM (name=dlrm): embeddings + bottom MLP → pairwise dot interaction → top MLP; HSTU (name=hstu): a
+    sequential transducer over the user's history, each candidate attending to it (see `sequence`)."""
 
     name: str = "dlrm"
+    """'dlrm' or 'hstu'."""
     embedding_dim: int = 16
     """Dimension of every table (the dot interaction needs one dimension)."""
     dense_arch: list[int] = field(default_factory=lambda: [64, 16])
     """Bottom MLP sizes; the last must equal embedding_dim."""
     over_arch: list[int] = field(default_factory=lambda: [128, 64, 1])
-    """Top MLP sizes; the last must be 1 (one logit)."""
+    """Top MLP sizes; the last must be 1 (one logit). HSTU: the head over each candidate's output."""
+    sequence: SequenceModelConfig = field(default_factory=SequenceModelConfig)
 
 
 @dataclass

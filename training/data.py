@@ -32,7 +32,7 @@ from training.config import DataConfig, DenseFeature, SparseFeature
 
 MOVIELENS_WHEEL = "recbole==1.2.1"
 MOVIELENS_FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item")
-FEATURE_FORMAT = 2  # bump when featurize() changes what it writes, so stale caches are rebuilt
+FEATURE_FORMAT = 3  # bump when featurize() changes what it writes, so stale caches are rebuilt
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -202,30 +202,40 @@ def _column(f: SparseFeature | DenseFeature) -> str:
 
 
 def add_history(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
-    """Each row's most recent items of the same user with strictly earlier timestamps (no leakage)."""
+    """Each row's most recent items of the same user with strictly earlier timestamps (no leakage); with
+    `actions_name` / `times_name`, also those events' label values and timestamps, in step."""
     h = cfg.history
     if h.length <= 0 or h.name in df.columns:
         return df
     if not (cfg.user_column and cfg.time_column and cfg.item_column):
         raise ValueError("data.history.length > 0 needs data.user_column, data.time_column and data.item_column")
     df = df.sort_values([cfg.user_column, cfg.time_column], kind="stable").reset_index(drop=True)
-    hist = [""] * len(df)
-    pos_hist = [""] * len(df)
     labels = _labels(df, cfg)
+    raw_labels = pd.to_numeric(df[cfg.label]).to_numpy()
+    actions_all = np.array([f"{v:g}" for v in raw_labels]) if h.actions_name else None
+    times_all = df[cfg.time_column].to_numpy()
+    columns: dict[str, list[str]] = {n: [""] * len(df) for n in (h.name, h.positive_name, h.actions_name, h.times_name) if n}
+    order = slice(None) if h.chronological else slice(None, None, -1)
     for _, rows in df.groupby(cfg.user_column, sort=False).indices.items():
-        times = df[cfg.time_column].to_numpy()[rows]
+        times = times_all[rows]
         items = df[cfg.item_column].to_numpy()[rows].astype(str)
         liked = labels[rows] > 0
+        stamps = times.astype(np.int64).astype(str)
+        acts = actions_all[rows] if actions_all is not None else None
         # rows are time-sorted: events before index `first` of a timestamp are strictly earlier.
         first = np.searchsorted(times, times, side="left")
         for k, r in enumerate(rows):
-            earlier = items[: first[k]]
-            hist[r] = "|".join(earlier[-h.length :][::-1])
+            lo, hi = max(0, first[k] - h.length), first[k]
+            columns[h.name][r] = "|".join(items[lo:hi][order])
             if h.positive_name:
-                pos_hist[r] = "|".join(earlier[liked[: first[k]]][-h.length :][::-1])
-    df[h.name] = hist
-    if h.positive_name:
-        df[h.positive_name] = pos_hist
+                earlier_liked = items[:hi][liked[:hi]]
+                columns[h.positive_name][r] = "|".join(earlier_liked[-h.length :][order])
+            if acts is not None and h.actions_name:
+                columns[h.actions_name][r] = "|".join(acts[lo:hi][order])
+            if h.times_name:
+                columns[h.times_name][r] = "|".join(stamps[lo:hi][order])
+    for name, col in columns.items():
+        df[name] = col
     return df
 
 
@@ -283,7 +293,8 @@ def featurize(df: pd.DataFrame, cfg: DataConfig) -> FeatureSet:
     # Tables: features naming the same table share a vocabulary built from all of their training values.
     tables: dict[str, list[SparseFeature]] = {}
     for f in cfg.sparse:
-        tables.setdefault(f.table or f.name, []).append(f)
+        if not f.raw:
+            tables.setdefault(f.table or f.name, []).append(f)
     split_cache = {f.name: _split_values(df[_column(f)], f) for f in cfg.sparse}
     vocabs: dict[str, Vocab] = {}
     for table, feats in tables.items():
@@ -305,7 +316,7 @@ def featurize(df: pd.DataFrame, cfg: DataConfig) -> FeatureSet:
         vals = split_cache[f.name]
         lengths = np.array([len(v) for v in vals], dtype=np.int32)
         flat = [t for v in vals for t in v]
-        sparse[f.name] = (vocabs[f.table or f.name].lookup(flat), lengths)
+        sparse[f.name] = (raw_values(flat, f.name) if f.raw else vocabs[f.table or f.name].lookup(flat), lengths)
 
     dense_cols, dense_stats = [], []
     for d in cfg.dense:
@@ -328,6 +339,14 @@ def featurize(df: pd.DataFrame, cfg: DataConfig) -> FeatureSet:
     )
 
 
+def raw_values(tokens: list[str], name: str) -> np.ndarray:
+    """A raw feature's integer values (timestamps), with the feature named if one is not an integer."""
+    try:
+        return np.array([int(float(t)) for t in tokens], dtype=np.int64)
+    except ValueError as e:
+        raise ValueError(f"feature {name!r} is raw (integers used as they are) but has a non-integer value: {e}") from e
+
+
 def dense_stat(d: DenseFeature, x: np.ndarray) -> dict[str, Any]:
     """A dense feature's spec entry: its transform and the mean and std of raw values `x` after it
     (missing values ignored; a column with none present standardises to itself)."""
@@ -345,10 +364,12 @@ def feature_spec(cfg: DataConfig, dense_stats: list[dict[str, Any]], vocabs: dic
     vocabularies and normalisation."""
     first: dict[str, SparseFeature] = {}
     for f in cfg.sparse:
-        first.setdefault(f.table or f.name, f)  # a shared table takes its first feature's pooling
+        if not f.raw:
+            first.setdefault(f.table or f.name, f)  # a shared table takes its first feature's pooling
     return {
         "sparse": [
-            {"name": f.name, "column": _column(f), "table": f.table or f.name, "multi": f.multi, "sep": f.sep, "side": f.side}
+            {"name": f.name, "column": _column(f), "table": None if f.raw else f.table or f.name, "multi": f.multi,
+             "sep": f.sep, "side": f.side, "raw": f.raw}
             for f in cfg.sparse
         ],
         "dense": dense_stats,
@@ -358,7 +379,9 @@ def feature_spec(cfg: DataConfig, dense_stats: list[dict[str, Any]], vocabs: dic
         },
         "item_column": cfg.item_column,
         "user_column": cfg.user_column,
-        "history": {"name": cfg.history.name, "positive_name": cfg.history.positive_name, "length": cfg.history.length},
+        "history": {"name": cfg.history.name, "positive_name": cfg.history.positive_name, "length": cfg.history.length,
+                    "actions_name": cfg.history.actions_name, "times_name": cfg.history.times_name,
+                    "chronological": cfg.history.chronological},
         "item_store": item_store,
     }
 

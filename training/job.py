@@ -11,10 +11,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from parallel.config import dense_degrees, validate_parallel
-from parallel.shard import check_dlrm_tp
+from parallel.plan import table_names
+from parallel.shard import check_dlrm_tp, check_hstu_tp
 from training.config import AdsfmConfig
 from training.data import data_fingerprint, load_features
-from training.models.dlrm import DLRMDense, DLRMRanker, table_configs
+from training.models import build_model
 from training.sweep import PARENT_ENV
 from training.tracking import ensure_experiment, tracking_uri
 
@@ -46,11 +47,14 @@ def validate(cfg: AdsfmConfig) -> dict[str, Any]:
     if t.eval_batch_size <= 0 or t.epochs <= 0:
         raise ValueError(f"train.epochs({t.epochs}) and train.eval_batch_size({t.eval_batch_size}) must be > 0")
     fs = load_features(cfg.data)
-    tables = [c.name for c in table_configs(fs.spec, cfg.model.embedding_dim)]
-    validate_parallel(p, tables, cfg.model.embedding_dim, t.sparse_optimizer)
-    DLRMDense(len(fs.spec["dense"]), len(fs.spec["sparse"]), cfg.model)  # raises on inconsistent sizes
-    check_dlrm_tp(list(cfg.model.over_arch), dense_degrees(p, p.num_workers)[1])
-    check_plan(DLRMRanker(fs.spec, cfg.model, device="meta"), p)
+    model = build_model(fs.spec, cfg.model, device="meta")  # raises on inconsistent sizes and features
+    validate_parallel(p, table_names(model), cfg.model.embedding_dim, t.sparse_optimizer)
+    tp = dense_degrees(p, p.num_workers)[1]
+    if cfg.model.name == "hstu":
+        check_hstu_tp(cfg.model.sequence.num_heads, tp)
+    else:
+        check_dlrm_tp(list(cfg.model.over_arch), tp)
+    check_plan(model, p)
     if cfg.data.source != "criteo" and len(fs.train_idx) < t.batch_size:
         raise ValueError(f"train.batch_size({t.batch_size}) > training rows({len(fs.train_idx)})")
     return fs.spec

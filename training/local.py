@@ -4,21 +4,22 @@ path that tests and benchmarks use when a Ray job is not what they measure."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from parallel.shard import unsharded_optimizer
 from training.config import AdsfmConfig
 from training.data import FeatureSet
 from training.loop import train_step
-from training.models.dlrm import DLRMRanker
+from training.models import build_model
 from training.stream import train_source
 from training.worker import optim_config
 
 
-def train_local(cfg: AdsfmConfig, fs: FeatureSet, max_steps: int = 0, seed: int = 0) -> DLRMRanker:
+def train_local(cfg: AdsfmConfig, fs: FeatureSet, max_steps: int = 0, seed: int = 0) -> nn.Module:
     """Train for cfg.train.epochs (or `max_steps`) with the configured optimisers, unfused."""
     torch.manual_seed(seed)
-    model = DLRMRanker(fs.spec, cfg.model, device="cpu")
-    opt = unsharded_optimizer(model, optim_config(cfg))
+    model = build_model(fs.spec, cfg.model, device="cpu")
+    opt = unsharded_optimizer(model, optim_config(cfg))  # type: ignore[arg-type]
     source = train_source(cfg.data, fs, cfg.train.batch_size, cfg.train.seed)
     step = 0
     for epoch in range(cfg.train.epochs):

@@ -16,12 +16,12 @@ from tqdm import tqdm
 
 from parallel.mesh import data_coords
 from parallel.plan import format_plan
-from parallel.shard import OptimConfig, parallelize_dlrm
+from parallel.shard import OptimConfig, parallelize_model
 from training.checkpoint import AsyncCheckpointer, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import AdsfmConfig
 from training.data import load_features
 from training.loop import LossMeter, evaluate, train_step
-from training.models.dlrm import DLRMRanker
+from training.models import build_model
 from training.stream import train_source
 
 
@@ -41,8 +41,8 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("ADSFM_THREADS_PER_WORKER", "1"))))
     fs = load_features(cfg.data)
 
-    model = DLRMRanker(fs.spec, cfg.model, device="meta")
-    dmp, optimizer, rows = parallelize_dlrm(model, cfg.parallel, optim_config(cfg), torch.device("cpu"))
+    model = build_model(fs.spec, cfg.model, device="meta")
+    dmp, optimizer, rows = parallelize_model(model, cfg.parallel, optim_config(cfg), torch.device("cpu"))  # type: ignore[arg-type]
     client = None
     if rank == 0:
         table = format_plan(rows)

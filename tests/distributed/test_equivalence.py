@@ -34,7 +34,7 @@ def _rank_setup(rank: int, world: int, port: int, cfg_yaml: str) -> tuple[Any, A
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    from parallel.shard import parallelize_dlrm
+    from parallel.shard import parallelize_model
     from training.data import load_features
     from training.job import as_config
     from training.models.dlrm import DLRMRanker
@@ -42,7 +42,7 @@ def _rank_setup(rank: int, world: int, port: int, cfg_yaml: str) -> tuple[Any, A
 
     cfg = as_config(OmegaConf.create(cfg_yaml))
     fs = load_features(cfg.data)
-    dmp, opt, _ = parallelize_dlrm(DLRMRanker(fs.spec, cfg.model, device="meta"), cfg.parallel, optim_config(cfg), torch.device("cpu"))
+    dmp, opt, _ = parallelize_model(DLRMRanker(fs.spec, cfg.model, device="meta"), cfg.parallel, optim_config(cfg), torch.device("cpu"))
     return cfg, fs, dmp, opt
 
 

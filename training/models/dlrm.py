@@ -71,8 +71,13 @@ class DLRMDense(nn.Module):
 class DLRMRanker(nn.Module):
     """Embedding tables (EmbeddingBagCollection, meant for the meta device) + DLRMDense."""
 
+    kind = "dlrm"
+
     def __init__(self, spec: dict, cfg: ModelConfig, device: torch.device | str = "meta") -> None:
         super().__init__()
+        raw = [f["name"] for f in spec["sparse"] if f.get("raw")]
+        if raw:
+            raise ValueError(f"model.name=dlrm has no use for raw features {raw}: drop them from data.sparse or use model=hstu")
         self.feature_names = [f["name"] for f in spec["sparse"]]
         self.sparse = EmbeddingBagCollection(tables=table_configs(spec, cfg.embedding_dim), device=torch.device(device))
         self.dense = DLRMDense(len(spec["dense"]), len(self.feature_names), cfg)

@@ -1,0 +1,143 @@
+"""Shared-user-compute scoring benchmark: the HSTU split graphs with a cached user state against the naive
+path that runs the whole model once per candidate, in one run.
+
+    python bench/score.py [--quick] [--out FILE.json] [--history 200] [--candidates 1,10,100,1000]
+
+One MovieLens user with a history of `--history` events (real items, ratings and times) and N candidates
+drawn from the item catalogue. Paths, milliseconds per request (median), one thread each:
+- split (warm): the user state is in the cache; candidate tokens + the candidate ONNX graph;
+- split (cold): the user ONNX graph, then the candidate graph (a cache miss);
+- joint: the eager model, all N candidates in one forward (M-FALCON masking, no cache);
+- naive: the eager model, one forward per candidate over history + that candidate.
+The model's weights are random (seeded): time does not depend on them. Ratios > 1 where split is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import result, write  # noqa: E402
+
+
+def median_ms(fn: Callable[[], Any], budget_s: float, min_reps: int = 3, max_reps: int = 200) -> float:
+    fn()  # warm-up: allocations, ORT's first run
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run(quick: bool, history: int, counts: list[int]) -> dict[str, Any]:
+    import copy
+
+    import numpy as np
+    import torch
+
+    from export.sequence import export_sequence_bundle
+    from serving.sequence import SequenceRanker
+    from training.config import compose
+    from training.data import load_features
+    from training.job import as_config
+    from training.models.hstu import HSTURanker
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = as_config(compose(["experiment=movielens_hstu", "parallel=single"]))
+    fs = load_features(cfg.data)
+    spec = copy.deepcopy(fs.spec)
+    spec["history"]["length"] = history  # the model is built for this history length
+    model = HSTURanker(spec, cfg.model, device="cpu").eval()
+    with torch.no_grad():
+        for p in model.parameters():  # the relative biases start at zero; give every weight a value
+            p.normal_(0, 0.1)
+    out = Path(tempfile.mkdtemp(prefix="adsfm-bench-score-"))
+    tables = [c.name for c in model.sparse.embedding_configs()]
+    export_sequence_bundle(model, fs, out, dict.fromkeys(tables, "fp32"), cfg.export.opset, {})
+    ranker = SequenceRanker(out)
+
+    # A real user with at least `history` ratings: their latest `history` events, as a service sends them.
+    from training.data import load_frame
+
+    df, _ = load_frame(cfg.data)
+    counts_by_user = df.groupby("user_id").size()
+    uid = counts_by_user[counts_by_user >= history].index[0]
+    ev = df[df.user_id == uid].sort_values("timestamp").tail(history)
+    request_time = int(ev.timestamp.max()) + 3600
+    user = {"user_id": str(uid), "history": ev.item_id.astype(str).tolist(), "history_rating": [f"{r:g}" for r in ev.rating],
+            "history_time": ev.timestamp.astype(int).tolist(), "timestamp": request_time}
+    for f in model.context_features:
+        user[f] = str(ev[f].iloc[0])
+    catalogue = list(ranker.item_store)
+    rng = np.random.default_rng(0)
+
+    s = model.seq
+    hist = torch.from_numpy(ranker.rows_of(ranker.features[s.history], user[s.history], ""))
+    acts = torch.from_numpy(ranker.rows_of(ranker.features[s.actions], user[s.actions], ""))
+    times = torch.tensor(user[s.times], dtype=torch.int64)
+    ctx = {f: int(ranker.rows_of(ranker.features[f], user[f], "")[0]) for f in model.context_features}
+
+    values: dict[str, float] = {}
+    ratios: dict[str, float] = {}
+    rows = []
+    budget = 0.5 if quick else 2.0
+    for n in counts:
+        items = [{"item_id": i} for i in rng.choice(catalogue, size=n, replace=n > len(catalogue))]
+        cand_rows = {f: torch.from_numpy(v) for f, v in ranker.item_rows(items).items()}
+        ranker.score(user, items)  # fills the cache
+        warm = median_ms(lambda items=items: ranker.score(user, items), budget)
+
+        def cold(items: list[dict[str, Any]] = items) -> None:
+            ranker._state.cache_clear()
+            ranker.score(user, items)
+
+        cold_ms = median_ms(cold, budget)
+        with torch.no_grad():
+            joint = median_ms(lambda cr=cand_rows: model.score(hist, acts, times, ctx, cr, request_time), budget)
+
+            def naive(cr: dict[str, torch.Tensor] = cand_rows) -> None:
+                for j in range(n):
+                    model.score(hist, acts, times, ctx, {f: v[j : j + 1] for f, v in cr.items()}, request_time)
+
+            naive_ms = median_ms(naive, budget, min_reps=1 if n >= 1000 else 3)
+        values.update({f"split_warm_ms_n{n}": warm, f"split_cold_ms_n{n}": cold_ms, f"joint_ms_n{n}": joint,
+                       f"naive_ms_n{n}": naive_ms})
+        ratios[f"split_vs_naive_n{n}"] = naive_ms / warm
+        ratios[f"split_vs_joint_n{n}"] = joint / warm
+        rows.append((n, warm, cold_ms, joint, naive_ms))
+        print(f"  N={n}: split warm {warm:.2f} ms, cold {cold_ms:.2f}, joint {joint:.2f}, naive {naive_ms:.1f}", flush=True)
+
+    print(f"\n1 user x N candidates, history {history}, ms per request (median), 1 thread")
+    print(f"{'N':>6} {'split warm':>11} {'split cold':>11} {'joint eager':>12} {'naive eager':>12} {'naive/split':>12}")
+    for n, warm, cold_ms, joint, naive_ms in rows:
+        print(f"{n:>6} {warm:>11.2f} {cold_ms:>11.2f} {joint:>12.2f} {naive_ms:>12.1f} {naive_ms / warm:>11.1f}x")
+    return result("score", {"history": history, "candidates": counts, "quick": quick, "model": "movielens_hstu",
+                            "threads": 1}, values, ratios)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="shorter timing budget per point")
+    ap.add_argument("--history", type=int, default=200)
+    ap.add_argument("--candidates", default="1,10,100,1000")
+    ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    a = ap.parse_args()
+    write(run(a.quick, a.history, [int(x) for x in a.candidates.split(",")]), a.out)
+
+
+if __name__ == "__main__":
+    main()

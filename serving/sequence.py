@@ -1,0 +1,177 @@
+"""Ray-free scoring over a sequence model's split bundle (manifest.sequence): the user graph encodes a
+user's history once into per-layer keys and values, kept in an LRU cache keyed by the user's features and
+history; the candidate graph scores any number of candidates against that state."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from export.manifest import SequenceSpec
+from serving.ranker import FeatureError, TableStore, dequantize, session_options
+
+
+@dataclass(frozen=True)
+class UserState:
+    """What the user graph computed for one user and history, and the times the candidates are biased by."""
+
+    times: np.ndarray  # [1 + n] int64: the start token's time, then the events'
+    keys: np.ndarray  # [L, 1 + n, H, da]
+    values: np.ndarray  # [L, 1 + n, H, dl]
+
+
+@dataclass
+class SequenceInputs:
+    """One request's candidate-graph inputs."""
+
+    items: np.ndarray  # [m, D]
+    request_time: int
+    state: UserState
+
+
+class SequenceRanker(TableStore):
+    """Scores candidates for a user from a split bundle (manifest.json, user.onnx, candidate.onnx, tables)."""
+
+    def __init__(self, bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000) -> None:
+        super().__init__(bundle)
+        if self.manifest.sequence is None:
+            raise ValueError(f"{bundle}: manifest has no 'sequence' section: not a sequence-model bundle")
+        self.seq: SequenceSpec = self.manifest.sequence
+        opts = session_options(intra_op_threads)
+        providers = ["CPUExecutionProvider"]
+        self.user_session = ort.InferenceSession(str(self.bundle / self.seq.user_graph), opts, providers=providers)
+        self.candidate_session = ort.InferenceSession(str(self.bundle / self.seq.candidate_graph), opts, providers=providers)
+        self.features = {f.name: f for f in self.manifest.sparse}
+        self._state = functools.lru_cache(maxsize=user_cache_size)(self._encode_json)
+        # Every item of the store as a candidate token, computed once: requests naming ids gather rows.
+        ids = list(self.item_store)
+        self._item_row = {i: r for r, i in enumerate(ids)}
+        key = self.manifest.item_column or ""
+        self._item_tokens = self._items([{key: i} for i in ids], list(range(len(ids))))
+
+    # ------------------------------------------------------------------------------------ indexed path
+
+    def _rows(self, feature: str, rows: np.ndarray) -> np.ndarray:
+        return dequantize(self.tables[self.features[feature].table_name], rows)
+
+    def encode(self, history: np.ndarray, actions: np.ndarray, times: np.ndarray, context: dict[str, int],
+               request_time: int) -> UserState:
+        """Run the user graph on table rows (oldest first; the latest max_history events are kept)."""
+        keep = self.seq.max_history
+        history, actions, times = history[-keep:], actions[-keep:], times[-keep:].astype(np.int64)
+        tokens = self._rows(self.seq.history, history) + self._rows(self.seq.actions, actions)
+        start = times[0] if len(times) else request_time
+        all_times = np.concatenate([[start], times]).astype(np.int64)
+        ctx = [self._rows(f, np.array([context[f]]))[0] for f in self.seq.context_features]
+        ctx_vec = np.concatenate(ctx) if ctx else np.zeros(self.manifest.embedding_dim, np.float32)
+        keys, values = self.user_session.run(None, {"history": tokens, "times": all_times, "context": ctx_vec})
+        return UserState(all_times, keys, values)
+
+    def item_tokens(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        """Candidate tokens [m, D] from table rows of each item feature."""
+        return np.sum([self._rows(f, rows[f]) for f in self.seq.item_features], axis=0).astype(np.float32)
+
+    def run(self, x: SequenceInputs) -> np.ndarray:
+        s = x.state
+        if s.keys.shape[1] != len(s.times):  # the encoded state and its times always travel together
+            raise ValueError(f"user state has {s.keys.shape[1]} rows but {len(s.times)} times")
+        feed = {"items": x.items, "request_time": np.array([x.request_time], np.int64), "times": s.times,
+                "keys": s.keys, "values": s.values}
+        logits = self.candidate_session.run(None, feed)[0]
+        return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+    def run_many(self, inputs: list[SequenceInputs]) -> list[np.ndarray]:
+        """Each request against its own user's state (the candidate graph takes one user at a time)."""
+        return [self.run(x) for x in inputs]
+
+    # ---------------------------------------------------------------------------------- raw-value path
+
+    def score(self, user: dict[str, Any], items: list[dict[str, Any]]) -> np.ndarray:
+        if not items:
+            return np.zeros(0)
+        return self.run(self.inputs(user, items))
+
+    def inputs(self, user: dict[str, Any], items: list[dict[str, Any]]) -> SequenceInputs:
+        """The candidate graph's inputs for one user (state from the cache) and m candidates."""
+        s = self.seq
+        request_time = self._request_time(user)
+        history_fields = {k: user.get(k) for k in (s.history, s.actions, s.times)}
+        context = {f: user.get(f) for f in s.context_features}
+        # The cache key is everything the state depends on; a history that ends earlier than the request
+        # keeps its key, since only the start token's time of an empty history depends on the request.
+        empty = not history_fields[s.history]
+        key = json.dumps([history_fields, context, request_time if empty else None], sort_keys=True, default=str)
+        state = self._state(key)
+        return SequenceInputs(self._candidate_tokens(items), request_time, state)
+
+    def _request_time(self, user: dict[str, Any]) -> int:
+        raw = user.get(self.seq.time)
+        if raw is None:
+            return int(time.time())
+        return int(self.rows_of(self.features[self.seq.time], raw, f"user.{self.seq.time}")[0])
+
+    def _encode_json(self, key: str) -> UserState:
+        history_fields, context, request_time = json.loads(key)
+        s = self.seq
+        hist = self.rows_of(self.features[s.history], history_fields[s.history], f"user.{s.history}")
+        acts = self.rows_of(self.features[s.actions], history_fields[s.actions], f"user.{s.actions}")
+        times = self.rows_of(self.features[s.times], history_fields[s.times], f"user.{s.times}")
+        if not len(hist) == len(acts) == len(times):
+            raise FeatureError(f"user.{s.history}", f"{s.history} ({len(hist)}), {s.actions} ({len(acts)}) and "
+                               f"{s.times} ({len(times)}) must list the same events, one value each")
+        order = np.argsort(times, kind="stable")  # the model reads events oldest first
+        ctx = {f: int(self.rows_of(self.features[f], context[f], f"user.{f}")[0]) if context[f] is not None else 0
+               for f in s.context_features}
+        return self.encode(hist[order], acts[order], times[order], ctx, int(request_time or 0))
+
+    def item_rows(self, items: list[dict[str, Any]], where: list[int] | None = None) -> dict[str, np.ndarray]:
+        """Table rows of each item feature for raw items (store values filled in); `where` numbers them in
+        error messages."""
+        where = where if where is not None else list(range(len(items)))
+        full = [self.item_features(it) for it in items]
+        return {f: np.array([self._one_row(f, it.get(f), w) for w, it in zip(where, full, strict=True)], dtype=np.int64)
+                for f in self.seq.item_features}
+
+    def _items(self, items: list[dict[str, Any]], where: list[int]) -> np.ndarray:
+        if not items:
+            return np.zeros((0, self.manifest.embedding_dim), np.float32)
+        return self.item_tokens(self.item_rows(items, where))
+
+    def _one_row(self, feature: str, raw: Any, i: int) -> int:
+        r = self.rows_of(self.features[feature], raw, f"candidates[{i}].{feature}")
+        return int(r[0]) if len(r) else 0
+
+    def _candidate_tokens(self, items: list[dict[str, Any]]) -> np.ndarray:
+        key = self.manifest.item_column or ""
+        out = np.empty((len(items), self.manifest.embedding_dim), np.float32)
+        stored = [i for i, it in enumerate(items) if len(it) == 1 and str(it.get(key)) in self._item_row] if key else []
+        if stored:
+            out[stored] = self._item_tokens[[self._item_row[str(items[i][key])] for i in stored]]
+        rest = sorted(set(range(len(items))) - set(stored))
+        if rest:
+            out[rest] = self._items([items[i] for i in rest], rest)
+        return out
+
+    def score_columns(self, columns: dict[str, list[Any]]) -> np.ndarray:
+        """Probabilities for many (user, item) rows given as raw columns (evaluation, batch scoring): one user
+        state per distinct user and history (from the cache), one candidate-graph run per row."""
+        m = self.manifest
+        n = len(next(iter(columns.values()))) if columns else 0
+        user_fields = [f for f in columns if f in m.request_fields("user")]
+        item_fields = [f for f in columns if f in m.request_fields("item")]
+        out = np.empty(n)
+        for i in range(n):
+            user = {f: columns[f][i] for f in user_fields}
+            item = {f: columns[f][i] for f in item_fields if columns[f][i] is not None}
+            out[i] = self.score(user, [item])[0]
+        return out
+
+    def user_cache_info(self) -> Any:
+        return self._state.cache_info()
