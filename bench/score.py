@@ -109,7 +109,7 @@ def run(quick: bool, history: int, counts: list[int]) -> dict[str, Any]:
         with torch.no_grad():
             joint = median_ms(lambda cr=cand_rows: model.score(hist, acts, times, ctx, cr, request_time), budget)
 
-            def naive(cr: dict[str, torch.Tensor] = cand_rows) -> None:
+            def naive(cr: dict[str, torch.Tensor] = cand_rows, n: int = n) -> None:
                 for j in range(n):
                     model.score(hist, acts, times, ctx, {f: v[j : j + 1] for f, v in cr.items()}, request_time)
 

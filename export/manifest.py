@@ -76,9 +76,10 @@ class SequenceSpec(BaseModel):
     For one user: `history` [n, D] is the sum of the rows of the `history` and `actions` features of the
     user's events (oldest first, the latest `max_history`); `times` [1 + n] int64 is a start time (the first
     event's, or without events the request's) followed by the events' times; `context` [F * D] concatenates
-    the rows of `context_features`. The user graph maps those to `keys` and `values`, which serving caches
-    per user and history. Candidates: `items` [m, D] sums the rows of `item_features`; the candidate graph
-    takes them with `request_time` [1], the same `times` and the cached keys and values, and returns logits.
+    the rows of `context_features`. The user graph maps those to `user_context`, `keys` and `values`, which
+    serving caches per user and history. Candidates: `items` [m, D] sums the rows of `item_features`; the
+    candidate graph takes them with `request_time` [1], the same `times` and the cached state, and returns
+    logits. Events with equal times keep the order given.
     """
 
     user_graph: str = "user.onnx"

@@ -33,11 +33,11 @@ def export_split(dense: HSTUDense, num_context: int, dim: int, out: Path, opset:
     user_in = ["history", "times", "context"]
     events = torch.export.Dim("events", min=2, max=1 << 16)
     _save(UserSide(dense), (torch.randn(n - 1, dim), times, torch.randn(max(num_context, 1) * dim)), user_in,
-          ["keys", "values"], ({0: events}, {0: events + 1}, None), out / "user.onnx", opset)
+          ["user_context", "keys", "values"], ({0: events}, {0: events + 1}, None), out / "user.onnx", opset)
     heads = layers[0].q.out_features // layers[0].attention_dim
     keys = torch.randn(len(layers), n, heads, layers[0].attention_dim)
     values = torch.randn(len(layers), n, heads, layers[0].linear_dim)
-    cand_in = ["items", "request_time", "times", "keys", "values"]
-    _save(CandidateSide(dense), (torch.randn(m, dim), torch.tensor([2_000_000_000]), times, keys, values),
-          cand_in, ["logit"], ({0: cands}, None, {0: hist_len}, {1: hist_len}, {1: hist_len}), out / "candidate.onnx", opset)
+    cand_in = ["items", "request_time", "times", "user_context", "keys", "values"]
+    _save(CandidateSide(dense), (torch.randn(m, dim), torch.tensor([2_000_000_000]), times, torch.randn(dim), keys, values),
+          cand_in, ["logit"], ({0: cands}, None, {0: hist_len}, None, {1: hist_len}, {1: hist_len}), out / "candidate.onnx", opset)
     return user_in, cand_in

@@ -23,6 +23,7 @@ class UserState:
     """What the user graph computed for one user and history, and the times the candidates are biased by."""
 
     times: np.ndarray  # [1 + n] int64: the start token's time, then the events'
+    context: np.ndarray  # [D]
     keys: np.ndarray  # [L, 1 + n, H, da]
     values: np.ndarray  # [L, 1 + n, H, dl]
 
@@ -71,8 +72,8 @@ class SequenceRanker(TableStore):
         all_times = np.concatenate([[start], times]).astype(np.int64)
         ctx = [self._rows(f, np.array([context[f]]))[0] for f in self.seq.context_features]
         ctx_vec = np.concatenate(ctx) if ctx else np.zeros(self.manifest.embedding_dim, np.float32)
-        keys, values = self.user_session.run(None, {"history": tokens, "times": all_times, "context": ctx_vec})
-        return UserState(all_times, keys, values)
+        user_context, keys, values = self.user_session.run(None, {"history": tokens, "times": all_times, "context": ctx_vec})
+        return UserState(all_times, user_context, keys, values)
 
     def item_tokens(self, rows: dict[str, np.ndarray]) -> np.ndarray:
         """Candidate tokens [m, D] from table rows of each item feature."""
@@ -83,7 +84,7 @@ class SequenceRanker(TableStore):
         if s.keys.shape[1] != len(s.times):  # the encoded state and its times always travel together
             raise ValueError(f"user state has {s.keys.shape[1]} rows but {len(s.times)} times")
         feed = {"items": x.items, "request_time": np.array([x.request_time], np.int64), "times": s.times,
-                "keys": s.keys, "values": s.values}
+                "user_context": s.context, "keys": s.keys, "values": s.values}
         logits = self.candidate_session.run(None, feed)[0]
         return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 

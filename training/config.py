@@ -85,6 +85,12 @@ class SyntheticConfig:
     """Values per bag for every table."""
     zipf_alpha: float = 1.1
     num_dense: int = 13
+    events_per_user: int = 0
+    """> 0: a sequence dataset instead: `users` users, each with this many time-ordered ratings of Zipf-drawn
+    items (out of `rows`) that follow the user's latent taste; columns user_id, item_id, rating, timestamp."""
+    users: int = 64
+    rows_per_user: int = 40
+    """Sequence dataset: each user's latest events that become rows; earlier ones are history only."""
 
 
 @dataclass
@@ -168,7 +174,7 @@ class SequenceModelConfig:
     """Relative time-gap bias buckets: |dt| in [4^(k-1), 4^k) seconds → bucket k."""
     attention_norm: float = 0.0
     """Attention weights are silu(score) / attention_norm; 0: data.history.length (the longest history)."""
-    dropout: float = 0.1
+    dropout: float = 0.5
 
 
 @dataclass

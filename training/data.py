@@ -113,6 +113,26 @@ def synthetic_frame(cfg: DataConfig) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
+def synthetic_events(cfg: DataConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    """Users with long, time-ordered rating histories (for sequence models and speed work), and a mask of
+    the rows to keep: each user's latest `rows_per_user` events; the earlier ones are history only."""
+    s = cfg.synthetic
+    rng = np.random.default_rng(cfg.seed)
+    k = 8
+    taste = rng.normal(size=(s.users, k))
+    traits = rng.normal(size=(s.rows, k))
+    n = s.users * s.events_per_user
+    users = np.repeat(np.arange(s.users), s.events_per_user)
+    items = (rng.zipf(s.zipf_alpha, size=n) - 1) % s.rows
+    affinity = (taste[users] * traits[items]).sum(1) / np.sqrt(k)
+    rating = np.clip(np.round(3 + 1.2 * affinity + rng.normal(0, 0.7, n)), 1, 5)
+    gaps = rng.exponential(3 * 3600, size=(s.users, s.events_per_user)).astype(np.int64) + 1
+    times = (1_600_000_000 + np.cumsum(gaps, axis=1)).reshape(-1)
+    df = pd.DataFrame({"user_id": users.astype(str), "item_id": items.astype(str), "rating": rating, "timestamp": times})
+    keep = np.tile(np.arange(s.events_per_user) >= s.events_per_user - s.rows_per_user, s.users)
+    return df, keep
+
+
 def synthetic_features(cfg: DataConfig) -> DataConfig:
     """The generator's columns as features, unless the config declares its own."""
     if cfg.sparse:
@@ -201,15 +221,19 @@ def _column(f: SparseFeature | DenseFeature) -> str:
     return f.column or f.name
 
 
-def add_history(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+def add_history(df: pd.DataFrame, cfg: DataConfig, keep: np.ndarray | None = None) -> pd.DataFrame:
     """Each row's most recent items of the same user with strictly earlier timestamps (no leakage); with
-    `actions_name` / `times_name`, also those events' label values and timestamps, in step."""
+    `actions_name` / `times_name`, also those events' label values and timestamps, in step. With `keep`,
+    only those rows are returned (the others still count as history)."""
     h = cfg.history
     if h.length <= 0 or h.name in df.columns:
-        return df
+        return df if keep is None else df[keep].reset_index(drop=True)
     if not (cfg.user_column and cfg.time_column and cfg.item_column):
         raise ValueError("data.history.length > 0 needs data.user_column, data.time_column and data.item_column")
+    if keep is not None:
+        df = df.assign(_keep=keep)
     df = df.sort_values([cfg.user_column, cfg.time_column], kind="stable").reset_index(drop=True)
+    kept = df.pop("_keep").to_numpy() if keep is not None else np.ones(len(df), dtype=bool)
     labels = _labels(df, cfg)
     raw_labels = pd.to_numeric(df[cfg.label]).to_numpy()
     actions_all = np.array([f"{v:g}" for v in raw_labels]) if h.actions_name else None
@@ -225,6 +249,8 @@ def add_history(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
         # rows are time-sorted: events before index `first` of a timestamp are strictly earlier.
         first = np.searchsorted(times, times, side="left")
         for k, r in enumerate(rows):
+            if not kept[r]:
+                continue
             lo, hi = max(0, first[k] - h.length), first[k]
             columns[h.name][r] = "|".join(items[lo:hi][order])
             if h.positive_name:
@@ -236,7 +262,7 @@ def add_history(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
                 columns[h.times_name][r] = "|".join(stamps[lo:hi][order])
     for name, col in columns.items():
         df[name] = col
-    return df
+    return df if keep is None else df[kept].reset_index(drop=True)
 
 
 def _labels(df: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
@@ -436,6 +462,9 @@ def load_frame(cfg: DataConfig) -> tuple[pd.DataFrame, DataConfig]:
         if not cfg.path:
             raise ValueError("data.source=tabular needs data.path (a CSV or parquet file)")
         df = load_tabular_frame(cfg.path)
+    elif cfg.source == "synthetic" and cfg.synthetic.events_per_user > 0:
+        df, keep = synthetic_events(cfg)
+        return add_history(df, cfg, keep), cfg
     elif cfg.source == "synthetic":
         df = synthetic_frame(cfg)
         cfg = synthetic_features(cfg)

@@ -101,15 +101,12 @@ class HSTUDense(nn.Module):
     def blocks(self) -> list[HSTULayer]:
         return [cast(HSTULayer, layer) for layer in self.layers]
 
-    def begin(self, context: torch.Tensor) -> torch.Tensor:
-        """Each user's first token [B, D]: a learned start vector plus the user's context features [B, F*D].
-        Every sequence has one, so a user without history still has a state, and no graph sees zero rows."""
-        return self.bos + self.context(context)
-
     def forward(self, hist: torch.Tensor, hist_lengths: torch.Tensor, hist_times: torch.Tensor, context: torch.Tensor,
                 cand: torch.Tensor, cand_lengths: torch.Tensor, cand_times: torch.Tensor, max_len: int) -> torch.Tensor:
         """Logits [Tc] of jagged candidate tokens [Tc, D] (cand_lengths per user, each >= 1) after a start token
-        and jagged history tokens [Th, D]. `max_len` bounds 1 + history + candidates of one user (a host
+        and jagged history tokens [Th, D]. The start token is a learned vector plus the projection of the
+        user's context features [B, F*D], which candidates also receive; every sequence has one, so a user
+        without history still has a state and no exported graph sees zero rows. `max_len` bounds 1 + history + candidates of one user (a host
         int: no device sync). The start token takes the first event's time (without events, the request's)."""
         b = hist_lengths.shape[0]
         dev = hist.device
@@ -130,7 +127,11 @@ class HSTUDense(nn.Module):
         c_pos = offsets[c_user] + 1 + hist_lengths[c_user] + torch.arange(cand.shape[0], device=dev) - cand_off[c_user]
         total = b + hist.shape[0] + cand.shape[0]
         x = hist.new_empty(total, hist.shape[1])
-        x = x.index_copy(0, s_pos, self.begin(context)).index_copy(0, h_pos, hist).index_copy(0, c_pos, cand + self.query)
+        ctx = self.context(context)
+        # The user's context reaches candidates directly as well as through the start token (holdout AUC
+        # 0.7958 against 0.7915 through the start token alone, MovieLens, 3 epochs).
+        cand = cand + self.query + torch.repeat_interleave(ctx, cand_lengths, dim=0, output_size=cand.shape[0])
+        x = x.index_copy(0, s_pos, self.bos + ctx).index_copy(0, h_pos, hist).index_copy(0, c_pos, cand)
         times = hist_times.new_empty(total)
         times = times.index_copy(0, s_pos, start_times).index_copy(0, h_pos, hist_times).index_copy(0, c_pos, cand_times)
         for layer in self.blocks():
@@ -235,15 +236,17 @@ class UserSide(nn.Module):
 
     Inputs: history [n, D] (item + action embeddings), times [1 + n] int64 (the start token's, then the
     events'), context [F*D] (the user's single-valued feature embeddings).
-    Outputs: keys [L, 1 + n, H, da], values [L, 1 + n, H, dl] (start token first).
+    Outputs: user_context [D], keys [L, 1 + n, H, da], values [L, 1 + n, H, dl] (start token first).
     """
 
     def __init__(self, dense: HSTUDense) -> None:
         super().__init__()
         self.dense = dense
 
-    def forward(self, history: torch.Tensor, times: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([self.dense.begin(context.unsqueeze(0)), history])
+    def forward(self, history: torch.Tensor, times: torch.Tensor, context: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx = self.dense.context(context.unsqueeze(0))
+        x = torch.cat([self.dense.bos + ctx, history])
         keys, values = [], []
         last = len(self.dense.layers) - 1
         for i, layer in enumerate(self.dense.blocks()):
@@ -252,23 +255,23 @@ class UserSide(nn.Module):
             values.append(v)
             if i < last:  # the last layer's history outputs feed nothing the candidates read
                 x = layer.finish(x, single_sequence_attention(layer, q, k, v, times), u)
-        return torch.stack(keys), torch.stack(values)
+        return ctx[0], torch.stack(keys), torch.stack(values)
 
 
 class CandidateSide(nn.Module):
     """Graph 2 of the split: candidates + one user's cached state → logits.
 
     Inputs: items [m, D] (each candidate's summed item-side embeddings), request_time [1] int64,
-    times [1 + n] int64 (as UserSide's), and UserSide's keys and values.
+    times [1 + n] int64 (as UserSide's), and UserSide's user_context, keys and values.
     """
 
     def __init__(self, dense: HSTUDense) -> None:
         super().__init__()
         self.dense = dense
 
-    def forward(self, items: torch.Tensor, request_time: torch.Tensor, times: torch.Tensor, keys: torch.Tensor,
-                values: torch.Tensor) -> torch.Tensor:
-        x = items + self.dense.query
+    def forward(self, items: torch.Tensor, request_time: torch.Tensor, times: torch.Tensor, user_context: torch.Tensor,
+                keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        x = items + self.dense.query + user_context
         n = times.shape[0]
         hist_pos = torch.arange(n, device=items.device)
         for i, layer in enumerate(self.dense.blocks()):
