@@ -110,8 +110,6 @@ def parallelize_model(
     kind = getattr(model, "kind", "dlrm")
     if mesh is not None and mesh["tp"].size() > 1:
         parallelize_module(dense, mesh["tp"], hstu_tp_plan(len(dense.layers)) if kind == "hstu" else dlrm_tp_plan())
-        if kind == "hstu":
-            _sum_head_shared_grads(dense, mesh["tp"].get_group())
     if mesh is not None and not ddp:
         blocks = list(dense.layers) if kind == "hstu" else [dense.dense_arch, dense.over_arch]
         for block in blocks:
@@ -134,6 +132,9 @@ def parallelize_model(
         sync = ReplicaSync(dmp, env)
         sync.broadcast()
         return dmp, SyncedOptimizer(optimizers, sync), plan_rows(plan, est_ms)
+    if kind == "hstu" and mesh is not None and mesh["tp"].size() > 1:
+        shared = [p for layer in dense.layers for p in (layer.position_bias, layer.time_bias)]
+        return dmp, HeadSharedGradSum(optimizers, shared, mesh["tp"].get_group()), plan_rows(plan, est_ms)
     return dmp, CombinedOptimizer(optimizers), plan_rows(plan, est_ms)
 
 
@@ -156,18 +157,21 @@ def hstu_tp_plan(num_layers: int) -> dict[str, Any]:
     return plan
 
 
-def _sum_head_shared_grads(dense: nn.Module, group: dist.ProcessGroup) -> None:
+class HeadSharedGradSum(CombinedOptimizer):
     """HSTU's relative bias is shared by all heads, so under tensor parallelism each rank's gradient covers
-    only its heads: summing over the tp group gives every rank the whole gradient, as in one process."""
-    for layer in dense.layers:  # type: ignore[union-attr]
-        for p in (layer.position_bias, layer.time_bias):
-            p.register_hook(lambda g, group=group: _all_reduced(g, group))
+    only its own heads: the sum over the tp group, before each step, is the whole gradient (as in one
+    process). Done here rather than by a tensor hook because FSDP2 sets sharded gradients outside autograd."""
 
+    def __init__(self, optimizers: list[Any], shared: list[nn.Parameter], group: dist.ProcessGroup) -> None:
+        super().__init__(optimizers)
+        self._shared, self._group = shared, group
 
-def _all_reduced(g: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    g = g.clone()
-    dist.all_reduce(g, group=group)
-    return g
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for p in self._shared:
+            if p.grad is not None:
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                dist.all_reduce(g, group=self._group)
+        super().step(closure)
 
 
 def check_hstu_tp(num_heads: int, tp: int) -> None:
