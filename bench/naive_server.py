@@ -25,14 +25,22 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 from training.checkpoint import load_into_unsharded  # noqa: E402
 from training.data import Vocab, load_features  # noqa: E402
 from training.job import as_config  # noqa: E402
-from training.models.dlrm import DLRMRanker  # noqa: E402
+from training.models import build_model  # noqa: E402
+
+
+def values(f: dict[str, Any], raw: Any) -> list[str]:
+    if raw is None:
+        return []
+    if isinstance(raw, list):
+        return [str(v) for v in raw]
+    return [t for t in str(raw).split(f["sep"]) if t] if f["multi"] else [str(raw)]
 
 
 def build(config: str, checkpoint: str) -> FastAPI:
     cfg = as_config(OmegaConf.load(config))
     fs = load_features(cfg.data)
     spec = fs.spec
-    model = DLRMRanker(spec, cfg.model, device="cpu")
+    model = build_model(spec, cfg.model, device="cpu")
     load_into_unsharded(model, Path(checkpoint))
     model.eval()
     torch.set_num_threads(1)
@@ -40,13 +48,52 @@ def build(config: str, checkpoint: str) -> FastAPI:
     store: dict[str, dict[str, Any]] = spec["item_store"]
     key = spec["item_column"]
     app = FastAPI()
+    if cfg.model.name == "hstu":
+        _sequence_route(app, model, spec, vocabs)
+    else:
+        _dlrm_route(app, model, spec, vocabs, store, key)
 
-    def values(f: dict[str, Any], raw: Any) -> list[str]:
-        if raw is None:
-            return []
-        if isinstance(raw, list):
-            return [str(v) for v in raw]
-        return [t for t in str(raw).split(f["sep"]) if t] if f["multi"] else [str(raw)]
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def _sequence_route(app: FastAPI, model: Any, spec: dict[str, Any], vocabs: dict[str, Vocab]) -> None:
+    """HSTU as trained: the whole model over history + all candidates in one forward per request."""
+    s = model.seq
+    by_name = {f["name"]: f for f in spec["sparse"]}
+    store: dict[str, dict[str, Any]] = spec["item_store"]
+    key = spec["item_column"]
+
+    def rows(name: str, raw: Any) -> torch.Tensor:
+        f = by_name[name]
+        vals = values(f, raw)
+        if f.get("raw"):
+            return torch.tensor([int(float(v)) for v in vals], dtype=torch.int64)
+        return torch.from_numpy(vocabs[f["table"]].lookup(vals))
+
+    @app.post("/v1/rank")
+    async def rank(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        user, cands = body["user"], body["candidates"]
+        items = [{**store.get(str(c.get(key)), {}), **c} for c in cands]
+        times = rows(s.times, user.get(s.times))
+        order = torch.argsort(times, stable=True)
+        ctx = {f: int(rows(f, user.get(f))[0]) if user.get(f) is not None else 0 for f in model.context_features}
+        cand_rows = {f: torch.cat([rows(f, it.get(f))[:1] if it.get(f) is not None else torch.zeros(1, dtype=torch.int64)
+                                   for it in items]) for f in model.item_features}
+        with torch.no_grad():
+            logits = model.score(rows(s.history, user.get(s.history))[order], rows(s.actions, user.get(s.actions))[order],
+                                 times[order], ctx, cand_rows, int(rows(s.time, user.get(s.time))[0]))
+        scores = torch.sigmoid(logits).tolist()
+        ranked = sorted(range(len(items)), key=lambda i: -scores[i])
+        return {"candidates": [{"item": cands[i], "score": scores[i], "rank": r + 1} for r, i in enumerate(ranked)]}
+
+
+def _dlrm_route(app: FastAPI, model: Any, spec: dict[str, Any], vocabs: dict[str, Vocab], store: dict[str, dict[str, Any]],
+                key: str) -> None:
 
     @app.post("/v1/rank")
     async def rank(request: Request) -> dict[str, Any]:
@@ -74,12 +121,6 @@ def build(config: str, checkpoint: str) -> FastAPI:
             scores = torch.sigmoid(model(torch.from_numpy(dense), kjt)).tolist()
         order = sorted(range(n), key=lambda i: -scores[i])
         return {"candidates": [{"item": cands[i], "score": scores[i], "rank": r + 1} for r, i in enumerate(order)]}
-
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    return app
 
 
 if __name__ == "__main__":

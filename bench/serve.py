@@ -2,15 +2,17 @@
 
     python bench/serve.py [--quick] [--out FILE.json] [--seconds 8] [--concurrency 1,8,32] [--qps 200]
 
-One run on this machine, 127.0.0.1 only. It trains the MovieLens DLRM (one process, 1 epoch), exports and
-registers it, then serves it three ways, fed the same request stream:
+One run on this machine, 127.0.0.1 only. It trains the MovieLens DLRM (one process, 1 epoch) and the
+MovieLens HSTU (one process, 40 steps, 200-event histories), exports and registers them, then serves each
+three ways, fed the same request stream:
 - adsfm: the Ray Serve app in its shipped configuration (conf/serve/default.yaml);
 - noop: a Ray Serve deployment that answers a constant, in the same configuration (Ray Serve's own cost);
 - naive: bench/naive_server.py, FastAPI + uvicorn running the eager PyTorch model as trained, one forward
   per request, no cross-request batching, no cache.
 The stream is realistic: users drawn with their MovieLens frequency (a random rating's user), each with the
-real features and history of that moment, candidates drawn from the item catalogue. Workload A ranks 100
-candidates per request, workload B 1,000. Closed loop: C clients, each sending its next request when the
+real features and history of that moment, candidates drawn from the item catalogue. Workload A: the DLRM,
+100 candidates per request; workload B: the HSTU (split graphs and cached user state in adsfm, the whole
+model per request in the naive server), 500 candidates per request for users with a full 200-event history. Closed loop: C clients, each sending its next request when the
 last is answered, for --seconds per point; --qps adds an open-loop point (fixed arrival rate).
 """
 
@@ -38,7 +40,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def request_stream(cfg: Any, n_candidates: int, count: int, seed: int) -> list[bytes]:
+def request_stream(cfg: Any, n_candidates: int, count: int, seed: int, full_history: int = 0) -> list[bytes]:
     import numpy as np
 
     from training.data import example_request, load_features, load_frame
@@ -47,7 +49,8 @@ def request_stream(cfg: Any, n_candidates: int, count: int, seed: int) -> list[b
     df, _ = load_frame(cfg.data)
     rng = np.random.default_rng(seed)
     catalogue = np.array(sorted(fs.spec["item_store"]))
-    rows = rng.integers(0, len(df), size=count)  # a random rating: users weighted by how often they rate
+    pool = np.flatnonzero(fs.sparse["history"][1] == full_history) if full_history else np.arange(len(df))
+    rows = rng.choice(pool, size=count)  # a random rating: users weighted by how often they rate
     out = []
     for r in rows:
         cands = rng.choice(catalogue, size=min(n_candidates, len(catalogue)), replace=n_candidates > len(catalogue))
@@ -137,8 +140,8 @@ def _wait_http(url: str, seconds: float = 120) -> None:
     raise RuntimeError(f"{url} did not come up in {seconds} s")
 
 
-def setup(root: Path, quick: bool) -> tuple[Any, Path, str]:
-    """Train (1 epoch, one process), checkpoint, export, register: (config, checkpoint, tracking uri)."""
+def setup(root: Path, overrides: list[str], name: str, max_steps: int = 0) -> tuple[Any, Path, str]:
+    """Train (one process), checkpoint, export, register as `name`: (config, checkpoint, tracking uri)."""
     from omegaconf import OmegaConf
 
     from export.bundle import export_bundle
@@ -151,32 +154,35 @@ def setup(root: Path, quick: bool) -> tuple[Any, Path, str]:
     from training.tracking import ensure_experiment
 
     cfg = as_config(compose([f"run_root={root}", "train.epochs=1", "parallel=single", "train.progress=false",
-                             "export.model_name=bench-serve"]))
+                             f"export.model_name={name}", "export.parity_rows=2000", *overrides]))
     fs = load_features(cfg.data)
-    model = train_local(cfg, fs)
-    ckpt = save_checkpoint(model, root / "checkpoints" / "step_1")
-    export_bundle(cfg, ckpt, root / "bundle")
+    model = train_local(cfg, fs, max_steps=max_steps)
+    ckpt = save_checkpoint(model, root / name / "checkpoints" / "step_1")
+    export_bundle(cfg, ckpt, root / name / "bundle")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     exp = ensure_experiment(uri, "bench-serve", str(root))
-    log_and_register(root / "bundle", "bench-serve", uri, run_id=None, experiment_id=exp)
-    (root / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    log_and_register(root / name / "bundle", name, uri, run_id=None, experiment_id=exp)
+    (root / name / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     return cfg, ckpt, uri
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     from fastapi import FastAPI
+    from omegaconf import OmegaConf
     from ray import serve
 
     from serving import app as serve_app
     from training.job import init_ray
 
     root = Path(tempfile.mkdtemp(prefix="adsfm-bench-serve-"))
-    cfg, ckpt, uri = setup(root, a.quick)
-    streams = {"a": request_stream(cfg, 100, 500, seed=1), "b": request_stream(cfg, 1000, 200, seed=2)}
+    models = {"a": setup(root, [], "bench-serve"),
+              "b": setup(root, ["experiment=movielens_hstu", "data.history.length=200"], "bench-serve-hstu", max_steps=40)}
+    streams = {"a": request_stream(models["a"][0], 100, 500, seed=1),
+               "b": request_stream(models["b"][0], 500, 200, seed=2, full_history=200)}
 
     init_ray(None)
+    cfg = models["a"][0]
     cfg.serve.port = free_port()
-    base = serve_app.start(cfg.serve, uri, name="adsfm")
     noop_api = FastAPI()
 
     @serve.deployment(max_ongoing_requests=cfg.serve.max_ongoing_requests, num_replicas=cfg.serve.num_replicas,
@@ -187,17 +193,24 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         async def rank(self) -> dict[str, list[Any]]:
             return {"candidates": []}
 
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(Noop.bind(), name="noop", route_prefix="/noop", blocking=False)  # type: ignore[attr-defined]
-    naive_port = free_port()
-    naive = subprocess.Popen([sys.executable, str(Path(__file__).with_name("naive_server.py")), str(root / "config.yaml"), str(ckpt),
-                              str(naive_port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    servers = {"adsfm": f"{base}/v1/rank", "noop": f"{base}/noop/v1/rank", "naive": f"http://127.0.0.1:{naive_port}/v1/rank"}
+    base = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    values: dict[str, float] = {}
+    rows = []
+    naive: subprocess.Popen[bytes] | None = None
     try:
-        _wait_http(f"{base}/healthz")
-        _wait_http(f"http://127.0.0.1:{naive_port}/healthz")
-        values: dict[str, float] = {}
-        rows = []
         for wl, bodies in streams.items():
+            wl_cfg, ckpt, uri = models[wl]
+            name_ = wl_cfg.export.model_name
+            serve_app.start(OmegaConf.merge(cfg.serve, {"model_name": name_}), uri, name="adsfm")  # type: ignore[arg-type]
+            naive_port = free_port()
+            naive = subprocess.Popen([sys.executable, str(Path(__file__).with_name("naive_server.py")),
+                                      str(root / name_ / "config.yaml"), str(ckpt), str(naive_port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            servers = {"adsfm": f"{base}/v1/rank", "noop": f"{base}/noop/v1/rank", "naive": f"http://127.0.0.1:{naive_port}/v1/rank"}
+            _wait_http(f"{base}/healthz")
+            _wait_http(f"http://127.0.0.1:{naive_port}/healthz")
             for name, url in servers.items():
                 asyncio.run(closed_loop(url, bodies, 4, 1.0))  # warm-up: caches, connections, first-call costs
                 points = [("c", c) for c in a.concurrency] + ([("qps", a.qps)] if a.qps else [])
@@ -211,8 +224,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     rows.append((wl.upper(), name, tag, r))
                     print(f"  {wl.upper()} {name:<6} {tag:<7} p50 {r['p50_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms  "
                           f"{r['qps']:7.1f} req/s  errors {r['errors']:.0f}", flush=True)
+            naive.terminate()
+            naive.wait()
+            serve_app.stop("adsfm")
     finally:
-        naive.terminate()
+        if naive is not None:
+            naive.terminate()
         serve.shutdown()
     ratios = {}
     top = max(a.concurrency)
@@ -222,7 +239,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             ratios[f"naive_vs_adsfm_p99_c{top}{suffix}"] = values[f"naive_p99_ms_c{top}{suffix}"] / values[f"adsfm_p99_ms_c{top}{suffix}"]
     print(f"\n{'workload':<9} {'server':<7} {'load':<8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>7}")
     for wl, name, tag, r in rows:
-        print(f"{wl + (' (100)' if wl == 'A' else ' (1000)'):<9} {name:<7} {tag:<8} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} "
+        print(f"{wl + (' (100)' if wl == 'A' else ' (500)'):<9} {name:<7} {tag:<8} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} "
               f"{r['p99_ms']:>8.2f} {r['qps']:>8.1f} {r['errors']:>7.0f}")
     print()
     for k, v in ratios.items():

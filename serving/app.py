@@ -160,11 +160,11 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_app(ServeConfig(**args), tracking_uri)
 
 
-def start(cfg: ServeConfig, tracking_uri: str, name: str = "adsfm") -> str:
-    """Run the app on an initialised Ray; returns the base URL."""
+def start(cfg: ServeConfig, tracking_uri: str, name: str = "adsfm", route_prefix: str = "/") -> str:
+    """Run the app on an initialised Ray; returns the base URL (with the route prefix)."""
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg, tracking_uri), name=name, route_prefix="/", blocking=False)
-    return f"http://{cfg.host}:{cfg.port}"
+    serve.run(build_app(cfg, tracking_uri), name=name, route_prefix=route_prefix, blocking=False)
+    return f"http://{cfg.host}:{cfg.port}{route_prefix.rstrip('/')}"
 
 
 def stop(name: str = "adsfm") -> None:

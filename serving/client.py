@@ -28,6 +28,8 @@ class RankClient:
                  retries: int = 2) -> None:
         self.url = url.rstrip("/")
         self.timeout_s, self.retries = timeout_s, retries
+        self.retried = 0
+        """Attempts that failed with a connection error or a 5xx and were retried (for a service's metrics)."""
         self.session = requests.Session()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
@@ -54,5 +56,6 @@ class RankClient:
                     except ValueError:
                         detail = r.text
                     raise RankError(r.status_code, detail)
+            self.retried += 1
             time.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")

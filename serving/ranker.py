@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import functools
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from safetensors.numpy import load_file
 
 from export.manifest import DenseFeatureSpec, Manifest, SparseFeatureSpec, TableSpec, stable_hash
 
@@ -35,8 +35,36 @@ class Bag:
     lengths: np.ndarray
 
 
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I64": np.int64, "F64": np.float64}
+
+
+def mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's arrays as read-only memory maps: a replica touches only the rows it looks up,
+    and replicas on one host share the pages. The format is an 8-byte header length, a JSON header of
+    dtype, shape and byte range per array, then the raw little-endian data."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        if size > 100 << 20:
+            raise ValueError(f"{path}: safetensors header of {size} bytes is not plausible")
+        header = json.loads(f.read(size))
+    out: dict[str, np.ndarray] = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
+        begin, end = meta["data_offsets"]
+        shape = tuple(meta["shape"])
+        if dtype is None or end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+            raise ValueError(f"{path}: array {key!r} has dtype {meta['dtype']} and {end - begin} bytes for shape {shape}")
+        if end == begin:
+            out[key] = np.zeros(shape, dtype)
+            continue
+        out[key] = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r", offset=8 + size + begin, shape=shape)
+    return out
+
+
 def _load_table(bundle: Path, name: str, t: TableSpec) -> dict[str, np.ndarray]:
-    arrays = load_file(str(bundle / t.file))
+    arrays = mmap_safetensors(bundle / t.file)
     layouts: dict[str, dict[str, tuple[tuple[int, int], type]]] = {
         "fp32": {"weight": ((t.rows, t.dim), np.float32)},
         "fp16": {"weight": ((t.rows, t.dim), np.float16)},

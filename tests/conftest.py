@@ -12,6 +12,10 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Without a GPU, the Triton kernels' CPU tests run under Triton's interpreter, which must be chosen before
+# anything imports triton (torch, torchrec and fbgemm may, long before the kernel tests are collected).
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def free_port() -> int:

@@ -145,3 +145,39 @@ def test_oversized_body_is_413_and_client_names_the_field(server: str) -> None:
     with pytest.raises(RankError) as e:
         RankClient(server).rank({"user_id": "1"}, [{"item_id": "1", "colour": "red"}])
     assert e.value.status == 422 and "colour" in str(e.value.detail)
+
+
+def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server: str) -> None:
+    """Hypothesis draws requests shaped by the app's own OpenAPI schema (its fields, the known feature names)
+    with arbitrary JSON values, plus arbitrary JSON documents: every answer is 200 or a 4xx, and the replica
+    still answers afterwards."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    spec = requests.get(f"{server}/openapi.json", timeout=10).json()
+    schema = spec["components"]["schemas"]["RankRequest"]
+    assert set(schema["required"]) == {"user", "candidates"}
+    user_names = ["user_id", "gender", "occupation", "age", "zip_prefix", "history", "liked_history"]
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
+                       st.text(max_size=20), st.sampled_from(["1", "50", "M", "", "nan", "inf", "-1", "1e309"]))
+    value = st.recursive(scalar, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                         max_leaves=8)
+    candidate = st.fixed_dictionaries({"item_id": scalar}, optional={"genres": value, "release_year": value})
+    shaped = st.fixed_dictionaries({"user": st.dictionaries(st.sampled_from(user_names), value, max_size=5),
+                                    "candidates": st.lists(candidate, min_size=1, max_size=5)})
+    features = st.dictionaries(st.sampled_from([*user_names, "item_id"]) | st.text(max_size=8), value, max_size=6)
+    wild = st.fixed_dictionaries({"user": features, "candidates": st.lists(features, max_size=5)})
+    anything = st.dictionaries(st.text(max_size=10), value, max_size=4) | value
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(shaped, shaped, wild, anything))
+    def post(body: Any) -> None:
+        r = requests.post(f"{server}/v1/rank", json=body, timeout=30)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (body, r.status_code, r.text[:300])
+
+    post()
+    print(f"fuzzed /v1/rank: status counts {dict(sorted(seen.items()))}")
+    assert seen.get(200, 0) > 0 and seen.get(422, 0) > 0  # both kinds were drawn
+    assert requests.get(f"{server}/healthz", timeout=10).status_code == 200

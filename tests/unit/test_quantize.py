@@ -64,3 +64,25 @@ def test_unknown_precision_names_the_table(small_cfg: Any, trained: dict[str, An
         cfg.export.table_precision["item"] = "int4"
     with pytest.raises(ValueError, match="table 'item' = 'int4'"):
         export_bundle(cfg, trained["checkpoint"], tmp_path / "b")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_tables_are_memory_mapped_and_read_like_safetensors(precision: str, tmp_path: Path) -> None:
+    """Serving maps a table file instead of reading it; the arrays equal the safetensors library's own read."""
+    from safetensors.numpy import load_file
+
+    from export.sparse import export_table
+    from serving.ranker import mmap_safetensors
+
+    path = tmp_path / "t.safetensors"
+    export_table(torch.randn(1000, 24, generator=torch.Generator().manual_seed(1)), precision, path)
+    mapped, read = mmap_safetensors(path), load_file(str(path))
+    assert set(mapped) == set(read)
+    for key, want in read.items():
+        assert isinstance(mapped[key], np.memmap) and not mapped[key].flags.writeable
+        assert mapped[key].dtype == want.dtype and mapped[key].shape == want.shape
+        np.testing.assert_array_equal(mapped[key], want)
+    truncated = tmp_path / "bad.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError):
+        np.asarray(mmap_safetensors(truncated)[next(iter(read))]).sum()

@@ -61,14 +61,14 @@ def test_scores_do_not_depend_on_batching_or_caching(trained: dict[str, Any]) ->
     req = RankRequest(user=USER, candidates=[{"item_id": str(i)} for i in range(1, 101)])
     cold = svc.prepare(req)
     assert ranker.user_cache_info().misses == 1 and ranker.user_cache_info().hits == 0
-    alone = ranker.run_many([(cold.dense, cold.emb)])[0]
+    alone = ranker.run_many([cold.inputs])[0]
     warm = svc.prepare(req)
     assert ranker.user_cache_info().hits == 1
-    np.testing.assert_array_equal(warm.dense, cold.dense)
-    np.testing.assert_array_equal(warm.emb, cold.emb)
+    for w, c in zip(warm.inputs, cold.inputs, strict=True):  # (dense, embeddings)
+        np.testing.assert_array_equal(w, c)
     others = [svc.prepare(RankRequest(user={"user_id": str(u), "history": [str(u + 1)]},
                                       candidates=[{"item_id": str(i)} for i in range(u, u + 7 * u)])) for u in (1, 2, 3)]
-    batched = ranker.run_many([(o.dense, o.emb) for o in others[:2]] + [(warm.dense, warm.emb)] + [(others[2].dense, others[2].emb)])
+    batched = ranker.run_many([o.inputs for o in others[:2]] + [warm.inputs] + [others[2].inputs])
     assert [len(b) for b in batched] == [7, 14, 100, 21]
     np.testing.assert_allclose(batched[2], alone, rtol=0, atol=1e-6)
     # The precomputed item rows (a candidate naming only its id) equal the per-candidate path that a
