@@ -48,6 +48,8 @@ class RankerDeployment:
         self.cfg, self.tracking_uri = cfg, tracking_uri
         self.cache = Path(tempfile.mkdtemp(prefix="adsfm-serve-"))
         self.service = self._load()
+        self.spill = self._load_spillover(cfg.spillover) if cfg.spillover else None
+        self.in_flight = 0
         self._score_batch.set_max_batch_size(cfg.batch_max_requests)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)  # type: ignore[attr-defined]
         limits.SETTINGS["cfg"] = cfg  # for the middleware; one replica per process
@@ -64,6 +66,17 @@ class RankerDeployment:
             bundle = download_version(self.cfg.model_name, version, self.tracking_uri, self.cache)
         ranker = open_ranker(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size)
         return RankService(ranker, self.cfg.model_name, version, self.cfg.max_candidates)
+
+    def _load_spillover(self, ref: str) -> RankService:
+        """The lighter model named `NAME@ALIAS`, loaded once beside the main one."""
+        from export.registry import resolve
+
+        name, sep, alias = ref.partition("@")
+        if not (name and sep and alias):
+            raise ValueError(f"serve.spillover={ref!r}: use NAME@ALIAS, e.g. adsfm-movielens-dlrm-small@champion")
+        version, bundle = resolve(name, alias, self.tracking_uri, self.cache)
+        ranker = open_ranker(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size)
+        return RankService(ranker, name, version, self.cfg.max_candidates)
 
     def _follow_alias(self) -> None:
         """Poll the alias; load a moved-to version beside the serving one, then swap the reference.
@@ -100,11 +113,18 @@ class RankerDeployment:
     @api.post("/v1/rank", response_model=RankResponse)
     async def rank(self, req: RankRequest) -> Response:
         service = self.service  # this request stays on this version even if the alias moves meanwhile
-        p = service.prepare(req)
-        if self.cfg.batch_max_requests > 1:
-            scores = await self._score_batch((service.ranker, p.inputs))
-        else:
-            scores = service.ranker.run_many([p.inputs])[0]
+        if self.spill is not None and self.in_flight >= self.cfg.spillover_queue:
+            service = self.spill
+            metrics.SPILLOVER.inc()
+        self.in_flight += 1
+        try:
+            p = service.prepare(req)
+            if self.cfg.batch_max_requests > 1:
+                scores = await self._score_batch((service.ranker, p.inputs))
+            else:
+                scores = service.ranker.run_many([p.inputs])[0]
+        finally:
+            self.in_flight -= 1
         res = service.respond(p, scores)
         metrics.LATENCY.labels(service.model_version).observe(res.latency_ms / 1e3)
         metrics.CANDIDATES.observe(len(req.candidates))

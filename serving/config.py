@@ -43,3 +43,8 @@ class ServeConfig:
     """Larger request bodies are refused with 413."""
     auth_token: str | None = None
     """If set, /v1/ endpoints need `Authorization: Bearer <token>` (401 otherwise)."""
+    spillover: str | None = None
+    """`NAME@ALIAS` of a lighter registered model that scores the requests arriving while this replica already
+    has `spillover_queue` in flight (None: off); its responses name it, and /metrics counts them."""
+    spillover_queue: int = 32
+    """Requests in flight on a replica above which new ones spill over to `spillover`."""

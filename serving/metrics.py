@@ -14,4 +14,5 @@ LATENCY = Histogram("adsfm_rank_latency_seconds", "Time in the replica per reque
 REQUESTS = Counter("adsfm_rank_requests", "Ranking requests by HTTP status", ["status"])
 BATCH = Histogram("adsfm_batch_requests", "Requests scored in one dense-graph run", buckets=(1, 2, 4, 8, 16, 32, 64))
 CANDIDATES = Histogram("adsfm_rank_candidates", "Candidates per request", buckets=(1, 10, 100, 500, 1000, 2000))
+SPILLOVER = Counter("adsfm_spillover_requests", "Requests scored by the spillover model because the queue was full")
 CACHE = Gauge("adsfm_user_cache", "User-state cache counters of the serving version", ["kind"])

@@ -79,3 +79,41 @@ def test_alias_move_and_killed_replica_fail_no_request(ray_cluster: None, serve_
     assert counts["failed"] == 0, errors[:5]
     assert versions.get("1", 0) > 0 and versions.get(v2, 0) > 0
     assert counts["ok"] > 100
+
+
+def test_requests_spill_over_to_the_lighter_model_when_the_queue_is_full(
+    ray_cluster: None, serve_port: int, trained: dict[str, Any], features: Any, small_cfg: Any, tmp_path: Any
+) -> None:
+    """serve.spillover: alone, a request is scored by the main model; in a burst, the requests that find
+    `spillover_queue` others in flight are scored by the lighter one, and every request is answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from export.registry import log_and_register
+    from serving import app
+    from serving.config import ServeConfig
+    from training.data import example_request, load_frame
+    from training.tracking import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = ensure_experiment(uri, "spillover", str(tmp_path))
+    for name in ("main", "light"):  # the same bundle twice: which one answered is in the response
+        log_and_register(trained["bundle"], name, uri, run_id=None, experiment_id=exp)
+    url = app.start(ServeConfig(port=serve_port, model_name="main", spillover="light@champion", spillover_queue=1,
+                                batch_wait_ms=20), uri, name="spill")
+    try:
+        df, _ = load_frame(small_cfg.data)
+        body = example_request(df, features.spec, int(features.holdout_idx[0]), [str(i) for i in range(1, 101)])
+        alone = [requests.post(f"{url}/v1/rank", json=body, timeout=30).json()["model_name"] for _ in range(3)]
+        with ThreadPoolExecutor(16) as pool:
+            burst = list(pool.map(lambda _: requests.post(f"{url}/v1/rank", json=body, timeout=60), range(32)))
+        names = [r.json()["model_name"] for r in burst if r.status_code == 200]
+        metrics_text = requests.get(f"{url}/metrics", timeout=10).text
+    finally:
+        app.stop("spill")
+    print(f"spillover: alone {alone}; burst of 32 from 16 clients: {names.count('main')} main, {names.count('light')} light")
+    assert alone == ["main"] * 3
+    assert len(names) == 32 and names.count("light") > 0 and names.count("main") > 0
+    spilled = [line for line in metrics_text.splitlines() if line.startswith("adsfm_spillover_requests_total")]
+    assert spilled and float(spilled[0].split()[-1]) == names.count("light")
