@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from export.card import write_card
-from export.manifest import DenseFeatureSpec, Manifest, ParitySpec, SparseFeatureSpec, TableSpec
+from export.manifest import DenseFeatureSpec, Manifest, SparseFeatureSpec, TableSpec
 from export.onnx import export_dense
 from export.parity import check_parity, parity_rows, require_parity
 from export.sparse import PRECISIONS, export_table, load_table
@@ -165,15 +165,8 @@ def _export_sequence(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id
     precision = table_precisions(cfg, [c.name for c in model.sparse.embedding_configs()])
     manifest = export_sequence_bundle(model, fs, out, precision, cfg.export.opset, provenance(cfg, checkpoint, fs, train_run_id))
     rows = parity_rows(fs, cfg.export.parity_rows)
-    figures, _, probs = sequence_parity(model, out, fs, rows)
-    quantized = any(p != "fp32" for p in precision.values())
-    drop = figures["auc_eager"] - figures["auc_bundle"]
-    manifest.parity = ParitySpec(
-        rows=len(rows), max_abs_diff=figures["max_abs_diff"], tolerance=cfg.export.parity_tolerance,
-        auc_eager=figures["auc_eager"], auc_bundle=figures["auc_bundle"], auc_drop=drop, auc_margin=cfg.export.auc_margin,
-        quantized=quantized,
-        passed=drop <= cfg.export.auc_margin if quantized else figures["max_abs_diff"] <= cfg.export.parity_tolerance,
-    )
+    manifest.parity, probs = sequence_parity(model, out, fs, rows, cfg.export.parity_tolerance, cfg.export.auc_margin,
+                                             quantized=any(p != "fp32" for p in precision.values()))
     manifest.write(out)
     write_card(manifest, probs, fs.labels[rows], out / "card", loss_curve=checkpoint.parent.parent / "loss_curve.png")
     require_parity(manifest.parity)

@@ -51,17 +51,23 @@ def check_parity(
     """The parity verdict for the eager probabilities of rows `idx`, and the bundle's probabilities on
     them (for the model card)."""
     exported = bundle_probs(ranker, fs, idx)
-    labels = torch.from_numpy(fs.labels[idx])
-    auc_eager = ranking_metrics(torch.from_numpy(eager), labels)["auc"]
-    auc_bundle = ranking_metrics(torch.from_numpy(exported), labels)["auc"]
-    diff = float(np.max(np.abs(eager - exported)))
+    return judge(eager, exported, fs.labels[idx], tolerance, auc_margin, quantized), exported
+
+
+def judge(eager: np.ndarray, exported: np.ndarray, labels: np.ndarray, tolerance: float, auc_margin: float,
+          quantized: bool, other_diff: float = 0.0) -> ParitySpec:
+    """The verdict on the same rows' eager and exported probabilities: an fp32 bundle must match within
+    `tolerance` (also `other_diff`, a difference measured elsewhere), a quantized one keep the holdout AUC
+    within `auc_margin`."""
+    auc_eager = ranking_metrics(torch.from_numpy(eager), torch.from_numpy(labels))["auc"]
+    auc_bundle = ranking_metrics(torch.from_numpy(exported), torch.from_numpy(labels))["auc"]
+    diff = max(float(np.max(np.abs(eager - exported))), other_diff)
     drop = auc_eager - auc_bundle
-    passed = drop <= auc_margin if quantized else diff <= tolerance
-    spec = ParitySpec(
-        rows=len(idx), max_abs_diff=diff, tolerance=tolerance, auc_eager=auc_eager, auc_bundle=auc_bundle,
-        auc_drop=drop, auc_margin=auc_margin, quantized=quantized, passed=passed,
+    return ParitySpec(
+        rows=len(eager), max_abs_diff=diff, tolerance=tolerance, auc_eager=auc_eager, auc_bundle=auc_bundle,
+        auc_drop=drop, auc_margin=auc_margin, quantized=quantized,
+        passed=drop <= auc_margin if quantized else diff <= tolerance,
     )
-    return spec, exported
 
 
 def require_parity(p: ParitySpec) -> None:

@@ -11,13 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.manifest import Manifest, SequenceSpec, SparseFeatureSpec, TableSpec
-from export.parity import eager_probs
+from export.manifest import Manifest, ParitySpec, SequenceSpec, SparseFeatureSpec, TableSpec
+from export.parity import eager_probs, judge
 from export.sparse import export_table
 from export.split import export_split
-from serving.sequence import SequenceRanker
+from serving.sequence import SequenceInputs, SequenceRanker
 from training.data import FeatureSet
-from training.metrics import ranking_metrics
 from training.models.hstu import HSTURanker
 
 
@@ -41,14 +40,8 @@ def split_probs(ranker: SequenceRanker, model: HSTURanker, fs: FeatureSet, rows:
         hist, acts, times, ctx, t = _row_inputs(model, fs, int(r))
         state = ranker.encode(hist, acts, times, ctx, t)
         items = ranker.item_tokens({f: row_values(fs, int(r), f) for f in model.item_features})
-        out[k] = ranker.run_many([_inputs(items, t, state)])[0][0]
+        out[k] = ranker.run(SequenceInputs(items, t, state))[0]
     return out
-
-
-def _inputs(items: np.ndarray, t: int, state: Any) -> Any:
-    from serving.sequence import SequenceInputs
-
-    return SequenceInputs(items, t, state)
 
 
 @torch.no_grad()
@@ -64,7 +57,7 @@ def many_candidates_diff(ranker: SequenceRanker, model: HSTURanker, fs: FeatureS
         eager = torch.sigmoid(model.score(torch.from_numpy(hist), torch.from_numpy(acts), torch.from_numpy(times), ctx,
                                           {f: torch.from_numpy(v) for f, v in cands.items()}, t)).double().numpy()
         state = ranker.encode(hist, acts, times, ctx, t)
-        split = ranker.run_many([_inputs(ranker.item_tokens(cands), t, state)])[0]
+        split = ranker.run(SequenceInputs(ranker.item_tokens(cands), t, state))
         worst = max(worst, float(np.abs(eager - split).max()))
     return worst
 
@@ -98,18 +91,11 @@ def export_sequence_bundle(model: HSTURanker, fs: FeatureSet, out: Path, precisi
     return manifest
 
 
-def sequence_parity(model: HSTURanker, out: Path, fs: FeatureSet, rows: np.ndarray, candidates: int = 100,
-                    users: int = 20) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+def sequence_parity(model: HSTURanker, out: Path, fs: FeatureSet, rows: np.ndarray, tolerance: float, auc_margin: float,
+                    quantized: bool, candidates: int = 100, users: int = 20) -> tuple[ParitySpec, np.ndarray]:
     """Eager vs split on the parity rows (each row's own candidate) and on `users` of them scoring
-    `candidates` items at once. Returns the figures, the eager and the split probabilities."""
+    `candidates` items at once: the verdict, and the split probabilities of the rows (for the model card)."""
     ranker = SequenceRanker(out)
-    eager = eager_probs(model, fs, rows)
     split = split_probs(ranker, model, fs, rows)
-    labels = torch.from_numpy(fs.labels[rows])
-    figures = {
-        "max_abs_diff": max(float(np.abs(eager - split).max()) if len(rows) else 0.0,
-                            many_candidates_diff(ranker, model, fs, rows[:users], candidates)),
-        "auc_eager": ranking_metrics(torch.from_numpy(eager), labels)["auc"],
-        "auc_bundle": ranking_metrics(torch.from_numpy(split), labels)["auc"],
-    }
-    return figures, eager, split
+    many = many_candidates_diff(ranker, model, fs, rows[:users], candidates)
+    return judge(eager_probs(model, fs, rows), split, fs.labels[rows], tolerance, auc_margin, quantized, many), split

@@ -116,6 +116,16 @@ class TableStore:
         self.item_store: dict[str, dict[str, Any]] = {}
         if m.item_store_file and (self.bundle / m.item_store_file).exists():
             self.item_store = json.loads((self.bundle / m.item_store_file).read_text())
+        # Item id → its row among the engine's precomputed candidate inputs (built in item_store order).
+        self._item_row = {i: r for r, i in enumerate(self.item_store)}
+
+    def split_stored(self, items: list[dict[str, Any]]) -> tuple[list[int], list[int], list[int]]:
+        """Candidates that send only an item id of the item store (positions, and their precomputed rows),
+        and the rest (positions), which are featurized from the fields they send."""
+        key = self.manifest.item_column or ""
+        stored = [i for i, it in enumerate(items) if len(it) == 1 and str(it.get(key)) in self._item_row] if key else []
+        rows = [self._item_row[str(items[i][key])] for i in stored]
+        return stored, rows, sorted(set(range(len(items))) - set(stored))
 
     def pool(self, table: str, bag: Bag) -> np.ndarray:
         """Sum or mean of the bag's rows, per row of the batch; an empty bag pools to zeros."""
@@ -182,7 +192,6 @@ class Ranker(TableStore):
         self._user_state = functools.lru_cache(maxsize=user_cache_size)(self._user_inputs)
         # The item store's candidates, featurized once: a request naming only item ids gathers rows.
         ids = list(self.item_store)
-        self._item_row = {i: r for r, i in enumerate(ids)}
         key = m.item_column or ""
         self._item_emb, self._item_dense = self._item_inputs([self.item_features({key: i}) for i in ids], list(range(len(ids))))
 
@@ -236,13 +245,10 @@ class Ranker(TableStore):
         user_emb, user_dense = self._user_state(json.dumps(user, sort_keys=True, default=str))
         emb[:, self._user_j] = user_emb
         dense[:, self._user_k] = user_dense
-        key = m.item_column or ""
-        stored = [i for i, it in enumerate(items) if len(it) == 1 and str(it.get(key)) in self._item_row] if key else []
+        stored, rows, rest = self.split_stored(items)
         if stored:
-            rows = [self._item_row[str(items[i][key])] for i in stored]
             emb[np.ix_(stored, self._item_j)] = self._item_emb[rows]
             dense[np.ix_(stored, self._item_k)] = self._item_dense[rows]
-        rest = sorted(set(range(n)) - set(stored))
         if rest:
             e, d = self._item_inputs([self.item_features(items[i]) for i in rest], rest)
             emb[np.ix_(rest, self._item_j)] = e

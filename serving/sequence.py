@@ -53,7 +53,6 @@ class SequenceRanker(TableStore):
         self._state = functools.lru_cache(maxsize=user_cache_size)(self._encode_json)
         # Every item of the store as a candidate token, computed once: requests naming ids gather rows.
         ids = list(self.item_store)
-        self._item_row = {i: r for r, i in enumerate(ids)}
         key = self.manifest.item_column or ""
         self._item_tokens = self._items([{key: i} for i in ids], list(range(len(ids))))
 
@@ -128,8 +127,7 @@ class SequenceRanker(TableStore):
             raise FeatureError(f"user.{s.history}", f"{s.history} ({len(hist)}), {s.actions} ({len(acts)}) and "
                                f"{s.times} ({len(times)}) must list the same events, one value each")
         order = np.argsort(times, kind="stable")  # the model reads events oldest first
-        ctx = {f: int(self.rows_of(self.features[f], context[f], f"user.{f}")[0]) if context[f] is not None else 0
-               for f in s.context_features}
+        ctx = {f: self._one_row(f, context[f], f"user.{f}") for f in s.context_features}
         return self.encode(hist[order], acts[order], times[order], ctx, int(request_time or 0))
 
     def item_rows(self, items: list[dict[str, Any]], where: list[int] | None = None) -> dict[str, np.ndarray]:
@@ -137,7 +135,8 @@ class SequenceRanker(TableStore):
         error messages."""
         where = where if where is not None else list(range(len(items)))
         full = [self.item_features(it) for it in items]
-        return {f: np.array([self._one_row(f, it.get(f), w) for w, it in zip(where, full, strict=True)], dtype=np.int64)
+        return {f: np.array([self._one_row(f, it.get(f), f"candidates[{w}].{f}") for w, it in zip(where, full, strict=True)],
+                            dtype=np.int64)
                 for f in self.seq.item_features}
 
     def _items(self, items: list[dict[str, Any]], where: list[int]) -> np.ndarray:
@@ -145,17 +144,16 @@ class SequenceRanker(TableStore):
             return np.zeros((0, self.manifest.embedding_dim), np.float32)
         return self.item_tokens(self.item_rows(items, where))
 
-    def _one_row(self, feature: str, raw: Any, i: int) -> int:
-        r = self.rows_of(self.features[feature], raw, f"candidates[{i}].{feature}")
+    def _one_row(self, feature: str, raw: Any, where: str) -> int:
+        """The row of a single-valued feature's raw value; a missing value takes the out-of-vocabulary row 0."""
+        r = self.rows_of(self.features[feature], raw, where)
         return int(r[0]) if len(r) else 0
 
     def _candidate_tokens(self, items: list[dict[str, Any]]) -> np.ndarray:
-        key = self.manifest.item_column or ""
         out = np.empty((len(items), self.manifest.embedding_dim), np.float32)
-        stored = [i for i, it in enumerate(items) if len(it) == 1 and str(it.get(key)) in self._item_row] if key else []
+        stored, rows, rest = self.split_stored(items)
         if stored:
-            out[stored] = self._item_tokens[[self._item_row[str(items[i][key])] for i in stored]]
-        rest = sorted(set(range(len(items))) - set(stored))
+            out[stored] = self._item_tokens[rows]
         if rest:
             out[rest] = self._items([items[i] for i in rest], rest)
         return out

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.integration
 def test_hstu_trains_on_ray_exports_split_and_serves(ray_cluster: None, serve_port: int, tmp_path: Path) -> None:
     from export.bundle import export_bundle, load_run, load_trained_model
     from export.registry import log_and_register
+    from export.sequence import row_values
     from serving import app
     from serving.config import ServeConfig
     from training.config import compose
@@ -48,10 +49,8 @@ def test_hstu_trains_on_ray_exports_split_and_serves(ray_cluster: None, serve_po
         row = int(fs.holdout_idx[np.argmax(fs.sparse["history"][1][fs.holdout_idx])])
         vocab = {t: ["<oov>", *fs.spec["tables"][t]["vocab"]] for t in fs.spec["tables"]}
         table = {f["name"]: f["table"] for f in fs.spec["sparse"]}
-        offsets = {n: np.concatenate([[0], np.cumsum(fs.sparse[n][1])]) for n in fs.sparse}
-
         def values(name: str) -> np.ndarray:
-            return fs.sparse[name][0][offsets[name][row] : offsets[name][row + 1]]
+            return row_values(fs, row, name)
 
         user: dict[str, Any] = {f: vocab[table[f]][values(f)[0]] for f in ("user_id", "gender", "occupation", "zip_prefix", "age_bucket")}
         user.update(history=[vocab["item"][i] for i in values("history")],

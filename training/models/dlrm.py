@@ -14,17 +14,15 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from training.config import ModelConfig
+from training.models import features_by_table
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
 def table_configs(spec: dict, embedding_dim: int) -> list[EmbeddingBagConfig]:
     """One EmbeddingBagConfig per table of the data spec, in the spec's feature order."""
-    feats_by_table: dict[str, list[str]] = {}
-    for f in spec["sparse"]:
-        feats_by_table.setdefault(f["table"], []).append(f["name"])
     configs = []
-    for table, feats in feats_by_table.items():
+    for table, feats in features_by_table(spec).items():
         t = spec["tables"][table]
         if t["pooling"] not in _POOLING:
             raise ValueError(f"table {table!r}: pooling={t['pooling']!r}, use 'sum' or 'mean'")

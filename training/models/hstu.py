@@ -26,6 +26,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from parallel.kernels import hstu_attention, position_bucket, time_bucket
 from training.config import ModelConfig, SequenceModelConfig
+from training.models import features_by_table
 
 
 def _offsets(lengths: torch.Tensor) -> torch.Tensor:
@@ -106,8 +107,9 @@ class HSTUDense(nn.Module):
         """Logits [Tc] of jagged candidate tokens [Tc, D] (cand_lengths per user, each >= 1) after a start token
         and jagged history tokens [Th, D]. The start token is a learned vector plus the projection of the
         user's context features [B, F*D], which candidates also receive; every sequence has one, so a user
-        without history still has a state and no exported graph sees zero rows. `max_len` bounds 1 + history + candidates of one user (a host
-        int: no device sync). The start token takes the first event's time (without events, the request's)."""
+        without history still has a state and no exported graph sees zero rows. `max_len` bounds
+        1 + history + candidates of one user (a host int: no device sync). The start token takes the first
+        event's time (without events, the request's)."""
         b = hist_lengths.shape[0]
         dev = hist.device
         cand_off = _offsets(cand_lengths)
@@ -164,14 +166,10 @@ class HSTURanker(nn.Module):
                                  if f["side"] == "user" and not f.get("raw") and not f["multi"] and f["name"] not in special]
         self.item_features = [s.item, *(f["name"] for f in spec["sparse"]
                                         if f["side"] == "item" and not f.get("raw") and not f["multi"] and f["name"] != s.item)]
-        tables: dict[str, list[str]] = {}
-        for f in spec["sparse"]:
-            if not f.get("raw"):
-                tables.setdefault(f["table"], []).append(f["name"])
         d = cfg.embedding_dim
         self.sparse = EmbeddingCollection(
             tables=[EmbeddingConfig(name=t, embedding_dim=d, num_embeddings=spec["tables"][t]["rows"], feature_names=fs)
-                    for t, fs in tables.items()],
+                    for t, fs in features_by_table(spec).items()],
             device=torch.device(device),
         )
         self.max_history = int(spec.get("history", {}).get("length") or 0)
