@@ -7,10 +7,13 @@ exposes Prometheus metrics at /metrics.
 
 # No `from __future__ import annotations` here: FastAPI must see real types on the ingress methods.
 
+import asyncio
 import logging
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +27,11 @@ from ray.serve import Application
 from serving import limits, metrics
 from serving.bundle import open_ranker
 from serving.config import ServeConfig
+from serving.monitor import Reporter
 from serving.ranker import FeatureError
+from serving.router import Router, Traffic, read_traffic
 from serving.schemas import Health, RankRequest, RankResponse
-from serving.service import RankService
+from serving.service import Prepared, RankService, run_grouped
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="adsfm ranking API", version="1")
@@ -47,15 +52,22 @@ class RankerDeployment:
     def __init__(self, cfg: ServeConfig, tracking_uri: str) -> None:
         self.cfg, self.tracking_uri = cfg, tracking_uri
         self.cache = Path(tempfile.mkdtemp(prefix="adsfm-serve-"))
-        self.service = self._load()
-        self.spill = self._load_spillover(cfg.spillover) if cfg.spillover else None
+        # ONNX Runtime off the event loop: a request past its deadline is answered while a batch still runs.
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="adsfm-score")
+        spill = self._load_spillover(cfg.spillover) if cfg.spillover else None
+        self.router = Router(self._load(), self._score, light=spill, sticky_field=cfg.sticky_field,
+                             deadline_ms=cfg.deadline_ms, report=Reporter(cfg.model_name))
         self.in_flight = 0
         self._score_batch.set_max_batch_size(cfg.batch_max_requests)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)  # type: ignore[attr-defined]
         limits.SETTINGS["cfg"] = cfg  # for the middleware; one replica per process
 
         if cfg.reload_interval_s > 0:
-            threading.Thread(target=self._follow_alias, daemon=True, name="adsfm-alias-watch").start()
+            threading.Thread(target=self._follow_registry, daemon=True, name="adsfm-registry-watch").start()
+
+    @property
+    def service(self) -> RankService:
+        return self.router.champion
 
     def _load(self, version: str | None = None) -> RankService:
         from export.registry import download_version, resolve
@@ -78,55 +90,64 @@ class RankerDeployment:
         ranker = open_ranker(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size)
         return RankService(ranker, name, version, self.cfg.max_candidates)
 
-    def _follow_alias(self) -> None:
-        """Poll the alias; load a moved-to version beside the serving one, then swap the reference.
-        Requests in flight finish on the old service object, so a move fails none of them."""
+    def _follow_registry(self) -> None:
+        """Poll the aliases and the split. A moved-to version is loaded beside the serving one, then the
+        reference is swapped: requests in flight finish on the old object, so a move fails none of them."""
         from mlflow.tracking import MlflowClient
-
-        from export.registry import alias_version
 
         client = MlflowClient(self.tracking_uri)
         while True:
             time.sleep(self.cfg.reload_interval_s)
             try:
-                version = alias_version(client, self.cfg.model_name, self.cfg.alias)
-                if version is not None and version != self.service.model_version:
-                    self.service = self._load(version)
-                    logger.info("adsfm: %s@%s moved to version %s; now serving it", self.cfg.model_name, self.cfg.alias, version)
+                self._apply(read_traffic(client, self.cfg.model_name, self.cfg.alias))
             except Exception:  # a registry hiccup must not kill the replica; keep serving what we have
-                logger.exception("adsfm: alias check failed; still serving version %s", self.service.model_version)
+                logger.exception("adsfm: registry check failed; still serving version %s", self.service.model_version)
+
+    def _apply(self, t: Traffic) -> None:
+        r = self.router
+        if t.champion is not None and t.champion != r.champion.model_version:
+            # the challenger promoted by adsfm-shift is already loaded here: reuse it
+            r.champion = r.challenger if r.challenger and r.challenger.model_version == t.champion else self._load(t.champion)
+            logger.info("adsfm: %s@%s moved to version %s; now serving it", self.cfg.model_name, self.cfg.alias, t.champion)
+        wanted = t.challenger if (t.split.challenger_pct > 0 or t.split.shadow) and t.challenger != t.champion else None
+        if wanted is None:
+            r.challenger, r.challenger_error = None, None
+        elif (r.challenger is None or r.challenger.model_version != wanted) and r.challenger_error != wanted:
+            try:
+                r.challenger, r.challenger_error = self._load(wanted), None
+                logger.info("adsfm: challenger version %s loaded", wanted)
+            except Exception:  # a broken challenger must not take the champion down: its share falls back
+                logger.exception("adsfm: challenger version %s failed to load; its share goes to the champion", wanted)
+                r.challenger, r.challenger_error = None, wanted
+        r.split = t.split
+
+    async def _score(self, service: RankService, p: Prepared) -> np.ndarray:
+        out = await self._score_batch((service.ranker, p.inputs))
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
-    async def _score_batch(self, items: list[tuple[Any, Any]]) -> list[np.ndarray]:
+    async def _score_batch(self, items: list[tuple[Any, Any]]) -> list[np.ndarray | Exception]:
         """Concurrent requests' candidates through one engine call per model version (one dense-graph run
         for DLRM)."""
         metrics.BATCH.observe(len(items))
-        out: list[np.ndarray | None] = [None] * len(items)
-        by_ranker: dict[int, list[int]] = {}
-        for i, (ranker, _) in enumerate(items):
-            by_ranker.setdefault(id(ranker), []).append(i)  # a reload mid-batch: each request keeps its version
-        for idx in by_ranker.values():
-            for i, probs in zip(idx, items[idx[0]][0].run_many([items[i][1] for i in idx]), strict=True):
-                out[i] = probs
-        return out  # type: ignore[return-value]
+        return await asyncio.get_running_loop().run_in_executor(self.pool, run_grouped, items)
 
     @api.post("/v1/rank", response_model=RankResponse)
     async def rank(self, req: RankRequest) -> Response:
-        service = self.service  # this request stays on this version even if the alias moves meanwhile
-        if self.spill is not None and self.in_flight >= self.cfg.spillover_queue:
-            service = self.spill
+        spill = None
+        if self.router.light is not None and self.in_flight >= self.cfg.spillover_queue:
+            spill = self.router.light
             metrics.SPILLOVER.inc()
         self.in_flight += 1
+        metrics.QUEUE.set(self.in_flight)
         try:
-            p = service.prepare(req)
-            if self.cfg.batch_max_requests > 1:
-                scores = await self._score_batch((service.ranker, p.inputs))
-            else:
-                scores = service.ranker.run_many([p.inputs])[0]
+            res = await self.router.rank(req, main=spill)
         finally:
             self.in_flight -= 1
-        res = service.respond(p, scores)
-        metrics.LATENCY.labels(service.model_version).observe(res.latency_ms / 1e3)
+            metrics.QUEUE.set(self.in_flight)
+        metrics.LATENCY.labels(res.model_version).observe(res.latency_ms / 1e3)
         metrics.CANDIDATES.observe(len(req.candidates))
         metrics.REQUESTS.labels("200").inc()
         # Serialized here, once: FastAPI would validate the response model again on its way out.
@@ -140,6 +161,13 @@ class RankerDeployment:
     def readyz(self) -> Health:
         """Ready once a model version is loaded (the replica constructor loads one or fails)."""
         return self.service.health()
+
+    @api.get("/v1/traffic")
+    def traffic(self) -> dict[str, Any]:
+        """What this replica serves: champion, challenger (or why it is not loaded) and the split."""
+        r = self.router
+        return {"champion": r.champion.model_version, "challenger": r.challenger and r.challenger.model_version,
+                "challenger_error": r.challenger_error, "split": asdict(r.split)}
 
     @api.get("/metrics")
     def metrics(self) -> PlainTextResponse:

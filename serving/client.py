@@ -34,8 +34,13 @@ class RankClient:
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
-    def rank(self, user: dict[str, Any], candidates: list[dict[str, Any]]) -> RankResponse:
-        return RankResponse.model_validate(self._call("POST", "/v1/rank", {"user": user, "candidates": candidates}))
+    def rank(self, user: dict[str, Any], candidates: list[dict[str, Any]], deadline_ms: float | None = None) -> RankResponse:
+        """Scores best first; with `deadline_ms`, a model that would answer later is replaced by the fallback's
+        answer (the response's `fallback` says so)."""
+        body: dict[str, Any] = {"user": user, "candidates": candidates}
+        if deadline_ms is not None:
+            body["deadline_ms"] = deadline_ms
+        return RankResponse.model_validate(self._call("POST", "/v1/rank", body))
 
     def health(self) -> Health:
         return Health.model_validate(self._call("GET", "/healthz", None))

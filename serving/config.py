@@ -29,8 +29,8 @@ class ServeConfig:
     """Requests with more candidates are refused with 422."""
     intra_op_threads: int = 1
     """ONNX Runtime threads per session."""
-    reload_interval_s: float = 10.0
-    """How often replicas check the alias and switch to the version it points at (0: never)."""
+    reload_interval_s: float = 2.0
+    """How often replicas read the registry (aliases and champion/challenger split) and follow it (0: never)."""
     batch_max_requests: int = 16
     """Concurrent requests whose candidates go through one run of the dense graph (@serve.batch)."""
     batch_wait_ms: float = 1.0
@@ -45,6 +45,13 @@ class ServeConfig:
     """If set, /v1/ endpoints need `Authorization: Bearer <token>` (401 otherwise)."""
     spillover: str | None = None
     """`NAME@ALIAS` of a lighter registered model that scores the requests arriving while this replica already
-    has `spillover_queue` in flight (None: off); its responses name it, and /metrics counts them."""
+    has `spillover_queue` in flight, and answers requests the main model cannot answer by their deadline
+    (None: off); its responses name it, and /metrics counts them."""
     spillover_queue: int = 32
     """Requests in flight on a replica above which new ones spill over to `spillover`."""
+    sticky_field: str | None = "user_id"
+    """User feature whose hash splits users between champion and challenger, so a user stays on one side
+    (None: split requests at random by the challenger's share)."""
+    deadline_ms: float | None = None
+    """Default per-request deadline (a request's own `deadline_ms` overrides it): a late model's answer is
+    replaced by the fallback's (the champion for the challenger, else `spillover`). None: no deadline."""

@@ -16,3 +16,9 @@ BATCH = Histogram("adsfm_batch_requests", "Requests scored in one dense-graph ru
 CANDIDATES = Histogram("adsfm_rank_candidates", "Candidates per request", buckets=(1, 10, 100, 500, 1000, 2000))
 SPILLOVER = Counter("adsfm_spillover_requests", "Requests scored by the spillover model because the queue was full")
 CACHE = Gauge("adsfm_user_cache", "User-state cache counters of the serving version", ["kind"])
+ROUTED = Counter("adsfm_routed_requests", "Requests by the arm the split sent them to", ["arm"])
+FALLBACKS = Counter("adsfm_fallbacks", "Requests answered by a fallback model, by reason", ["reason"])
+SHADOW = Counter("adsfm_shadow_requests", "Shadow challenger scorings by outcome (agreed, disagreed, error)", ["outcome"])
+SHADOW_DISAGREEMENT = Histogram("adsfm_shadow_disagreement", "Share of the champion's top 10 missing from the shadow challenger's",
+                                buckets=(0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0))
+QUEUE = Gauge("adsfm_queue_depth", "Requests in flight on this replica")

@@ -21,6 +21,10 @@ class RankRequest(BaseModel):
         min_length=1,
         description="Candidate items; each needs the item id field, other item features are optional.",
     )
+    deadline_ms: float | None = Field(
+        default=None, gt=0, le=60_000,
+        description="Answer within this many ms: a model that is late is replaced by the fallback model's answer.",
+    )
 
 
 class ScoredCandidate(BaseModel):
@@ -34,6 +38,11 @@ class RankResponse(BaseModel):
     model_version: str
     candidates: list[ScoredCandidate] = Field(description="Best first.")
     latency_ms: float = Field(description="Scoring time inside the replica.")
+    fallback: str | None = Field(
+        default=None,
+        description="Why the model that answered is not the one first chosen (challenger_error, challenger_unavailable, "
+                    "challenger_deadline, deadline); null when it is.",
+    )
 
 
 class Health(BaseModel):

@@ -69,3 +69,19 @@ class RankService:
 
     def health(self) -> Health:
         return Health(status="ok", model_name=self.model_name, model_version=self.model_version)
+
+
+def run_grouped(items: list[tuple[Any, Any]]) -> list[np.ndarray | Exception]:
+    """One engine call per model version in the batch; a version that fails fails only its own requests."""
+    out: list[np.ndarray | Exception | None] = [None] * len(items)
+    by_ranker: dict[int, list[int]] = {}
+    for i, (ranker, _) in enumerate(items):
+        by_ranker.setdefault(id(ranker), []).append(i)  # a reload mid-batch: each request keeps its version
+    for idx in by_ranker.values():
+        try:
+            results: list[np.ndarray | Exception] = list(items[idx[0]][0].run_many([items[i][1] for i in idx]))
+        except Exception as e:
+            results = [e] * len(idx)
+        for i, r in zip(idx, results, strict=True):
+            out[i] = r
+    return out  # type: ignore[return-value]

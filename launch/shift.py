@@ -1,0 +1,141 @@
+"""adsfm-shift NAME: move traffic from the champion to the challenger in steps, judged on live traffic.
+
+    adsfm-shift adsfm-movielens-dlrm --steps 5,25,50,100 --every 60s --max-error-rate 0.01 --max-p99-ms 50
+    adsfm-shift adsfm-movielens-dlrm --rollback          # all traffic back to the champion, now
+    adsfm-shift adsfm-movielens-dlrm --shadow            # the challenger scores a copy of each request, unseen
+
+Each step writes the challenger's share to the registry (replicas follow within serve.reload_interval_s),
+then watches the challenger's error rate and p99 over the step, as every replica reports them. A limit
+crossed puts all traffic back on the champion at once and exits 1. After the last step (100) holds, the
+challenger becomes champion (recorded in the champion history) and the split is cleared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from serving.monitor import VersionStats
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_error_rate: float
+    max_p99_ms: float
+    min_requests: int
+
+
+def judge(stats: VersionStats | None, limits: Limits) -> str | None:
+    """Why the challenger must be rolled back on this evidence, or None. Errors count from the first
+    request (one failure in a handful is a failing model); p99 is judged once min_requests make it mean something."""
+    if stats is None or stats.requests == 0:
+        return None
+    if stats.errors and stats.error_rate > limits.max_error_rate:
+        return f"error rate {stats.error_rate:.1%} ({stats.errors}/{stats.requests}) > --max-error-rate {limits.max_error_rate:.1%}"
+    if stats.requests >= limits.min_requests and stats.p99_ms > limits.max_p99_ms:
+        return f"p99 {stats.p99_ms:.1f} ms over {stats.requests} requests > --max-p99-ms {limits.max_p99_ms:g}"
+    return None
+
+
+def _seconds(text: str) -> float:
+    units = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for u in sorted(units, key=len, reverse=True):
+        if text.endswith(u):
+            return float(text[: -len(u)]) * units[u]
+    return float(text)
+
+
+def _steps(text: str) -> list[float]:
+    steps = [float(s) for s in text.split(",") if s.strip()]
+    if not steps or any(not 0 < s <= 100 for s in steps) or steps != sorted(steps):
+        raise argparse.ArgumentTypeError(f"--steps {text!r}: increasing percentages in (0, 100], e.g. 5,25,50,100")
+    return steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="adsfm-shift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", help="registered model name (its champion and challenger aliases)")
+    ap.add_argument("--steps", type=_steps, default=[5.0, 25.0, 50.0, 100.0], help="challenger's share per step, %% (default 5,25,50,100)")
+    ap.add_argument("--every", type=_seconds, default=60.0, help="how long each step holds: 60s, 5m (default 60s)")
+    ap.add_argument("--max-error-rate", type=float, default=0.01, help="challenger error rate that rolls back (default 0.01)")
+    ap.add_argument("--max-p99-ms", type=float, default=100.0, help="challenger p99 that rolls back (default 100)")
+    ap.add_argument("--min-requests", type=int, default=20, help="challenger requests a step needs before it may pass (default 20)")
+    ap.add_argument("--rollback", action="store_true", help="all traffic to the champion now, and stop")
+    ap.add_argument("--shadow", action="store_true", help="shadow mode: the challenger scores copies, answers nothing")
+    ap.add_argument("--no-promote", action="store_true", help="after the last step, leave the split as it is")
+    ap.add_argument("--address", help="Ray cluster the app runs on (default: RAY_ADDRESS, else auto)")
+    ap.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
+    args = ap.parse_args(argv)
+    sys.exit(run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from export.registry import CHALLENGER, alias_version, promote
+    from serving.router import Split, read_traffic, write_split
+    from training.tracking import tracking_uri
+
+    uri = tracking_uri(args.tracking_uri, "runs")
+    client = MlflowClient(uri)
+    if args.rollback:
+        write_split(client, args.name, Split())
+        print(f"[adsfm] {args.name}: all traffic on the champion (replicas follow within serve.reload_interval_s)")
+        return 0
+    if args.shadow:
+        write_split(client, args.name, Split(shadow=True))
+        print(f"[adsfm] {args.name}: challenger in shadow mode (scores copies; see adsfm_shadow_* in /metrics)")
+        return 0
+    t = read_traffic(client, args.name)
+    challenger = alias_version(client, args.name, CHALLENGER)
+    if challenger is None or t.champion is None:
+        print(f"[adsfm] {args.name}: needs both a champion and a {CHALLENGER} alias (now: champion {t.champion}, "
+              f"{CHALLENGER} {challenger})", file=sys.stderr)
+        return 2
+    limits = Limits(args.max_error_rate, args.max_p99_ms, args.min_requests)
+    mon = _monitor(args)
+    print(f"[adsfm] {args.name}: shifting champion v{t.champion} -> challenger v{challenger}: steps {args.steps} % "
+          f"every {args.every:g}s; limits: error rate {limits.max_error_rate:.1%}, p99 {limits.max_p99_ms:g} ms", flush=True)
+    import ray
+
+    for pct in args.steps:
+        write_split(client, args.name, Split(challenger_pct=pct))
+        start = time.time()
+        while True:
+            time.sleep(min(1.0, args.every))
+            stats = ray.get(mon.window.remote(start)).get(challenger)
+            reason = judge(stats, limits)
+            if reason is not None:
+                write_split(client, args.name, Split())
+                print(f"[adsfm] {args.name}: ROLLED BACK at {pct:g} %: challenger v{challenger} {reason}; "
+                      f"all traffic on champion v{t.champion}", file=sys.stderr, flush=True)
+                return 1
+            seen = 0 if stats is None else stats.requests
+            if time.time() - start >= args.every and seen >= limits.min_requests:
+                break
+            if time.time() - start >= 5 * args.every:
+                write_split(client, args.name, Split())
+                print(f"[adsfm] {args.name}: ROLLED BACK at {pct:g} %: only {seen} challenger requests in "
+                      f"{time.time() - start:.0f}s (< --min-requests {limits.min_requests}); nothing to judge it on",
+                      file=sys.stderr, flush=True)
+                return 1
+        assert stats is not None
+        print(f"[adsfm]   {pct:5.1f} % held {args.every:g}s: {stats.requests} challenger requests, "
+              f"{stats.errors} errors, p99 {stats.p99_ms:.1f} ms", flush=True)
+    if args.no_promote:
+        return 0
+    promote(args.name, uri, challenger, reason=f"adsfm-shift {','.join(f'{s:g}' for s in args.steps)}")
+    write_split(client, args.name, Split())
+    print(f"[adsfm] {args.name}: champion -> v{challenger}; split cleared", flush=True)
+    return 0
+
+
+def _monitor(args: argparse.Namespace) -> Any:
+    from serving.monitor import monitor
+    from training.job import init_ray
+
+    init_ray(args.address or "auto")  # the cluster the replicas run on: their reports are there
+    return monitor(args.name)

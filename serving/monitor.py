@@ -1,0 +1,100 @@
+"""What each model version served, across all replicas: the evidence adsfm-shift judges a challenger by.
+
+Every replica reports (time, version, ok, latency) of the requests it answered to one named actor per model,
+in batches twice a second; adsfm-shift reads per-version error rates and p99 over a time window from it.
+A scrape of /metrics would see one replica per call, and the split must be judged on all of them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+NAMESPACE = "adsfm"
+Row = tuple[float, str, bool, float]
+"""(unix time, model version, answered without error, latency in ms)."""
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    requests: int
+    errors: int
+    p99_ms: float
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+def summarize(rows: list[Row], since: float) -> dict[str, VersionStats]:
+    by: dict[str, list[Row]] = {}
+    for r in rows:
+        if r[0] >= since:
+            by.setdefault(r[1], []).append(r)
+    return {v: VersionStats(len(rs), sum(not r[2] for r in rs), float(np.percentile([r[3] for r in rs], 99)))
+            for v, rs in by.items()}
+
+
+class TrafficMonitor:
+    """The named actor (num_cpus=0: it must not take a scorer's CPU on a small host)."""
+
+    def __init__(self, horizon_s: float = 3600.0) -> None:
+        self.rows: deque[Row] = deque()
+        self.horizon_s = horizon_s
+
+    def record(self, rows: list[Row]) -> None:
+        self.rows.extend(rows)
+        cutoff = time.time() - self.horizon_s
+        while self.rows and self.rows[0][0] < cutoff:
+            self.rows.popleft()
+
+    def window(self, since: float) -> dict[str, VersionStats]:
+        return summarize(list(self.rows), since)
+
+
+def monitor(model_name: str, create: bool = True) -> Any:
+    """The model's monitor actor on the connected Ray cluster (created detached on first use, so a replica's
+    death or restart loses none of the evidence)."""
+    import ray
+
+    name = f"traffic:{model_name}"
+    if not create:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    return ray.remote(num_cpus=0)(TrafficMonitor).options(  # type: ignore[attr-defined]
+        name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+
+
+class Reporter:
+    """Replica side: buffers rows and sends them from a background thread, off the request path."""
+
+    def __init__(self, model_name: str, interval_s: float = 0.5) -> None:
+        self.model_name, self.interval_s = model_name, interval_s
+        self._rows: list[Row] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, daemon=True, name="adsfm-traffic-report").start()
+
+    def __call__(self, version: str, ok: bool, latency_ms: float) -> None:
+        with self._lock:
+            self._rows.append((time.time(), version, ok, latency_ms))
+
+    def _run(self) -> None:
+        import logging
+
+        actor = None
+        while True:
+            time.sleep(self.interval_s)
+            with self._lock:
+                rows, self._rows = self._rows, []
+            if not rows:
+                continue
+            try:
+                actor = actor or monitor(self.model_name)
+                actor.record.remote(rows)
+            except Exception:  # the evidence is best effort; serving goes on without it
+                logging.getLogger("ray.serve").exception("adsfm: traffic report failed")
+                actor = None

@@ -1,0 +1,213 @@
+"""Champion/challenger routing inside a replica, Ray-free so tests drive it directly.
+
+Which version answers a request, what happens when it fails or is late, and what a shadow challenger
+disagrees on. Both versions live in every replica (loaded beside each other, as for an alias move), so a
+routed request costs no extra hop: on a 2-core host a separate router deployment would add a network hop and
+take a CPU from the scorers. The split itself lives in the registry (`adsfm.traffic` on the registered
+model), where adsfm-shift writes it and every replica reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from serving import metrics
+from serving.ranker import FeatureError
+from serving.schemas import RankRequest, RankResponse
+from serving.service import Prepared, RankService
+
+logger = logging.getLogger("ray.serve")
+
+TRAFFIC_TAG = "adsfm.traffic"
+"""Registered-model tag holding the champion/challenger split as JSON (Split)."""
+
+Scorer = Callable[[RankService, Prepared], Awaitable[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Split:
+    """How traffic is shared between the champion and the challenger alias."""
+
+    challenger_pct: float = 0.0
+    """Share of users (sticky) or requests answered by the challenger, 0-100."""
+    shadow: bool = False
+    """The challenger scores a copy of every request; its answer is logged and compared, never returned."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.challenger_pct <= 100.0:
+            raise ValueError(f"challenger_pct={self.challenger_pct}: must be within 0..100")
+
+    @classmethod
+    def from_tag(cls, raw: str | None) -> Split:
+        return cls(**json.loads(raw)) if raw else cls()
+
+    def to_tag(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def bucket(key: str) -> float:
+    """A stable position in [0, 100) for a user: the same user lands on the same side at every replica, on
+    every restart and as the share grows (a user moved to the challenger at 5 % stays there at 25 %)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 10_000 / 100.0
+
+
+def user_key(user: dict[str, Any], field: str) -> str:
+    value = user.get(field)
+    return str(value) if value is not None else json.dumps(user, sort_keys=True, default=str)
+
+
+def top_k_disagreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
+    """Share of the champion's top k that the challenger does not put in its own top k (0: same set)."""
+    k = min(k, len(a))
+    top_a = set(np.argsort(-a, kind="stable")[:k].tolist())
+    top_b = set(np.argsort(-b, kind="stable")[:k].tolist())
+    return 1.0 - len(top_a & top_b) / k
+
+
+class Router:
+    """Answers a request with the champion or the challenger by the current Split; falls back to the champion
+    when the challenger fails or misses the deadline, and to the light model (or the champion's late answer)
+    when the champion itself misses it."""
+
+    def __init__(self, champion: RankService, score: Scorer, *, light: RankService | None = None,
+                 sticky_field: str | None = "user_id", deadline_ms: float | None = None,
+                 report: Callable[[str, bool, float], None] | None = None, seed: int | None = None) -> None:
+        self.champion = champion
+        self.challenger: RankService | None = None
+        self.challenger_error: str | None = None
+        """The challenger alias's version when it could not be loaded (its share then falls back to the champion)."""
+        self.split = Split()
+        self.light = light
+        self.score = score
+        self.sticky_field = sticky_field
+        self.deadline_ms = deadline_ms
+        self.report = report or (lambda version, ok, ms: None)
+        self._rng = random.Random(seed)
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+
+    def arm(self, req: RankRequest) -> str:
+        pct = self.split.challenger_pct
+        if self.split.shadow or pct <= 0.0:
+            return "champion"
+        if pct >= 100.0:
+            return "challenger"
+        pos = bucket(user_key(req.user, self.sticky_field)) if self.sticky_field else self._rng.random() * 100.0
+        return "challenger" if pos < pct else "champion"
+
+    async def rank(self, req: RankRequest, main: RankService | None = None) -> RankResponse:
+        """`main`: the model chosen by the caller (spillover) instead of the split."""
+        t0 = time.perf_counter()
+        champion, challenger = self.champion, self.challenger  # this request keeps these even if they move
+        arm = "champion" if main is not None else self.arm(req)
+        if main is None:
+            main = champion
+        metrics.ROUTED.labels(arm).inc()
+        deadline = req.deadline_ms if req.deadline_ms is not None else self.deadline_ms
+        due = None if deadline is None else t0 + deadline / 1e3
+
+        if arm == "challenger":
+            if challenger is None:
+                self.report(self.challenger_error or "challenger", False, 0.0)
+                return await self._fallback(req, champion, "challenger_unavailable", due, t0)
+            try:
+                p = challenger.prepare(req)
+                scores = await self._within(self.score(challenger, p), due)
+            except TimeoutError:
+                self.report(challenger.model_version, False, (time.perf_counter() - t0) * 1e3)
+                return await self._fallback(req, champion, "challenger_deadline", due, t0)
+            except Exception as e:
+                if isinstance(e, FeatureError):
+                    champion.validate(req)  # the client's own mistake if the champion refuses it too (422)
+                logger.warning("adsfm: challenger version %s failed (%r); answering with the champion", challenger.model_version, e)
+                self.report(challenger.model_version, False, (time.perf_counter() - t0) * 1e3)
+                return await self._fallback(req, champion, "challenger_error", due, t0)
+            self.report(challenger.model_version, True, (time.perf_counter() - t0) * 1e3)
+            return challenger.respond(p, scores)
+
+        p = main.prepare(req)  # a bad request is the client's (422), whichever model it went to
+        work = asyncio.ensure_future(self.score(main, p))
+        try:
+            scores = await self._within(work, due)
+        except TimeoutError:
+            if self.light is not None and main is not self.light:
+                metrics.FALLBACKS.labels("deadline").inc()
+                lp = self.light.prepare(req)
+                res = self.light.respond(lp, await self.score(self.light, lp))
+                return res.model_copy(update={"fallback": "deadline", "latency_ms": (time.perf_counter() - t0) * 1e3})
+            metrics.FALLBACKS.labels("deadline_no_fallback").inc()
+            scores = await work  # nothing lighter to answer with: the late answer beats none
+        self.report(main.model_version, True, (time.perf_counter() - t0) * 1e3)
+        if self.split.shadow and challenger is not None and main is champion:
+            self._shadow(req, scores, challenger)
+        return main.respond(p, scores)
+
+    async def _within(self, work: Awaitable[np.ndarray], due: float | None) -> np.ndarray:
+        if due is None:
+            return await work
+        # shield: a late request leaves its batch; the batch goes on for the others in it
+        return await asyncio.wait_for(asyncio.shield(work), timeout=max(due - time.perf_counter(), 0.0))
+
+    async def _fallback(self, req: RankRequest, champion: RankService, reason: str, due: float | None, t0: float) -> RankResponse:
+        metrics.FALLBACKS.labels(reason).inc()
+        p = champion.prepare(req)
+        res = champion.respond(p, await self.score(champion, p))
+        return res.model_copy(update={"fallback": reason, "latency_ms": (time.perf_counter() - t0) * 1e3})
+
+    def _shadow(self, req: RankRequest, champion_scores: np.ndarray, challenger: RankService) -> None:
+        async def run() -> None:
+            t0 = time.perf_counter()
+            try:
+                p = challenger.prepare(req)
+                scores = await self.score(challenger, p)
+            except Exception as e:  # the champion took this request, so any refusal is the challenger's
+                logger.warning("adsfm shadow: version %s failed (%r)", challenger.model_version, e)
+                self.report(challenger.model_version, False, (time.perf_counter() - t0) * 1e3)
+                metrics.SHADOW.labels("error").inc()
+                return
+            self.report(challenger.model_version, True, (time.perf_counter() - t0) * 1e3)
+            d = top_k_disagreement(champion_scores, scores)
+            metrics.SHADOW_DISAGREEMENT.observe(d)
+            metrics.SHADOW.labels("disagreed" if d > 0 else "agreed").inc()
+            top = [req.candidates[i].get(challenger.ranker.manifest.item_column or "", i) for i in np.argsort(-scores)[:10]]
+            logger.info("adsfm shadow: version %s top-10 %s, disagreement %.2f with the champion", challenger.model_version, top, d)
+
+        task = asyncio.ensure_future(run())
+        self._shadow_tasks.add(task)  # a reference, or the loop may collect the task mid-flight
+        task.add_done_callback(self._shadow_tasks.discard)
+
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What the registry says a replica should serve."""
+
+    champion: str | None
+    challenger: str | None
+    split: Split
+
+
+def read_traffic(client: Any, name: str, alias: str = "champion") -> Traffic:
+    """One registry read (MlflowClient `client`): the version `alias` points at and, when that is the
+    champion, the challenger and the split (replicas serving another alias follow it alone)."""
+    from export.registry import CHALLENGER, CHAMPION
+
+    model = client.get_registered_model(name)
+    main, challenger = model.aliases.get(alias), model.aliases.get(CHALLENGER)
+    if alias != CHAMPION:
+        return Traffic(None if main is None else str(main), None, Split())
+    return Traffic(None if main is None else str(main), None if challenger is None else str(challenger),
+                   Split.from_tag(model.tags.get(TRAFFIC_TAG)))
+
+
+def write_split(client: Any, name: str, split: Split) -> None:
+    client.set_registered_model_tag(name, TRAFFIC_TAG, split.to_tag())

@@ -1,0 +1,99 @@
+"""adsfm-shift on a live Ray Serve app under load: a challenger made to fail (its artifacts corrupted in the
+artifact store after registration) is rolled back by the shift itself, with every request still answered by
+the champion; a healthy challenger then goes 50 → 100 % and becomes champion."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_shift_rolls_back_a_failing_challenger_then_promotes_a_healthy_one(
+    ray_cluster: None, serve_port: int, trained: dict[str, Any], features: Any, small_cfg: Any, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from export.registry import CHAMPION, alias_version, log_and_register
+    from launch import shift
+    from serving import app
+    from serving.client import RankClient, RankError
+    from serving.config import ServeConfig
+    from serving.router import read_traffic
+    from training.data import example_request, load_frame
+    from training.tracking import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = ensure_experiment(uri, "shift", str(tmp_path))
+    log_and_register(trained["bundle"], "shift", uri, run_id=None, experiment_id=exp)  # v1: champion
+    before = set(tmp_path.rglob("*.onnx"))
+    v2 = str(log_and_register(trained["bundle"], "shift", uri, run_id=None, experiment_id=exp).version)
+    corrupted = sorted(set(tmp_path.rglob("*.onnx")) - before)
+    assert corrupted
+    for f in corrupted:  # the store now serves a broken challenger: replicas fail to load it
+        f.write_bytes(b"not an onnx graph")
+
+    url = app.start(ServeConfig(port=serve_port, model_name="shift", reload_interval_s=0.5), uri, name="shift")
+    df, _ = load_frame(small_cfg.data)
+    requests_ = [example_request(df, features.spec, int(r), [str(i) for i in range(1, 31)]) for r in features.holdout_idx[:40]]
+    counts = {"ok": 0, "failed": 0}
+    seen: dict[tuple[str, str | None], int] = {}
+    stop, lock = threading.Event(), threading.Lock()
+
+    def load(k: int) -> None:
+        client = RankClient(url, timeout_s=30, retries=0)
+        i = k
+        while not stop.is_set():
+            req = requests_[i % len(requests_)]
+            i += 1
+            try:
+                res = client.rank(req["user"], req["candidates"])
+            except (RankError, OSError):
+                with lock:
+                    counts["failed"] += 1
+                continue
+            with lock:
+                counts["ok"] += 1
+                key = (res.model_version, res.fallback)
+                seen[key] = seen.get(key, 0) + 1
+
+    args = ["shift", "--steps", "50,100", "--every", "2s", "--min-requests", "5", "--max-error-rate", "0.05",
+            "--max-p99-ms", "5000", "--tracking-uri", uri]
+    client = MlflowClient(uri)
+    threads = [threading.Thread(target=load, args=(k,)) for k in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        t0 = time.time()
+        with pytest.raises(SystemExit) as failed:
+            shift.main(args)
+        rolled_back_in = time.time() - t0
+        after_failure = dict(seen)
+        assert failed.value.code == 1
+        traffic = read_traffic(client, "shift")
+        assert traffic.split.challenger_pct == 0 and traffic.champion == "1"
+
+        v3 = str(log_and_register(trained["bundle"], "shift", uri, run_id=None, experiment_id=exp).version)  # healthy
+        with pytest.raises(SystemExit) as passed:
+            shift.main(args)
+        assert passed.value.code == 0
+        time.sleep(2)  # the replica follows the new champion within reload_interval_s
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        stop.set()
+        app.stop("shift")
+    print(f"shift: failing challenger v{v2} rolled back in {rolled_back_in:.1f} s; answers until then "
+          f"{after_failure}; whole run {counts['ok']} answered, {counts['failed']} failed, by (version, fallback) {seen}")
+    assert counts["failed"] == 0
+    assert after_failure.get(("1", "challenger_unavailable"), 0) > 0  # the failing share was answered by v1
+    assert not any(v == v2 and fb is None for v, fb in seen)  # the broken version answered nothing
+    assert seen.get((v3, None), 0) > 0
+    assert alias_version(client, "shift", CHAMPION) == v3 and read_traffic(client, "shift").split.challenger_pct == 0

@@ -1,0 +1,152 @@
+"""Champion/challenger routing (Ray-free): sticky split, fallbacks on error and deadline, shadow scoring,
+and the shift's rollback verdict."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from launch.shift import Limits, judge
+from serving import metrics
+from serving.monitor import VersionStats, summarize
+from serving.ranker import FeatureError, Ranker
+from serving.router import Router, Split, bucket, top_k_disagreement
+from serving.schemas import RankRequest
+from serving.service import Prepared, RankService
+
+USER = {"user_id": "196", "gender": "M", "occupation": "writer", "age": 49, "history": ["242", "302", "377"]}
+ITEMS = [{"item_id": str(i)} for i in range(1, 31)]
+
+
+@pytest.fixture(scope="module")
+def services(trained: dict[str, Any]) -> dict[str, RankService]:
+    return {v: RankService(Ranker(trained["bundle"]), "m", v, max_candidates=100) for v in ("1", "2", "light")}
+
+
+async def engine(svc: RankService, p: Prepared) -> np.ndarray:
+    return svc.ranker.run_many([p.inputs])[0]
+
+
+def counter(c: Any, label: str) -> float:
+    return c.labels(label)._value.get()
+
+
+def test_sticky_split_keeps_users_on_their_side_as_the_share_grows() -> None:
+    users = [str(u) for u in range(20_000)]
+    at = {pct: {u for u in users if bucket(u) < pct} for pct in (5, 25, 50)}
+    for pct, chosen in at.items():
+        assert abs(len(chosen) / len(users) - pct / 100) < 0.015, (pct, len(chosen))
+    assert at[5] <= at[25] <= at[50]  # nobody moved to the challenger at 5 % goes back at 25 %
+
+
+def test_router_follows_the_split_and_is_sticky_per_user(services: dict[str, RankService]) -> None:
+    r = Router(services["1"], engine)
+    r.challenger, r.split = services["2"], Split(challenger_pct=50)
+    answered = {}
+    for u in range(200):
+        req = RankRequest(user={**USER, "user_id": str(u)}, candidates=ITEMS[:3])
+        versions = {asyncio.run(r.rank(req)).model_version for _ in range(3)}
+        assert len(versions) == 1  # the same user, the same side
+        answered[u] = versions.pop()
+        assert answered[u] == ("2" if bucket(str(u)) < 50 else "1")
+    assert 60 < list(answered.values()).count("2") < 140
+
+
+def test_a_failing_challenger_is_answered_by_the_champion(services: dict[str, RankService]) -> None:
+    async def broken(svc: RankService, p: Prepared) -> np.ndarray:
+        if svc.model_version == "2":
+            raise RuntimeError("challenger engine down")
+        return await engine(svc, p)
+
+    seen: list[tuple[str, bool]] = []
+    r = Router(services["1"], broken, report=lambda v, ok, ms: seen.append((v, ok)))
+    r.challenger, r.split = services["2"], Split(challenger_pct=100)
+    before = counter(metrics.FALLBACKS, "challenger_error")
+    res = asyncio.run(r.rank(RankRequest(user=USER, candidates=ITEMS)))
+    assert (res.model_version, res.fallback) == ("1", "challenger_error")
+    alone = services["1"].rank(RankRequest(user=USER, candidates=ITEMS))
+    assert [c.score for c in res.candidates] == [c.score for c in alone.candidates]
+    assert counter(metrics.FALLBACKS, "challenger_error") == before + 1
+    assert ("2", False) in seen  # the shift sees the challenger's failure though the client did not
+    with pytest.raises(FeatureError):  # a request the champion refuses too is the client's (422)
+        asyncio.run(r.rank(RankRequest(user={"user_idd": "1"}, candidates=ITEMS)))
+
+
+def test_a_late_model_is_replaced_by_the_fallback_by_the_deadline(services: dict[str, RankService]) -> None:
+    async def slow_main(svc: RankService, p: Prepared) -> np.ndarray:
+        if svc.model_version != "light":
+            await asyncio.sleep(0.5)
+        return await engine(svc, p)
+
+    r = Router(services["1"], slow_main, light=services["light"], deadline_ms=300)
+    r.challenger, r.split = services["2"], Split(challenger_pct=0)
+    req = RankRequest(user=USER, candidates=ITEMS)
+    res = asyncio.run(r.rank(req))
+    assert (res.model_version, res.fallback) == ("light", "deadline")
+    assert res.latency_ms < 450
+    res = asyncio.run(r.rank(req.model_copy(update={"deadline_ms": 2000.0})))  # the request's own deadline wins
+    assert (res.model_version, res.fallback) == ("1", None)
+
+    r.split = Split(challenger_pct=100)  # a late challenger: the champion answers
+    r.light = None
+
+    async def slow_challenger(svc: RankService, p: Prepared) -> np.ndarray:
+        if svc.model_version == "2":
+            await asyncio.sleep(0.5)
+        return await engine(svc, p)
+
+    r.score = slow_challenger
+    res = asyncio.run(r.rank(req))
+    assert (res.model_version, res.fallback) == ("1", "challenger_deadline")
+
+
+def test_shadow_challenger_scores_but_never_answers(services: dict[str, RankService]) -> None:
+    scored: list[str] = []
+
+    async def tracking(svc: RankService, p: Prepared) -> np.ndarray:
+        scored.append(svc.model_version)
+        return await engine(svc, p)
+
+    r = Router(services["1"], tracking)
+    r.challenger, r.split = services["2"], Split(challenger_pct=100, shadow=True)
+    agreed = counter(metrics.SHADOW, "agreed")
+
+    async def go() -> list[str]:
+        out = [(await r.rank(RankRequest(user={**USER, "user_id": str(u)}, candidates=ITEMS))).model_version for u in range(5)]
+        await asyncio.gather(*r._shadow_tasks)
+        return out
+
+    assert asyncio.run(go()) == ["1"] * 5
+    assert scored.count("2") == 5
+    assert counter(metrics.SHADOW, "agreed") == agreed + 5  # the same weights: the same top 10
+
+
+def test_disagreement_and_split_validation() -> None:
+    a = np.arange(20, dtype=np.float32)
+    assert top_k_disagreement(a, a) == 0.0
+    assert top_k_disagreement(a, -a) == 1.0
+    assert top_k_disagreement(a[:4], a[:4] * 2) == 0.0  # fewer candidates than k
+    with pytest.raises(ValueError, match="challenger_pct"):
+        Split(challenger_pct=120)
+    assert Split.from_tag(Split(25, shadow=True).to_tag()) == Split(25, shadow=True)
+
+
+def test_shift_verdict_rolls_back_on_errors_or_latency() -> None:
+    lim = Limits(max_error_rate=0.01, max_p99_ms=50, min_requests=20)
+    assert judge(None, lim) is None
+    assert judge(VersionStats(1000, 5, 20.0), lim) is None
+    assert "error rate" in (judge(VersionStats(1000, 11, 20.0), lim) or "")
+    assert "error rate" in (judge(VersionStats(3, 1, 1.0), lim) or "")  # a failing model fails early
+    assert judge(VersionStats(10, 0, 80.0), lim) is None  # too few to trust a p99
+    assert "p99" in (judge(VersionStats(40, 0, 80.0), lim) or "")
+
+
+def test_traffic_summary_per_version() -> None:
+    rows = [(10.0, "1", True, 5.0), (11.0, "2", False, 7.0), (12.0, "2", True, 9.0), (5.0, "2", False, 1.0)]
+    s = summarize(rows, since=10.0)
+    assert s["1"] == VersionStats(1, 0, 5.0)
+    assert s["2"].requests == 2 and s["2"].errors == 1 and s["2"].error_rate == 0.5
+    assert s["2"].p99_ms == pytest.approx(np.percentile([7.0, 9.0], 99))
