@@ -166,8 +166,26 @@ def setup(root: Path, overrides: list[str], name: str, max_steps: int = 0) -> tu
     return cfg, ckpt, uri
 
 
-def run(a: argparse.Namespace) -> dict[str, Any]:
+def deploy_noop(serve_cfg: Any) -> None:
+    """Ray Serve's own floor: a deployment answering a constant at /noop, in the ranker's configuration."""
     from fastapi import FastAPI
+    from ray import serve
+
+    noop_api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=serve_cfg.max_ongoing_requests, num_replicas=serve_cfg.num_replicas,
+                      logging_config={"enable_access_log": serve_cfg.access_log, "log_level": "WARNING"})
+    @serve.ingress(noop_api)
+    class Noop:
+        @noop_api.post("/v1/rank")
+        async def rank(self) -> dict[str, list[Any]]:
+            return {"candidates": []}
+
+    serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
+    serve.run(Noop.bind(), name="noop", route_prefix="/noop", blocking=False)  # type: ignore[attr-defined]
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from ray import serve
 
@@ -183,18 +201,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     init_ray(None)
     cfg = models["a"][0]
     cfg.serve.port = free_port()
-    noop_api = FastAPI()
-
-    @serve.deployment(max_ongoing_requests=cfg.serve.max_ongoing_requests, num_replicas=cfg.serve.num_replicas,
-                      logging_config={"enable_access_log": cfg.serve.access_log, "log_level": "WARNING"})
-    @serve.ingress(noop_api)
-    class Noop:
-        @noop_api.post("/v1/rank")
-        async def rank(self) -> dict[str, list[Any]]:
-            return {"candidates": []}
-
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(Noop.bind(), name="noop", route_prefix="/noop", blocking=False)  # type: ignore[attr-defined]
+    deploy_noop(cfg.serve)
     base = f"http://{cfg.serve.host}:{cfg.serve.port}"
     values: dict[str, float] = {}
     rows = []

@@ -23,7 +23,7 @@ def _main(cfg: DictConfig) -> None:
     from training.tracking import tracking_uri
 
     c = as_config(cfg)
-    init_ray(c.cluster.address, c.cluster.num_cpus)
+    init_ray(c.cluster.address, c.cluster.num_cpus, c.cluster.serve_ingress)
     url = start(c.serve, tracking_uri(c.mlflow.tracking_uri, c.run_root))
     print(f"[adsfm] serving {c.serve.model_name}@{c.serve.alias} at {url}/v1/rank (docs: {url}/docs); Ctrl-C stops")
     try:

@@ -6,6 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
+# HAProxy: Ray Serve's fastest ingress (serving/ingress.py). Installed from Debian's package when we are root;
+# without it serving falls back to the direct ingress, slower but correct.
+if ! command -v haproxy >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "[setup] installing haproxy (Debian package) for Ray Serve's ingress"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null) \
+    || echo "[setup] haproxy not installed; serving uses cluster.serve_ingress=direct" >&2
+fi
 stamp="$VENV/.adsfm-lock.sha"
 want=$(sha256sum requirements/lock.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -234,6 +234,9 @@ class ClusterConfig:
     """None: start a local cluster on 127.0.0.1 (or join RAY_ADDRESS when set); else a cluster address."""
     num_cpus: int | None = None
     """CPUs of the local cluster (default: all)."""
+    serve_ingress: str = "auto"
+    """Ray Serve ingress of a local cluster: haproxy, direct, proxy, or auto (haproxy when installed, else
+    direct); serving/ingress.py says what each is and bench/ingress.py measures them."""
 
 
 @dataclass

@@ -88,8 +88,9 @@ def check_plan(model: Any, p: Any) -> None:
             lg.setLevel(level)
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join `address` (or RAY_ADDRESS), else start a local cluster that stays on 127.0.0.1."""
+def init_ray(address: str | None, num_cpus: int | None = None, serve_ingress: str = "auto") -> None:
+    """Join `address` (or RAY_ADDRESS), else start a local cluster that stays on 127.0.0.1, with the Ray
+    Serve ingress `serve_ingress` (serving/ingress.py; a joined cluster has the one it was started with)."""
     # Set before Ray reads its environment: keeps 127.0.0.1 from being rewritten to the host's address.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -102,6 +103,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    if not address:
+        from serving.ingress import apply
+
+        apply(serve_ingress)
     runtime_env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
@@ -140,7 +145,7 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     client.set_tag(run_id, "adsfm.data_fingerprint", data_fingerprint(cfg.data))
     client.log_artifact(run_id, str(run_dir / "config.yaml"))
 
-    init_ray(cfg.cluster.address, cfg.cluster.num_cpus)  # first: it sets the environment Ray reads on import
+    init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.serve_ingress)  # first: it sets the environment Ray reads on import
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

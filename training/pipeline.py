@@ -44,7 +44,7 @@ def run_pipeline(cfg_in: DictConfig, keep_serving: bool = False) -> dict[str, An
     print(report.table(), flush=True)
 
     print("[adsfm] 4/4 serve + rank over HTTP", flush=True)
-    init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+    init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.serve_ingress)
     url = serve_app.start(cfg.serve, tr.tracking_uri)
     fs = load_features(cfg.data)
     df, _ = load_frame(cfg.data)
