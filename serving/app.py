@@ -122,7 +122,11 @@ class RankerDeployment:
         r.split = t.split
 
     async def _score(self, service: RankService, p: Prepared) -> np.ndarray:
-        out = await self._score_batch((service.ranker, p.inputs))
+        if self.in_flight <= 1:  # alone on the replica: no company to wait batch_wait_ms for
+            metrics.BATCH.observe(1)
+            out = (await asyncio.get_running_loop().run_in_executor(self.pool, run_grouped, [(service.ranker, p.inputs)]))[0]
+        else:
+            out = await self._score_batch((service.ranker, p.inputs))
         if isinstance(out, Exception):
             raise out
         return out
