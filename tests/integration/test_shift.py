@@ -4,12 +4,13 @@ the champion; a healthy challenger then goes 50 → 100 % and becomes champion."
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.integration.load import SteadyLoad
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +23,6 @@ def test_shift_rolls_back_a_failing_challenger_then_promotes_a_healthy_one(
     from export.registry import CHAMPION, alias_version, log_and_register
     from launch import shift
     from serving import app
-    from serving.client import RankClient, RankError
     from serving.config import ServeConfig
     from serving.router import read_traffic
     from training.data import example_request, load_frame
@@ -41,58 +41,32 @@ def test_shift_rolls_back_a_failing_challenger_then_promotes_a_healthy_one(
     url = app.start(ServeConfig(port=serve_port, model_name="shift", reload_interval_s=0.5), uri, name="shift")
     df, _ = load_frame(small_cfg.data)
     requests_ = [example_request(df, features.spec, int(r), [str(i) for i in range(1, 31)]) for r in features.holdout_idx[:40]]
-    counts = {"ok": 0, "failed": 0}
-    seen: dict[tuple[str, str | None], int] = {}
-    stop, lock = threading.Event(), threading.Lock()
-
-    def load(k: int) -> None:
-        client = RankClient(url, timeout_s=30, retries=0)
-        i = k
-        while not stop.is_set():
-            req = requests_[i % len(requests_)]
-            i += 1
-            try:
-                res = client.rank(req["user"], req["candidates"])
-            except (RankError, OSError):
-                with lock:
-                    counts["failed"] += 1
-                continue
-            with lock:
-                counts["ok"] += 1
-                key = (res.model_version, res.fallback)
-                seen[key] = seen.get(key, 0) + 1
-
     args = ["shift", "--steps", "50,100", "--every", "2s", "--min-requests", "5", "--max-error-rate", "0.05",
             "--max-p99-ms", "5000", "--tracking-uri", uri]
     client = MlflowClient(uri)
-    threads = [threading.Thread(target=load, args=(k,)) for k in range(2)]
     try:
-        for t in threads:
-            t.start()
-        time.sleep(2)
-        t0 = time.time()
-        with pytest.raises(SystemExit) as failed:
-            shift.main(args)
-        rolled_back_in = time.time() - t0
-        after_failure = dict(seen)
-        assert failed.value.code == 1
-        traffic = read_traffic(client, "shift")
-        assert traffic.split.challenger_pct == 0 and traffic.champion == "1"
+        with SteadyLoad(url, requests_, clients=2, retries=0) as load:
+            time.sleep(2)
+            t0 = time.time()
+            with pytest.raises(SystemExit) as failed:
+                shift.main(args)
+            rolled_back_in = time.time() - t0
+            after_failure = dict(load.answers)
+            assert failed.value.code == 1
+            traffic = read_traffic(client, "shift")
+            assert traffic.split.challenger_pct == 0 and traffic.champion == "1"
 
-        v3 = str(log_and_register(trained["bundle"], "shift", uri, run_id=None, experiment_id=exp).version)  # healthy
-        with pytest.raises(SystemExit) as passed:
-            shift.main(args)
-        assert passed.value.code == 0
-        time.sleep(2)  # the replica follows the new champion within reload_interval_s
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
+            v3 = str(log_and_register(trained["bundle"], "shift", uri, run_id=None, experiment_id=exp).version)  # healthy
+            with pytest.raises(SystemExit) as passed:
+                shift.main(args)
+            assert passed.value.code == 0
+            time.sleep(2)  # the replica follows the new champion within reload_interval_s
     finally:
-        stop.set()
         app.stop("shift")
+    seen = load.answers
     print(f"shift: failing challenger v{v2} rolled back in {rolled_back_in:.1f} s; answers until then "
-          f"{after_failure}; whole run {counts['ok']} answered, {counts['failed']} failed, by (version, fallback) {seen}")
-    assert counts["failed"] == 0
+          f"{after_failure}; whole run {load.ok} answered, {load.failed} failed, by (version, fallback) {seen}")
+    assert load.failed == 0, load.errors[:5]
     assert after_failure.get(("1", "challenger_unavailable"), 0) > 0  # the failing share was answered by v1
     assert not any(v == v2 and fb is None for v, fb in seen)  # the broken version answered nothing
     assert seen.get((v3, None), 0) > 0

@@ -4,11 +4,12 @@ retries the 5xx of requests that were on the killed replica (ranking is idempote
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import pytest
+
+from tests.integration.load import SteadyLoad
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +21,6 @@ def test_alias_move_and_killed_replica_fail_no_request(ray_cluster: None, serve_
 
     from export.registry import log_and_register
     from serving import app
-    from serving.client import RankClient, RankError
     from serving.config import ServeConfig
     from training.data import example_request, load_frame
     from training.tracking import ensure_experiment
@@ -31,54 +31,25 @@ def test_alias_move_and_killed_replica_fail_no_request(ray_cluster: None, serve_
     url = app.start(ServeConfig(port=serve_port, model_name="zd", num_replicas=2, reload_interval_s=0.5), uri, name="zd")
     df, _ = load_frame(small_cfg.data)
     requests_ = [example_request(df, features.spec, int(r), [str(i) for i in range(1, 51)]) for r in features.holdout_idx[:20]]
-    counts: dict[str, int] = {"ok": 0, "failed": 0, "retried": 0}
-    versions: dict[str, int] = {}
-    errors: list[str] = []
-    stop = threading.Event()
-    lock = threading.Lock()
-
-    def load(k: int) -> None:
-        client = RankClient(url, timeout_s=30, retries=3)
-        i = k
-        while not stop.is_set():
-            req = requests_[i % len(requests_)]
-            i += 1
-            try:
-                res = client.rank(req["user"], req["candidates"])
-                with lock:
-                    counts["ok"] += 1
-                    versions[res.model_version] = versions.get(res.model_version, 0) + 1
-            except (RankError, OSError) as e:
-                with lock:
-                    counts["failed"] += 1
-                    errors.append(repr(e)[:200])
-        with lock:
-            counts["retried"] += client.retried
-
     try:
-        threads = [threading.Thread(target=load, args=(k,)) for k in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(3)
-        v2 = str(log_and_register(trained["bundle"], "zd", uri, run_id=None, experiment_id=exp).version)  # challenger
-        MlflowClient(uri).set_registered_model_alias("zd", "champion", v2)  # the replicas follow within 0.5 s
-        time.sleep(4)
-        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                    if a["namespace"] == "serve" and "SERVE_REPLICA" in a["name"] and "RankerDeployment" in a["name"]]
-        assert len(replicas) == 2, replicas
-        ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=True)  # SIGKILL; Serve replaces it
-        time.sleep(8)
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
+        with SteadyLoad(url, requests_, clients=4, retries=3) as load:
+            time.sleep(3)
+            v2 = str(log_and_register(trained["bundle"], "zd", uri, run_id=None, experiment_id=exp).version)  # challenger
+            MlflowClient(uri).set_registered_model_alias("zd", "champion", v2)  # the replicas follow within 0.5 s
+            time.sleep(4)
+            replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                        if a["namespace"] == "serve" and "SERVE_REPLICA" in a["name"] and "RankerDeployment" in a["name"]]
+            assert len(replicas) == 2, replicas
+            ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=True)  # SIGKILL; Serve replaces it
+            time.sleep(8)
     finally:
-        stop.set()
         app.stop("zd")
-    print(f"zero downtime: {counts['ok']} requests answered, {counts['failed']} failed, {counts['retried']} retried "
+    versions = load.versions()
+    print(f"zero downtime: {load.ok} requests answered, {load.failed} failed, {load.retried} retried "
           f"by the client; versions served {versions}")
-    assert counts["failed"] == 0, errors[:5]
+    assert load.failed == 0, load.errors[:5]
     assert versions.get("1", 0) > 0 and versions.get(v2, 0) > 0
-    assert counts["ok"] > 100
+    assert load.ok > 100
 
 
 def test_requests_spill_over_to_the_lighter_model_when_the_queue_is_full(
