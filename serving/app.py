@@ -29,7 +29,7 @@ from serving.bundle import open_ranker
 from serving.config import ServeConfig
 from serving.monitor import Reporter
 from serving.ranker import FeatureError
-from serving.router import Router, Traffic, read_traffic
+from serving.router import Router, Split, Traffic, read_traffic
 from serving.schemas import Health, RankRequest, RankResponse
 from serving.service import Prepared, RankService, run_grouped
 
@@ -119,7 +119,7 @@ class RankerDeployment:
             except Exception:  # a broken challenger must not take the champion down: its share falls back
                 logger.exception("adsfm: challenger version %s failed to load; its share goes to the champion", wanted)
                 r.challenger, r.challenger_error = None, wanted
-        r.split = t.split
+        r.split = t.split if wanted else Split()  # challenger == champion (just promoted): nothing to split
 
     async def _score(self, service: RankService, p: Prepared) -> np.ndarray:
         if self.in_flight <= 1:  # alone on the replica: no company to wait batch_wait_ms for

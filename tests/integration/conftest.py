@@ -25,6 +25,9 @@ def ray_cluster() -> Iterator[None]:
 
     from training.job import init_ray
 
+    # An ingress replica that stops drains 30 s by default (time for HAProxy to stop sending it requests),
+    # holding its CPU: on this 2-CPU cluster the next test's app would wait for it.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     init_ray(None, num_cpus=2)
     yield
     try:

@@ -38,7 +38,7 @@ def test_alias_move_and_killed_replica_fail_no_request(ray_cluster: None, serve_
             MlflowClient(uri).set_registered_model_alias("zd", "champion", v2)  # the replicas follow within 0.5 s
             time.sleep(4)
             replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                        if a["namespace"] == "serve" and "SERVE_REPLICA" in a["name"] and "RankerDeployment" in a["name"]]
+                        if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::zd#RankerDeployment#")]
             assert len(replicas) == 2, replicas
             ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=True)  # SIGKILL; Serve replaces it
             time.sleep(8)
