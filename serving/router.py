@@ -118,19 +118,19 @@ class Router:
         if arm == "challenger":
             if challenger is None:
                 self.report(self.challenger_error or "challenger", False, 0.0)
-                return await self._fallback(req, champion, "challenger_unavailable", due, t0)
+                return self._fallback(req, champion, "challenger_unavailable", t0)
             try:
                 p = challenger.prepare(req)
                 scores = await self._within(self.score(challenger, p), due)
             except TimeoutError:
                 self.report(challenger.model_version, False, (time.perf_counter() - t0) * 1e3)
-                return await self._fallback(req, champion, "challenger_deadline", due, t0)
+                return self._fallback(req, champion, "challenger_deadline", t0)
             except Exception as e:
                 if isinstance(e, FeatureError):
                     champion.validate(req)  # the client's own mistake if the champion refuses it too (422)
                 logger.warning("adsfm: challenger version %s failed (%r); answering with the champion", challenger.model_version, e)
                 self.report(challenger.model_version, False, (time.perf_counter() - t0) * 1e3)
-                return await self._fallback(req, champion, "challenger_error", due, t0)
+                return self._fallback(req, champion, "challenger_error", t0)
             self.report(challenger.model_version, True, (time.perf_counter() - t0) * 1e3)
             return challenger.respond(p, scores)
 
@@ -142,7 +142,7 @@ class Router:
             if self.light is not None and main is not self.light:
                 metrics.FALLBACKS.labels("deadline").inc()
                 lp = self.light.prepare(req)
-                res = self.light.respond(lp, await self.score(self.light, lp))
+                res = self.light.respond(lp, _now(self.light, lp))
                 return res.model_copy(update={"fallback": "deadline", "latency_ms": (time.perf_counter() - t0) * 1e3})
             metrics.FALLBACKS.labels("deadline_no_fallback").inc()
             scores = await work  # nothing lighter to answer with: the late answer beats none
@@ -157,10 +157,10 @@ class Router:
         # shield: a late request leaves its batch; the batch goes on for the others in it
         return await asyncio.wait_for(asyncio.shield(work), timeout=max(due - time.perf_counter(), 0.0))
 
-    async def _fallback(self, req: RankRequest, champion: RankService, reason: str, due: float | None, t0: float) -> RankResponse:
+    def _fallback(self, req: RankRequest, champion: RankService, reason: str, t0: float) -> RankResponse:
         metrics.FALLBACKS.labels(reason).inc()
         p = champion.prepare(req)
-        res = champion.respond(p, await self.score(champion, p))
+        res = champion.respond(p, _now(champion, p))
         return res.model_copy(update={"fallback": reason, "latency_ms": (time.perf_counter() - t0) * 1e3})
 
     def _shadow(self, req: RankRequest, champion_scores: np.ndarray, challenger: RankService) -> None:
@@ -185,6 +185,12 @@ class Router:
         self._shadow_tasks.add(task)  # a reference, or the loop may collect the task mid-flight
         task.add_done_callback(self._shadow_tasks.discard)
 
+
+
+def _now(service: RankService, p: Prepared) -> np.ndarray:
+    """Scored here and now, not through the batch queue: a fallback must not wait behind the work that made
+    the request late (ONNX Runtime sessions take concurrent runs)."""
+    return service.ranker.run_many([p.inputs])[0]
 
 
 @dataclass(frozen=True)
