@@ -56,7 +56,8 @@ class RankerDeployment:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="adsfm-score")
         spill = self._load_spillover(cfg.spillover) if cfg.spillover else None
         self.router = Router(self._load(), self._score, light=spill, sticky_field=cfg.sticky_field,
-                             deadline_ms=cfg.deadline_ms, report=Reporter(cfg.model_name))
+                             deadline_ms=cfg.deadline_ms, report=Reporter(cfg.model_name),
+                             shadow_log=cfg.shadow_log)
         self.in_flight = 0
         self._score_batch.set_max_batch_size(cfg.batch_max_requests)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)  # type: ignore[attr-defined]

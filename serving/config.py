@@ -55,3 +55,6 @@ class ServeConfig:
     deadline_ms: float | None = None
     """Default per-request deadline (a request's own `deadline_ms` overrides it): a late model's answer is
     replaced by the fallback's (the champion for the challenger, else `spillover`). None: no deadline."""
+    shadow_log: str | None = None
+    """JSON-lines file each replica appends the shadow challenger's answers to (its top 10 and its
+    disagreement with the champion); None: the replica's log, at INFO."""

@@ -81,7 +81,8 @@ class Router:
 
     def __init__(self, champion: RankService, score: Scorer, *, light: RankService | None = None,
                  sticky_field: str | None = "user_id", deadline_ms: float | None = None,
-                 report: Callable[[str, bool, float], None] | None = None, seed: int | None = None) -> None:
+                 report: Callable[[str, bool, float], None] | None = None, seed: int | None = None,
+                 shadow_log: str | None = None) -> None:
         self.champion = champion
         self.challenger: RankService | None = None
         self.challenger_error: str | None = None
@@ -94,6 +95,7 @@ class Router:
         self.report = report or (lambda version, ok, ms: None)
         self._rng = random.Random(seed)
         self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self.shadow_log = shadow_log
 
     def arm(self, req: RankRequest) -> str:
         pct = self.split.challenger_pct
@@ -178,8 +180,15 @@ class Router:
             d = top_k_disagreement(champion_scores, scores)
             metrics.SHADOW_DISAGREEMENT.observe(d)
             metrics.SHADOW.labels("disagreed" if d > 0 else "agreed").inc()
-            top = [req.candidates[i].get(challenger.ranker.manifest.item_column or "", i) for i in np.argsort(-scores)[:10]]
-            logger.info("adsfm shadow: version %s top-10 %s, disagreement %.2f with the champion", challenger.model_version, top, d)
+            key = challenger.ranker.manifest.item_column or ""
+            top = [req.candidates[int(i)].get(key, int(i)) for i in np.argsort(-scores, kind="stable")[:10]]
+            line = {"at": time.time(), "version": challenger.model_version, "champion": self.champion.model_version,
+                    "user": user_key(req.user, self.sticky_field or "user_id"), "top": top, "disagreement": d}
+            if self.shadow_log:
+                with open(self.shadow_log, "a") as f:  # one short append per line: replicas may share the file
+                    f.write(json.dumps(line, default=str) + "\n")
+            else:
+                logger.info("adsfm shadow: %s", json.dumps(line, default=str))
 
         task = asyncio.ensure_future(run())
         self._shadow_tasks.add(task)  # a reference, or the loop may collect the task mid-flight

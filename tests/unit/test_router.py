@@ -4,6 +4,8 @@ and the shift's rollback verdict."""
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,14 +105,14 @@ def test_a_late_model_is_replaced_by_the_fallback_by_the_deadline(services: dict
     assert (res.model_version, res.fallback) == ("1", "challenger_deadline")
 
 
-def test_shadow_challenger_scores_but_never_answers(services: dict[str, RankService]) -> None:
+def test_shadow_challenger_scores_but_never_answers(services: dict[str, RankService], tmp_path: Path) -> None:
     scored: list[str] = []
 
     async def tracking(svc: RankService, p: Prepared) -> np.ndarray:
         scored.append(svc.model_version)
         return await engine(svc, p)
 
-    r = Router(services["1"], tracking)
+    r = Router(services["1"], tracking, shadow_log=str(tmp_path / "shadow.jsonl"))
     r.challenger, r.split = services["2"], Split(challenger_pct=100, shadow=True)
     agreed = counter(metrics.SHADOW, "agreed")
 
@@ -122,6 +124,10 @@ def test_shadow_challenger_scores_but_never_answers(services: dict[str, RankServ
     assert asyncio.run(go()) == ["1"] * 5
     assert scored.count("2") == 5
     assert counter(metrics.SHADOW, "agreed") == agreed + 5  # the same weights: the same top 10
+    logged = [json.loads(line) for line in (tmp_path / "shadow.jsonl").read_text().splitlines()]
+    assert [(x["version"], x["user"], x["disagreement"]) for x in logged] == [("2", str(u), 0.0) for u in range(5)]
+    alone = services["2"].rank(RankRequest(user={**USER, "user_id": "0"}, candidates=ITEMS))
+    assert logged[0]["top"] == [c.item["item_id"] for c in alone.candidates[:10]]  # the answer it would have given
 
 
 def test_disagreement_and_split_validation() -> None:
