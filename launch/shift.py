@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from export.registry import CHALLENGER, alias_version, promote
@@ -81,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
 
     uri = tracking_uri(args.tracking_uri, "runs")
     client = MlflowClient(uri)
+    try:
+        client.get_registered_model(args.name)
+    except MlflowException:
+        print(f"[adsfm] no registered model {args.name!r} in {uri}; `adsfm-models` lists what there is, "
+              f"--tracking-uri picks another store", file=sys.stderr)
+        return 2
     if args.rollback:
         write_split(client, args.name, Split())
         print(f"[adsfm] {args.name}: all traffic on the champion (replicas follow within serve.reload_interval_s)")
