@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from export.registry import CHALLENGER, alias_version, promote
+    from export.registry import CHALLENGER, promote
     from serving.router import Split, read_traffic, write_split
     from training.tracking import tracking_uri
 
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[adsfm] {args.name}: challenger in shadow mode (scores copies; see adsfm_shadow_* in /metrics)")
         return 0
     t = read_traffic(client, args.name)
-    challenger = alias_version(client, args.name, CHALLENGER)
+    challenger = t.challenger
     if challenger is None or t.champion is None:
         print(f"[adsfm] {args.name}: needs both a champion and a {CHALLENGER} alias (now: champion {t.champion}, "
               f"{CHALLENGER} {challenger})", file=sys.stderr)

@@ -55,7 +55,7 @@ class RankerDeployment:
         # ONNX Runtime off the event loop: a request past its deadline is answered while a batch still runs.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="adsfm-score")
         spill = self._load_spillover(cfg.spillover) if cfg.spillover else None
-        self.router = Router(self._load(), self._score, light=spill, sticky_field=cfg.sticky_field,
+        self.router = Router(self._load(cfg.model_name), self._score, light=spill, sticky_field=cfg.sticky_field,
                              deadline_ms=cfg.deadline_ms, report=Reporter(cfg.model_name),
                              shadow_log=cfg.shadow_log)
         self.in_flight = 0
@@ -70,26 +70,23 @@ class RankerDeployment:
     def service(self) -> RankService:
         return self.router.champion
 
-    def _load(self, version: str | None = None) -> RankService:
+    def _load(self, name: str, alias: str | None = None, version: str | None = None) -> RankService:
+        """models:/name@alias, or models:/name/version, downloaded and opened beside what is served."""
         from export.registry import download_version, resolve
 
         if version is None:
-            version, bundle = resolve(self.cfg.model_name, self.cfg.alias, self.tracking_uri, self.cache)
+            version, bundle = resolve(name, alias or self.cfg.alias, self.tracking_uri, self.cache)
         else:
-            bundle = download_version(self.cfg.model_name, version, self.tracking_uri, self.cache)
+            bundle = download_version(name, version, self.tracking_uri, self.cache)
         ranker = open_ranker(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size)
-        return RankService(ranker, self.cfg.model_name, version, self.cfg.max_candidates)
+        return RankService(ranker, name, version, self.cfg.max_candidates)
 
     def _load_spillover(self, ref: str) -> RankService:
         """The lighter model named `NAME@ALIAS`, loaded once beside the main one."""
-        from export.registry import resolve
-
         name, sep, alias = ref.partition("@")
         if not (name and sep and alias):
             raise ValueError(f"serve.spillover={ref!r}: use NAME@ALIAS, e.g. adsfm-movielens-dlrm-small@champion")
-        version, bundle = resolve(name, alias, self.tracking_uri, self.cache)
-        ranker = open_ranker(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size)
-        return RankService(ranker, name, version, self.cfg.max_candidates)
+        return self._load(name, alias)
 
     def _follow_registry(self) -> None:
         """Poll the aliases and the split. A moved-to version is loaded beside the serving one, then the
@@ -108,14 +105,14 @@ class RankerDeployment:
         r = self.router
         if t.champion is not None and t.champion != r.champion.model_version:
             # the challenger promoted by adsfm-shift is already loaded here: reuse it
-            r.champion = r.challenger if r.challenger and r.challenger.model_version == t.champion else self._load(t.champion)
+            r.champion = r.challenger if r.challenger and r.challenger.model_version == t.champion else self._load(self.cfg.model_name, version=t.champion)
             logger.info("adsfm: %s@%s moved to version %s; now serving it", self.cfg.model_name, self.cfg.alias, t.champion)
         wanted = t.challenger if (t.split.challenger_pct > 0 or t.split.shadow) and t.challenger != t.champion else None
         if wanted is None:
             r.challenger, r.challenger_error = None, None
         elif (r.challenger is None or r.challenger.model_version != wanted) and r.challenger_error != wanted:
             try:
-                r.challenger, r.challenger_error = self._load(wanted), None
+                r.challenger, r.challenger_error = self._load(self.cfg.model_name, version=wanted), None
                 logger.info("adsfm: challenger version %s loaded", wanted)
             except Exception:  # a broken challenger must not take the champion down: its share falls back
                 logger.exception("adsfm: challenger version %s failed to load; its share goes to the champion", wanted)
@@ -123,11 +120,11 @@ class RankerDeployment:
         r.split = t.split if wanted else Split()  # challenger == champion (just promoted): nothing to split
 
     async def _score(self, service: RankService, p: Prepared) -> np.ndarray:
+        item = (service.ranker, p.inputs)
         if self.in_flight <= 1:  # alone on the replica: no company to wait batch_wait_ms for
-            metrics.BATCH.observe(1)
-            out = (await asyncio.get_running_loop().run_in_executor(self.pool, run_grouped, [(service.ranker, p.inputs)]))[0]
+            out = (await self._run([item]))[0]
         else:
-            out = await self._score_batch((service.ranker, p.inputs))
+            out = await self._score_batch(item)
         if isinstance(out, Exception):
             raise out
         return out
@@ -136,6 +133,9 @@ class RankerDeployment:
     async def _score_batch(self, items: list[tuple[Any, Any]]) -> list[np.ndarray | Exception]:
         """Concurrent requests' candidates through one engine call per model version (one dense-graph run
         for DLRM)."""
+        return await self._run(items)
+
+    async def _run(self, items: list[tuple[Any, Any]]) -> list[np.ndarray | Exception]:
         metrics.BATCH.observe(len(items))
         return await asyncio.get_running_loop().run_in_executor(self.pool, run_grouped, items)
 
