@@ -1,7 +1,8 @@
-"""What each model version served, across all replicas: the evidence adsfm-shift judges a challenger by.
+"""What the challenger served, across all replicas: the evidence adsfm-shift judges it by.
 
-Every replica reports (time, version, ok, latency) of the requests it answered to one named actor per model,
-in batches twice a second; adsfm-shift reads per-version error rates and p99 over a time window from it.
+Every replica reports (time, version, ok, latency) of the requests it routed to a challenger (answered,
+failed, late or shadowed; the champion's requests cost nothing here) to one named actor per model, in
+batches twice a second; adsfm-shift reads per-version error rates and p99 over a time window from it.
 A scrape of /metrics would see one replica per call, and the split must be judged on all of them.
 """
 
@@ -43,8 +44,10 @@ def summarize(rows: list[Row], since: float) -> dict[str, VersionStats]:
 class TrafficMonitor:
     """The named actor (num_cpus=0: it must not take a scorer's CPU on a small host)."""
 
-    def __init__(self, horizon_s: float = 3600.0) -> None:
-        self.rows: deque[Row] = deque()
+    def __init__(self, horizon_s: float = 3600.0, max_rows: int = 500_000) -> None:
+        # max_rows bounds the actor's memory (about 60 MB) when a challenger takes heavy traffic for an hour:
+        # the window then starts at the oldest row kept, still hundreds of thousands of requests.
+        self.rows: deque[Row] = deque(maxlen=max_rows)
         self.horizon_s = horizon_s
 
     def record(self, rows: list[Row]) -> None:

@@ -148,7 +148,6 @@ class Router:
                 return res.model_copy(update={"fallback": "deadline", "latency_ms": (time.perf_counter() - t0) * 1e3})
             metrics.FALLBACKS.labels("deadline_no_fallback").inc()
             scores = await work  # nothing lighter to answer with: the late answer beats none
-        self.report(main.model_version, True, (time.perf_counter() - t0) * 1e3)
         if self.split.shadow and challenger is not None and main is champion:
             self._shadow(req, scores, challenger)
         return main.respond(p, scores)
