@@ -30,7 +30,7 @@ BATCH = 2048
 
 
 def _stream_rows(cfg: Any, spec: dict[str, Any], rank: int, world: int) -> int:
-    from training.stream import CriteoSource
+    from adsfm.training.stream import CriteoSource
 
     return sum(len(c) for c in CriteoSource(cfg, spec, BATCH).local_batches(rank, world))
 
@@ -38,7 +38,7 @@ def _stream_rows(cfg: Any, spec: dict[str, Any], rank: int, world: int) -> int:
 def _worker(args: tuple[Any, dict[str, Any], int, int]) -> tuple[int, float]:
     import torch
 
-    import training.stream  # noqa: F401 - imports (torch, torchrec: seconds) are not reading time
+    import adsfm.training.stream  # noqa: F401 - imports (torch, torchrec: seconds) are not reading time
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -46,14 +46,15 @@ def _worker(args: tuple[Any, dict[str, Any], int, int]) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def naive_rows(path: Path, spec: dict[str, Any]) -> int:
+def naive_rows(path: Path, spec: Any) -> int:
+    """A line-by-line reader with the same rules (log1p, standardisation, hashing after the reserved rows)."""
     import numpy as np
 
-    from export.manifest import stable_hash
+    from adsfm.contract.features import stable_hash
 
-    mean = np.array([d["mean"] for d in spec["dense"]])
-    std = np.array([d["std"] for d in spec["dense"]])
-    buckets = [spec["tables"][f["table"]]["hash_buckets"] for f in spec["sparse"]]
+    mean = np.array([d.mean for d in spec.dense])
+    std = np.array([d.std for d in spec.dense])
+    tables = [spec.tables[f.table] for f in spec.sparse]
     nd = len(mean)
     n = 0
     dense_rows, cat_rows = [], []
@@ -62,7 +63,8 @@ def naive_rows(path: Path, spec: dict[str, Any]) -> int:
             parts = line.rstrip("\n").split("\t")
             x = np.array([float(v) if v else np.nan for v in parts[1 : 1 + nd]])
             dense_rows.append(np.nan_to_num((np.log1p(np.maximum(x, 0)) - mean) / std))
-            cat_rows.append([stable_hash(v, b) + 1 for v, b in zip(parts[1 + nd :], buckets, strict=True)])
+            cat_rows.append([t.first + stable_hash(v, t.hash_buckets) if v else t.missing_row
+                             for v, t in zip(parts[1 + nd :], tables, strict=True)])
             n += 1
             if len(cat_rows) == BATCH:
                 np.stack(dense_rows), np.array(cat_rows)
@@ -73,8 +75,8 @@ def naive_rows(path: Path, spec: dict[str, Any]) -> int:
 def run(rows: int, quick: bool) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from training.config import DataConfig, StreamConfig
-    from training.stream import criteo_spec, write_synthetic_criteo
+    from adsfm.contract.config import DataConfig, StreamConfig
+    from adsfm.training.stream import criteo_spec, write_synthetic_criteo
 
     values: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,14 +28,13 @@ from bench.common import result, write  # noqa: E402
 def run(quick: bool, dims: list[int]) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from export.bundle import export_bundle
-    from export.gate import holdout_columns, scoring_latency
-    from serving.ranker import Ranker
-    from training.checkpoint import save_checkpoint
-    from training.config import compose
-    from training.data import load_features
-    from training.job import as_config
-    from training.local import train_local
+    from adsfm.contract.config import as_config, compose
+    from adsfm.export.bundle import export_bundle
+    from adsfm.export.gate import holdout_columns, scoring_latency
+    from adsfm.serving.engine import DenseGraphEngine
+    from adsfm.training.checkpoint import save_checkpoint
+    from adsfm.training.data import load_features
+    from adsfm.training.local import train_local
 
     values: dict[str, float] = {}
     rows = []
@@ -55,9 +54,9 @@ def run(quick: bool, dims: list[int]) -> dict[str, Any]:
             m = export_bundle(c, ckpt, tmp / f"d{dim}" / precision)  # type: ignore[arg-type]
             export_s = time.perf_counter() - t0
             assert m.parity is not None
-            ranker = Ranker(tmp / f"d{dim}" / precision)
+            engine = DenseGraphEngine(tmp / f"d{dim}" / precision)
             cols, _ = holdout_columns(m)
-            p50, p99 = scoring_latency(ranker, cols, 100, 50 if quick else 300)
+            p50, p99 = scoring_latency(engine, cols, 100, 50 if quick else 300)
             per[precision] = {
                 "bytes": float(sum(t.bytes for t in m.tables.values())),
                 "export_s": export_s,

@@ -172,8 +172,8 @@ def tile_sweep(B: int, H: int, D: int, NT: int, N: int, device: str, values: dic
     """Correctness and median times of the default tiles and each TILE_SWEEP entry, bf16, 64 candidates."""
     import torch
 
-    from parallel.kernels import hstu_attention_reference
-    from parallel.kernels.hstu_triton import hstu_attention_triton
+    from adsfm.parallel.kernels import hstu_attention_reference
+    from adsfm.parallel.kernels.hstu_triton import hstu_attention_triton
 
     inputs = make_inputs(B, N, 64, H, D, P=N, NT=NT, dtype=torch.bfloat16, device=device, seed=N)
     check = first_sequences(inputs, CHECK_SEQS)
@@ -205,8 +205,8 @@ def main() -> int:
 
     import torch
 
+    from adsfm.parallel.kernels import ERROR_BOUNDS, hstu_attention_reference, triton_available
     from bench.common import result, write
-    from parallel.kernels import ERROR_BOUNDS, hstu_attention_reference, triton_available
 
     if not triton_available():
         print("bench/gpu_kernels.py: triton is not installed (pip install triton)", file=sys.stderr)
@@ -215,7 +215,7 @@ def main() -> int:
         print("bench/gpu_kernels.py: no CUDA device; run on a GPU machine, or pass --interpret for a CPU "
               "correctness check on tiny shapes", file=sys.stderr)
         return 2
-    from parallel.kernels.hstu_triton import hstu_attention_triton
+    from adsfm.parallel.kernels.hstu_triton import hstu_attention_triton
 
     device = "cpu" if args.interpret else "cuda"
     H, D, NT = (2, 16, 16) if args.interpret else (4, 64, 16)

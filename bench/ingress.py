@@ -36,9 +36,9 @@ def child(mode: str, root: Path, seconds: float) -> None:
     from omegaconf import OmegaConf
     from ray import serve
 
+    from adsfm.contract.cluster import init_ray
+    from adsfm.serving import app as serve_app
     from bench.serve import _wait_http, closed_loop, deploy_noop
-    from serving import app as serve_app
-    from training.job import init_ray
 
     spec = json.loads((root / "spec.json").read_text())
     bodies = [b.encode() for b in spec["stream"]]

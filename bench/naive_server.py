@@ -22,36 +22,25 @@ from fastapi import FastAPI, Request  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
-from training.checkpoint import load_into_unsharded  # noqa: E402
-from training.data import Vocab, load_features  # noqa: E402
-from training.job import as_config  # noqa: E402
-from training.models import build_model  # noqa: E402
-
-
-def values(f: dict[str, Any], raw: Any) -> list[str]:
-    if raw is None:
-        return []
-    if isinstance(raw, list):
-        return [str(v) for v in raw]
-    return [t for t in str(raw).split(f["sep"]) if t] if f["multi"] else [str(raw)]
+from adsfm.contract.config import Arch, as_config  # noqa: E402
+from adsfm.contract.features import FeatureSpec, Featurizer, is_missing, key_of  # noqa: E402
+from adsfm.training.checkpoint import load_into_unsharded  # noqa: E402
+from adsfm.training.data import load_features  # noqa: E402
+from adsfm.training.models import build_model  # noqa: E402
 
 
 def build(config: str, checkpoint: str) -> FastAPI:
     cfg = as_config(OmegaConf.load(config))
     fs = load_features(cfg.data)
-    spec = fs.spec
-    model = build_model(spec, cfg.model, device="cpu")
+    model = build_model(fs.spec, cfg.model, device="cpu")
     load_into_unsharded(model, Path(checkpoint))
     model.eval()
     torch.set_num_threads(1)
-    vocabs = {t: Vocab(hash_buckets=v["hash_buckets"], tokens=v["vocab"]) for t, v in spec["tables"].items()}
-    store: dict[str, dict[str, Any]] = spec["item_store"]
-    key = spec["item_column"]
     app = FastAPI()
-    if cfg.model.name == "hstu":
-        _sequence_route(app, model, spec, vocabs)
+    if cfg.model.arch == Arch.hstu:
+        _sequence_route(app, model, fs.spec, fs.item_store)
     else:
-        _dlrm_route(app, model, spec, vocabs, store, key)
+        _dlrm_route(app, model, fs.spec, fs.item_store)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -60,30 +49,32 @@ def build(config: str, checkpoint: str) -> FastAPI:
     return app
 
 
-def _sequence_route(app: FastAPI, model: Any, spec: dict[str, Any], vocabs: dict[str, Vocab]) -> None:
+def _items(spec: FeatureSpec, store: dict[str, dict[str, Any]], cands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    key = spec.item_column or ""
+    out = []
+    for c in cands:
+        stored = store.get(key_of(c[key], key)) if not is_missing(c.get(key)) else None
+        out.append({**(stored or {}), **{k: v for k, v in c.items() if isinstance(v, list) or not is_missing(v)}})
+    return out
+
+
+def _sequence_route(app: FastAPI, model: Any, spec: FeatureSpec, store: dict[str, dict[str, Any]]) -> None:
     """HSTU as trained: the whole model over history + all candidates in one forward per request."""
     s = model.seq
-    by_name = {f["name"]: f for f in spec["sparse"]}
-    store: dict[str, dict[str, Any]] = spec["item_store"]
-    key = spec["item_column"]
+    fz = Featurizer(spec)
 
     def rows(name: str, raw: Any) -> torch.Tensor:
-        f = by_name[name]
-        vals = values(f, raw)
-        if f.get("raw"):
-            return torch.tensor([int(float(v)) for v in vals], dtype=torch.int64)
-        return torch.from_numpy(vocabs[f["table"]].lookup(vals))
+        return torch.from_numpy(fz.rows(spec.sparse_feature(name), raw, name))
 
     @app.post("/v1/rank")
     async def rank(request: Request) -> dict[str, Any]:
         body = await request.json()
-        user, cands = body["user"], body["candidates"]
-        items = [{**store.get(str(c.get(key)), {}), **c} for c in cands]
+        user, cands = body.get("user") or {}, body["candidates"]
+        items = _items(spec, store, cands)
         times = rows(s.times, user.get(s.times))
         order = torch.argsort(times, stable=True)
-        ctx = {f: int(rows(f, user.get(f))[0]) if user.get(f) is not None else 0 for f in model.context_features}
-        cand_rows = {f: torch.cat([rows(f, it.get(f))[:1] if it.get(f) is not None else torch.zeros(1, dtype=torch.int64)
-                                   for it in items]) for f in model.item_features}
+        ctx = {f: int(rows(f, user.get(f))[0]) for f in model.context_features}
+        cand_rows = {f: torch.cat([rows(f, it.get(f))[:1] for it in items]) for f in model.item_features}
         with torch.no_grad():
             logits = model.score(rows(s.history, user.get(s.history))[order], rows(s.actions, user.get(s.actions))[order],
                                  times[order], ctx, cand_rows, int(rows(s.time, user.get(s.time))[0]))
@@ -92,31 +83,28 @@ def _sequence_route(app: FastAPI, model: Any, spec: dict[str, Any], vocabs: dict
         return {"candidates": [{"item": cands[i], "score": scores[i], "rank": r + 1} for r, i in enumerate(ranked)]}
 
 
-def _dlrm_route(app: FastAPI, model: Any, spec: dict[str, Any], vocabs: dict[str, Vocab], store: dict[str, dict[str, Any]],
-                key: str) -> None:
+def _dlrm_route(app: FastAPI, model: Any, spec: FeatureSpec, store: dict[str, dict[str, Any]]) -> None:
+    fz = Featurizer(spec)
 
     @app.post("/v1/rank")
     async def rank(request: Request) -> dict[str, Any]:
         body = await request.json()
-        user, cands = body["user"], body["candidates"]
-        items = [{**store.get(str(c.get(key)), {}), **c} for c in cands]
+        user, cands = body.get("user") or {}, body["candidates"]
+        items = _items(spec, store, cands)
         n = len(items)
+        columns = {f.name: [user.get(f.name)] * n if f.side == "user" else [it.get(f.name) for it in items]
+                   for f in [*spec.sparse, *spec.dense]}
         lengths, vals = [], []
-        for f in spec["sparse"]:
-            per = [values(f, user.get(f["name"]))] * n if f["side"] == "user" else [values(f, it.get(f["name"])) for it in items]
-            lengths.append([len(p) for p in per])
-            vals.append(vocabs[f["table"]].lookup([v for p in per for v in p]))
+        for f in spec.sparse:
+            v, ln = fz.sparse_column(f, columns[f.name])
+            vals.append(v)
+            lengths.append(ln)
         kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=[f["name"] for f in spec["sparse"]],
+            keys=[f.name for f in spec.sparse],
             values=torch.from_numpy(np.concatenate(vals)),
-            lengths=torch.tensor(np.concatenate(lengths), dtype=torch.int32),
+            lengths=torch.from_numpy(np.concatenate(lengths)),
         )
-        dense = np.zeros((n, len(spec["dense"])), dtype=np.float32)
-        for k, d in enumerate(spec["dense"]):
-            raw = [user.get(d["name"])] * n if d["side"] == "user" else [it.get(d["name"]) for it in items]
-            x = np.array([np.nan if v is None else float(v) for v in raw])
-            x = np.log1p(np.maximum(x, 0)) if d["log1p"] else x
-            dense[:, k] = np.nan_to_num((x - d["mean"]) / d["std"])
+        dense = fz.dense_matrix(columns, n)
         with torch.no_grad():
             scores = torch.sigmoid(model(torch.from_numpy(dense), kjt)).tolist()
         order = sorted(range(n), key=lambda i: -scores[i])

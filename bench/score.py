@@ -43,35 +43,33 @@ def median_ms(fn: Callable[[], Any], budget_s: float, min_reps: int = 3, max_rep
 
 
 def run(quick: bool, history: int, counts: list[int]) -> dict[str, Any]:
-    import copy
 
     import numpy as np
     import torch
 
-    from export.sequence import export_sequence_bundle
-    from serving.sequence import SequenceRanker
-    from training.config import compose
-    from training.data import load_features
-    from training.job import as_config
-    from training.models.hstu import HSTURanker
+    from adsfm.contract.config import as_config, compose
+    from adsfm.export.sequence import export_sequence_bundle
+    from adsfm.serving.sequence import SequenceEngine
+    from adsfm.training.data import load_features
+    from adsfm.training.models.hstu import HSTU
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = as_config(compose(["experiment=movielens_hstu", "parallel=single"]))
     fs = load_features(cfg.data)
-    spec = copy.deepcopy(fs.spec)
-    spec["history"]["length"] = history  # the model is built for this history length
-    model = HSTURanker(spec, cfg.model, device="cpu").eval()
+    spec = fs.spec.model_copy(deep=True)
+    spec.history.length = history  # the model is built for this history length
+    model = HSTU(spec, cfg.model, device="cpu").eval()
     with torch.no_grad():
         for p in model.parameters():  # the relative biases start at zero; give every weight a value
             p.normal_(0, 0.1)
     out = Path(tempfile.mkdtemp(prefix="adsfm-bench-score-"))
     tables = [c.name for c in model.sparse.embedding_configs()]
     export_sequence_bundle(model, fs, out, dict.fromkeys(tables, "fp32"), cfg.export.opset, {})
-    ranker = SequenceRanker(out)
+    engine = SequenceEngine(out)
 
     # A real user with at least `history` ratings: their latest `history` events, as a service sends them.
-    from training.data import load_frame
+    from adsfm.training.data import load_frame
 
     df, _ = load_frame(cfg.data)
     counts_by_user = df.groupby("user_id").size()
@@ -82,14 +80,14 @@ def run(quick: bool, history: int, counts: list[int]) -> dict[str, Any]:
             "history_time": ev.timestamp.astype(int).tolist(), "timestamp": request_time}
     for f in model.context_features:
         user[f] = str(ev[f].iloc[0])
-    catalogue = list(ranker.item_store)
+    catalogue = list(engine.item_store)
     rng = np.random.default_rng(0)
 
     s = model.seq
-    hist = torch.from_numpy(ranker.rows_of(ranker.features[s.history], user[s.history], ""))
-    acts = torch.from_numpy(ranker.rows_of(ranker.features[s.actions], user[s.actions], ""))
+    hist = torch.from_numpy(engine.rows_of(engine.features[s.history], user[s.history], ""))
+    acts = torch.from_numpy(engine.rows_of(engine.features[s.actions], user[s.actions], ""))
     times = torch.tensor(user[s.times], dtype=torch.int64)
-    ctx = {f: int(ranker.rows_of(ranker.features[f], user[f], "")[0]) for f in model.context_features}
+    ctx = {f: int(engine.rows_of(engine.features[f], user[f], "")[0]) for f in model.context_features}
 
     values: dict[str, float] = {}
     ratios: dict[str, float] = {}
@@ -97,13 +95,13 @@ def run(quick: bool, history: int, counts: list[int]) -> dict[str, Any]:
     budget = 0.5 if quick else 2.0
     for n in counts:
         items = [{"item_id": i} for i in rng.choice(catalogue, size=n, replace=n > len(catalogue))]
-        cand_rows = {f: torch.from_numpy(v) for f, v in ranker.item_rows(items).items()}
-        ranker.score(user, items)  # fills the cache
-        warm = median_ms(lambda items=items: ranker.score(user, items), budget)
+        cand_rows = {f: torch.from_numpy(v) for f, v in engine.item_rows(items).items()}
+        engine.score(user, items)  # fills the cache
+        warm = median_ms(lambda items=items: engine.score(user, items), budget)
 
         def cold(items: list[dict[str, Any]] = items) -> None:
-            ranker._state.cache_clear()
-            ranker.score(user, items)
+            engine._state.cache_clear()
+            engine.score(user, items)
 
         cold_ms = median_ms(cold, budget)
         with torch.no_grad():

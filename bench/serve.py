@@ -43,12 +43,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 def request_stream(cfg: Any, n_candidates: int, count: int, seed: int, full_history: int = 0) -> list[bytes]:
     import numpy as np
 
-    from training.data import example_request, load_features, load_frame
+    from adsfm.training.data import example_request, load_features, load_frame
 
     fs = load_features(cfg.data)
     df, _ = load_frame(cfg.data)
     rng = np.random.default_rng(seed)
-    catalogue = np.array(sorted(fs.spec["item_store"]))
+    catalogue = np.array(sorted(fs.item_store))
     pool = np.flatnonzero(fs.sparse["history"][1] == full_history) if full_history else np.arange(len(df))
     rows = rng.choice(pool, size=count)  # a random rating: users weighted by how often they rate
     out = []
@@ -144,14 +144,13 @@ def setup(root: Path, overrides: list[str], name: str, max_steps: int = 0) -> tu
     """Train (one process), checkpoint, export, register as `name`: (config, checkpoint, tracking uri)."""
     from omegaconf import OmegaConf
 
-    from export.bundle import export_bundle
-    from export.registry import log_and_register
-    from training.checkpoint import save_checkpoint
-    from training.config import compose
-    from training.data import load_features
-    from training.job import as_config
-    from training.local import train_local
-    from training.tracking import ensure_experiment
+    from adsfm.contract.config import as_config, compose
+    from adsfm.contract.tracking import ensure_experiment
+    from adsfm.export.bundle import export_bundle
+    from adsfm.export.register import log_and_register
+    from adsfm.training.checkpoint import save_checkpoint
+    from adsfm.training.data import load_features
+    from adsfm.training.local import train_local
 
     cfg = as_config(compose([f"run_root={root}", "train.epochs=1", "parallel=single", "train.progress=false",
                              f"export.model_name={name}", "export.parity_rows=2000", *overrides]))
@@ -189,8 +188,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from ray import serve
 
-    from serving import app as serve_app
-    from training.job import init_ray
+    from adsfm.contract.cluster import init_ray
+    from adsfm.serving import app as serve_app
 
     root = Path(tempfile.mkdtemp(prefix="adsfm-bench-serve-"))
     models = {"a": setup(root, [], "bench-serve"),

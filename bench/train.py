@@ -58,7 +58,7 @@ def _batches(a: argparse.Namespace, world: int, rank: int) -> list[Any]:
 
 
 def _model_cfg(a: argparse.Namespace) -> Any:
-    from training.config import ModelConfig
+    from adsfm.contract.config import ModelConfig
 
     return ModelConfig(embedding_dim=a.dim, dense_arch=[512, 256, a.dim], over_arch=[512, 256, 1])
 
@@ -85,7 +85,7 @@ def _time(step: Any, batches: list[Any], warmup: int) -> float:
 def plain_torch(a: argparse.Namespace, world: int, batches: list[Any]) -> float:
     from torch import nn
 
-    from training.models.dlrm import DLRMDense
+    from adsfm.training.models.dlrm import DLRMDense
 
     class Plain(nn.Module):
         def __init__(self) -> None:
@@ -131,7 +131,7 @@ def raw_torchrec(a: argparse.Namespace, world: int, batches: list[Any]) -> float
     from torchrec.optim.optimizers import in_backward_optimizer_filter
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-    from training.models.dlrm import DLRMDense
+    from adsfm.training.models.dlrm import DLRMDense
 
     class Raw(nn.Module):
         def __init__(self) -> None:
@@ -174,13 +174,13 @@ def raw_torchrec(a: argparse.Namespace, world: int, batches: list[Any]) -> float
 
 
 def adsfm(a: argparse.Namespace, world: int, batches: list[Any]) -> float:
-    from parallel.config import ParallelConfig
-    from parallel.shard import OptimConfig, parallelize_model
-    from training.loop import LossMeter, train_step
-    from training.models.dlrm import DLRMRanker
+    from adsfm.contract.config import ParallelConfig
+    from adsfm.parallel.shard import OptimConfig, parallelize_model
+    from adsfm.training.loop import LossMeter, train_step
+    from adsfm.training.models.dlrm import DLRM
 
     torch.manual_seed(0)
-    model = DLRMRanker(_spec(a), _model_cfg(a), device="meta")
+    model = DLRM(_spec(a), _model_cfg(a), device="meta")
     layout = ParallelConfig(name=f"tw{world}", num_workers=world, sharding_types=["table_wise"])
     dmp, opt, _ = parallelize_model(model, layout, OptimConfig("rowwise_adagrad", 0.05, "adam", 1e-3), torch.device("cpu"))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from collections.abc import Iterable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -17,17 +18,17 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from export.card import write_card
-from export.manifest import DenseFeatureSpec, Manifest, SparseFeatureSpec, TableSpec
-from export.onnx import export_dense
-from export.parity import check_parity, parity_rows, require_parity
-from export.sparse import PRECISIONS, export_table, load_table
-from serving.ranker import Ranker
-from training.checkpoint import load_into_unsharded
-from training.config import AdsfmConfig
-from training.data import FeatureSet, load_features
-from training.models import build_model
-from training.models.dlrm import DLRMDense, table_configs
+from adsfm.contract.config import AdsfmConfig, Arch, Precision, to_plain, typed
+from adsfm.contract.manifest import Manifest, TableFile
+from adsfm.export.card import write_card
+from adsfm.export.onnx import export_dense
+from adsfm.export.parity import check_parity, featurization_parity, parity_rows, require_parity
+from adsfm.export.sparse import export_table, load_table
+from adsfm.serving.engine import DenseGraphEngine
+from adsfm.training.checkpoint import load_into_unsharded
+from adsfm.training.data import FeatureSet, load_features, load_frame
+from adsfm.training.models import build_model
+from adsfm.training.models.dlrm import DLRMDense, table_configs
 
 
 def load_trained_model(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> nn.Module:
@@ -39,7 +40,7 @@ def load_trained_model(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> nn
 
 def load_dense(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> DLRMDense:
     """Only the dense arch from the checkpoint (no tables)."""
-    dense = DLRMDense(len(fs.spec["dense"]), len(fs.spec["sparse"]), cfg.model)
+    dense = DLRMDense(len(fs.spec.dense_inputs()), len(fs.spec.sparse), cfg.model)
     state = {"model": {f"dense.{k}": v for k, v in dense.state_dict().items()}}
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     dense.load_state_dict({k.removeprefix("dense."): v for k, v in state["model"].items()})
@@ -55,31 +56,27 @@ def streamed_eager_probs(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet, den
     pooled: dict[str, torch.Tensor] = {}
     for c in table_configs(fs.spec, cfg.model.embedding_dim):
         w = load_table(checkpoint, f"sparse.embedding_bags.{c.name}.weight", (c.num_embeddings, c.embedding_dim))
-        mode = fs.spec["tables"][c.name]["pooling"]
+        mode = fs.spec.tables[c.name].pooling
         for f in c.feature_names:
             jt = jts[f]
             pooled[f] = F.embedding_bag(jt.values(), w, jt.offsets()[:-1], mode=mode)
         del w
-    emb = torch.stack([pooled[f["name"]] for f in fs.spec["sparse"]], dim=1)
+    emb = torch.stack([pooled[f.name] for f in fs.spec.sparse], dim=1)
     return torch.sigmoid(dense(batch.dense_features, emb)).double().numpy()
 
 
-def table_precisions(cfg: AdsfmConfig, tables: list[str]) -> dict[str, str]:
+def table_precisions(cfg: AdsfmConfig, tables: list[str]) -> dict[str, Precision]:
+    """Each table's stored precision: export.precision unless export.table_precision names the table."""
     e = cfg.export
     unknown = sorted(set(e.table_precision) - set(tables))
     if unknown:
         raise ValueError(f"export.table_precision names {unknown}, which the model does not have; tables: {tables}")
-    out = {t: e.table_precision.get(t, e.precision) for t in tables}
-    for t, p in out.items():
-        if p not in PRECISIONS:
-            raise ValueError(f"export precision of table {t!r} = {p!r}: choose from {list(PRECISIONS)}")
-    return out
+    return {t: Precision(e.table_precision.get(t, e.precision)) for t in tables}
 
 
 def config_hash(cfg: AdsfmConfig) -> str:
     """Hash of the resolved config, without the fields that name this particular run."""
-    c = OmegaConf.to_container(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg, resolve=True)
-    assert isinstance(c, dict)
+    c = to_plain(cfg)
     for k in ("run_dir", "run_root", "experiment_name"):
         c.pop(k, None)
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -99,40 +96,20 @@ def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: s
     Tables are streamed from the checkpoint one at a time (load, quantize, write, drop), for the bundle and
     for the eager reference alike, so export holds about 2x the largest table, never the whole model.
     """
-    if cfg.model.name == "hstu":
+    if cfg.model.arch == Arch.hstu:
         return _export_sequence(cfg, checkpoint, out, train_run_id)
-    out.mkdir(parents=True, exist_ok=True)
     fs = load_features(cfg.data)
     configs = table_configs(fs.spec, cfg.model.embedding_dim)
-    precision = table_precisions(cfg, [c.name for c in configs])
-    tables: dict[str, TableSpec] = {}
-    for c in configs:
-        w = load_table(checkpoint, f"sparse.embedding_bags.{c.name}.weight", (c.num_embeddings, c.embedding_dim))
-        file = f"table_{c.name}.safetensors"
-        nbytes = export_table(w, precision[c.name], out / file)
-        t = fs.spec["tables"][c.name]
-        tables[c.name] = TableSpec(
-            rows=c.num_embeddings, dim=c.embedding_dim, pooling=t["pooling"], precision=precision[c.name],  # type: ignore[arg-type]
-            file=file, bytes=nbytes, hash_buckets=t["hash_buckets"], vocab=t["vocab"],
-        )
-        del w
+    streamed = ((c.name, load_table(checkpoint, f"sparse.embedding_bags.{c.name}.weight", (c.num_embeddings, c.embedding_dim)))
+                for c in configs)
     dense = load_dense(cfg, checkpoint, fs)
-    export_dense(dense, len(fs.spec["dense"]), len(fs.spec["sparse"]), cfg.model.embedding_dim, out / "dense.onnx", cfg.export.opset)
-    (out / "item_store.json").write_text(json.dumps(fs.spec.get("item_store", {})))
-    manifest = Manifest(
-        embedding_dim=cfg.model.embedding_dim,
-        sparse=[SparseFeatureSpec(**f) for f in fs.spec["sparse"]],
-        dense=[DenseFeatureSpec(**d) for d in fs.spec["dense"]],
-        tables=tables,
-        item_column=fs.spec.get("item_column"),
-        user_column=fs.spec.get("user_column"),
-        **provenance(cfg, checkpoint, fs, train_run_id),
-    )
-    manifest.write(out)
+    manifest = write_dense_bundle(fs, out, streamed, dense, table_precisions(cfg, [c.name for c in configs]),
+                                  cfg.model.embedding_dim, cfg.export.opset, provenance(cfg, checkpoint, fs, train_run_id))
     rows = parity_rows(fs, cfg.export.parity_rows)
     manifest.parity, probs = check_parity(
-        streamed_eager_probs(cfg, checkpoint, fs, dense, rows), Ranker(out), fs, rows, cfg.export.parity_tolerance,
-        cfg.export.auc_margin, quantized=any(t.precision != "fp32" for t in tables.values()),
+        streamed_eager_probs(cfg, checkpoint, fs, dense, rows), DenseGraphEngine(out), fs, rows, cfg.export.parity_tolerance,
+        cfg.export.auc_margin, quantized=any(t.precision != "fp32" for t in manifest.tables.values()),
+        features=featurization_parity(DenseGraphEngine(out), fs, load_frame(cfg.data)[0], rows),
     )
     manifest.write(out)
     write_card(manifest, probs, fs.labels[rows], out / "card", loss_curve=checkpoint.parent.parent / "loss_curve.png")
@@ -140,11 +117,29 @@ def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: s
     return manifest
 
 
+def write_dense_bundle(fs: FeatureSet, out: Path, tables: Iterable[tuple[str, torch.Tensor]], dense: DLRMDense,
+                       precision: dict[str, Precision], dim: int, opset: int, lineage: dict[str, Any]) -> Manifest:
+    """The files of a dense-graph bundle: each table as `tables` yields it (written, then dropped), dense.onnx,
+    the item store and the manifest (parity not yet judged)."""
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, TableFile] = {}
+    for name, weight in tables:
+        file = f"table_{name}.safetensors"
+        nbytes = export_table(weight, precision[name], out / file)
+        files[name] = TableFile(dim=weight.shape[1], precision=precision[name], file=file, bytes=nbytes)  # type: ignore[arg-type]
+        del weight
+    export_dense(dense, len(fs.spec.dense_inputs()), len(fs.spec.sparse), dim, out / "dense.onnx", opset)
+    (out / "item_store.json").write_text(json.dumps(fs.item_store))
+    manifest = Manifest(arch="dlrm", embedding_dim=dim, features=fs.spec, tables=files, **lineage)
+    manifest.write(out)
+    return manifest
+
+
 def provenance(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet, train_run_id: str) -> dict[str, Any]:
     """The manifest fields that say where a bundle came from."""
     return {
         "versions": {p: version(p) for p in ("torch", "torchrec", "fbgemm-gpu-cpu", "onnx", "onnxruntime", "adsfm") if _installed(p)},
-        "data_fingerprint": fs.spec.get("fingerprint", ""),
+        "data_fingerprint": fs.spec.fingerprint,
         "source_checkpoint": str(checkpoint),
         "train_run_id": train_run_id,
         "config_hash": config_hash(cfg),
@@ -156,17 +151,17 @@ def provenance(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet, train_run_id:
 def _export_sequence(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: str) -> Manifest:
     """The split bundle of a sequence model: the tables are small next to a DLRM's, so the eager model is
     loaded whole and the parity reference is its joint forward."""
-    from export.sequence import export_sequence_bundle, sequence_parity
-    from training.models.hstu import HSTURanker
+    from adsfm.export.sequence import export_sequence_bundle, sequence_parity
+    from adsfm.training.models.hstu import HSTU
 
     fs = load_features(cfg.data)
     model = load_trained_model(cfg, checkpoint, fs)
-    assert isinstance(model, HSTURanker)
+    assert isinstance(model, HSTU)
     precision = table_precisions(cfg, [c.name for c in model.sparse.embedding_configs()])
     manifest = export_sequence_bundle(model, fs, out, precision, cfg.export.opset, provenance(cfg, checkpoint, fs, train_run_id))
     rows = parity_rows(fs, cfg.export.parity_rows)
-    manifest.parity, probs = sequence_parity(model, out, fs, rows, cfg.export.parity_tolerance, cfg.export.auc_margin,
-                                             quantized=any(p != "fp32" for p in precision.values()))
+    manifest.parity, probs = sequence_parity(model, out, fs, load_frame(cfg.data)[0], rows, cfg.export.parity_tolerance,
+                                             cfg.export.auc_margin, quantized=any(p != "fp32" for p in precision.values()))
     manifest.write(out)
     write_card(manifest, probs, fs.labels[rows], out / "card", loss_curve=checkpoint.parent.parent / "loss_curve.png")
     require_parity(manifest.parity)
@@ -182,9 +177,7 @@ def _installed(pkg: str) -> bool:
 
 
 def _data_config(cfg: AdsfmConfig) -> dict[str, Any]:
-    c = OmegaConf.to_container(OmegaConf.structured(cfg.data) if not OmegaConf.is_config(cfg.data) else cfg.data, resolve=True)
-    assert isinstance(c, dict)
-    return {str(k): v for k, v in c.items()}
+    return {str(k): v for k, v in to_plain(cfg.data).items()}
 
 
 def load_run(run_dir: Path) -> tuple[AdsfmConfig, dict[str, Any]]:
@@ -193,5 +186,4 @@ def load_run(run_dir: Path) -> tuple[AdsfmConfig, dict[str, Any]]:
     for p in (cfg_path, result_path):
         if not p.exists():
             raise FileNotFoundError(f"{p} is missing: is {run_dir} a finished adsfm-train run directory?")
-    cfg = OmegaConf.merge(OmegaConf.structured(AdsfmConfig), OmegaConf.load(cfg_path))
-    return cfg, json.loads(result_path.read_text())  # type: ignore[return-value]
+    return typed(AdsfmConfig, OmegaConf.load(cfg_path)), json.loads(result_path.read_text())

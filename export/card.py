@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.manifest import Manifest
-from training.metrics import ranking_metrics
-from training.plots import calibration_curve, roc_curve
+from adsfm.contract.manifest import Manifest
+from adsfm.training.metrics import ranking_metrics
+from adsfm.training.plots import calibration_curve, roc_curve
 
 
 def write_card(manifest: Manifest, probs: np.ndarray, labels: np.ndarray, out: Path, loss_curve: Path | None = None) -> Path:
@@ -25,11 +25,12 @@ def write_card(manifest: Manifest, probs: np.ndarray, labels: np.ndarray, out: P
         plots.append("![loss curve](loss_curve.png)")
     p = manifest.parity
     tables = "\n".join(
-        f"| {n} | {t.rows} x {t.dim} | {t.pooling} | {t.precision} | {t.bytes:,} |" for n, t in manifest.tables.items()
+        f"| {n} | {manifest.features.tables[n].rows} x {t.dim} | {manifest.features.tables[n].pooling} | {t.precision} "
+        f"| {t.bytes:,} |" for n, t in manifest.tables.items()
     )
     text = f"""# adsfm model card
 
-**Model**: {manifest.model_type}, {len(manifest.sparse)} sparse features, {len(manifest.dense)} dense features,
+**Model**: {manifest.arch}, {len(manifest.sparse)} sparse features, {len(manifest.dense)} dense features,
 embedding dim {manifest.embedding_dim}.
 
 ## Holdout metrics (exported bundle, {int(m['n'])} rows)

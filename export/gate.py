@@ -15,17 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 
-from export.config import GateConfig
-from export.manifest import Manifest
-from export.registry import CHAMPION, alias_version, download_version
-from serving.bundle import open_ranker
-from serving.ranker import Ranker
-from serving.sequence import SequenceRanker
-from training.config import DataConfig
-from training.data import load_features, load_frame
-from training.metrics import ranking_metrics
+from adsfm.contract.config import DataConfig, GateConfig, typed
+from adsfm.contract.features import DenseFeatureSpec, SparseFeatureSpec
+from adsfm.contract.manifest import Manifest
+from adsfm.contract.registry import CHAMPION, alias_version, download_version
+from adsfm.serving.bundle import open_engine
+from adsfm.serving.engine import DenseGraphEngine
+from adsfm.serving.sequence import SequenceEngine
+from adsfm.training.data import load_features, load_frame
+from adsfm.training.metrics import ranking_metrics
 
 
 @dataclass
@@ -63,34 +62,33 @@ def holdout_columns(manifest: Manifest) -> tuple[dict[str, list[Any]], np.ndarra
     """The holdout of the data the candidate was trained on, as raw columns by feature name, and labels."""
     if not manifest.data_config:
         raise ValueError("the bundle's manifest has no data_config; re-export it with this version of adsfm")
-    cfg: DataConfig = OmegaConf.merge(OmegaConf.structured(DataConfig), manifest.data_config)  # type: ignore[assignment]
+    cfg = typed(DataConfig, manifest.data_config)
     fs = load_features(cfg)
     df, _ = load_frame(cfg)
     rows = df.iloc[fs.holdout_idx]
-    cols: dict[str, list[Any]] = {}
-    for f in [*fs.spec["sparse"], *fs.spec["dense"]]:
-        cols[f["name"]] = rows[f["column"]].tolist()
+    features: list[SparseFeatureSpec | DenseFeatureSpec] = [*fs.spec.sparse, *fs.spec.dense]
+    cols: dict[str, list[Any]] = {f.name: rows[f.source].tolist() for f in features}
     if manifest.item_column:
-        cols[manifest.item_column] = rows[manifest.item_column].astype(str).tolist()
+        cols[manifest.item_column] = rows[manifest.item_column].tolist()
     return cols, fs.labels[fs.holdout_idx]
 
 
-def holdout_auc(ranker: Ranker | SequenceRanker, columns: dict[str, list[Any]], labels: np.ndarray) -> float:
-    fields = ranker.manifest.request_fields()
-    probs = ranker.score_columns({k: v for k, v in columns.items() if k in fields})
+def holdout_auc(engine: DenseGraphEngine | SequenceEngine, columns: dict[str, list[Any]], labels: np.ndarray) -> float:
+    fields = engine.manifest.request_fields()
+    probs = engine.score_columns({k: v for k, v in columns.items() if k in fields})
     return ranking_metrics(torch.from_numpy(probs), torch.from_numpy(labels))["auc"]
 
 
-def scoring_latency(ranker: Ranker | SequenceRanker, columns: dict[str, list[Any]], candidates: int, requests: int) -> tuple[float, float]:
+def scoring_latency(engine: DenseGraphEngine | SequenceEngine, columns: dict[str, list[Any]], candidates: int, requests: int) -> tuple[float, float]:
     """(p50, p99) ms of scoring 1 user x `candidates` items in-process (the replica's work per request)."""
-    m = ranker.manifest
+    m = engine.manifest
     user = {k: columns[k][0] for k in m.request_fields("user") if k in columns}
-    items = [{m.item_column: i} for i in list(ranker.item_store)[:candidates]] if m.item_column else [{}] * candidates
-    ranker.score(user, items)
+    items = [{m.item_column: i} for i in list(engine.item_store)[:candidates]] if m.item_column else [{}] * candidates
+    engine.score(user, items)
     times = []
     for _ in range(requests):
         t0 = time.perf_counter()
-        ranker.score(user, items)
+        engine.score(user, items)
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return statistics.median(times), times[min(len(times) - 1, int(0.99 * len(times)))]
@@ -104,14 +102,14 @@ def run_gate(name: str, version: str, tracking_uri: str, gate: GateConfig, workd
     manifest = Manifest.read(bundle)
     p = manifest.parity
     report.checks.append(Check("parity", bool(p and p.passed), p.reason() if p else "no parity check recorded"))
-    candidate = open_ranker(bundle)
+    candidate = open_engine(bundle)
     columns, labels = holdout_columns(manifest)
     auc = holdout_auc(candidate, columns, labels)
     report.metrics["candidate_auc"] = auc
     if champion is None or champion == version:
         report.checks.append(Check("quality", True, f"AUC {auc:.4f}; no other champion to compare with"))
     else:
-        champ_auc = holdout_auc(open_ranker(download_version(name, champion, tracking_uri, workdir)), columns, labels)
+        champ_auc = holdout_auc(open_engine(download_version(name, champion, tracking_uri, workdir)), columns, labels)
         report.metrics["champion_auc"] = champ_auc
         ok = auc >= champ_auc - gate.auc_margin
         report.checks.append(
@@ -136,7 +134,7 @@ def gated_promote(
 ) -> GateReport:
     """Run the gate on `version` (default: the challenger); move champion if it passes or if forced
     (recorded as such). Raises GateRefused with the reasons otherwise."""
-    from export.registry import CHALLENGER, promote
+    from adsfm.contract.registry import CHALLENGER, promote
 
     client = MlflowClient(tracking_uri)
     target = version or alias_version(client, name, CHALLENGER)

@@ -1,33 +1,38 @@
 """Does the bundle score like the eager model? The same holdout rows through both.
 
-fp32 bundles must match within a tolerance on every score; bundles with quantized tables may differ by
-quantization error, so they are held to the holdout AUC they lose against the eager fp32 model.
+Two checks: the bundle featurizes raw holdout values exactly as training did (rows and dense inputs, bit for
+bit, through serving's own path: the feature contract the manifest carries), and it scores training's
+featurized rows like the eager model: fp32 bundles within a tolerance on every score; bundles with
+quantized tables may differ by quantization error, so they are held to the holdout AUC they lose against
+the eager fp32 model.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
-from export.manifest import ParitySpec
-from serving.ranker import Bag, Ranker
-from training.data import FeatureSet
-from training.loop import predict
-from training.metrics import ranking_metrics
+from adsfm.contract.features import DenseFeatureSpec, SparseFeatureSpec
+from adsfm.contract.manifest import ParitySpec
+from adsfm.serving.engine import Bag, DenseGraphEngine, TableStore
+from adsfm.training.data import FeatureSet
+from adsfm.training.loop import predict
+from adsfm.training.metrics import ranking_metrics
 
 
 class ParityError(RuntimeError):
     pass
 
 
-def bundle_probs(ranker: Ranker, fs: FeatureSet, idx: np.ndarray, batch: int = 4096) -> np.ndarray:
+def bundle_probs(engine: DenseGraphEngine, fs: FeatureSet, idx: np.ndarray, batch: int = 4096) -> np.ndarray:
     """The bundle's probabilities for already featurized rows (the serving lookup + ONNX path)."""
     out = []
     for s in range(0, len(idx), batch):
         b = fs.take(idx[s : s + batch])
         bags = {k: Bag(jt.values().numpy(), jt.lengths().numpy()) for k, jt in b.sparse_features.to_dict().items()}
-        out.append(ranker.score_indexed(b.dense_features.numpy(), bags))
+        out.append(engine.score_indexed(b.dense_features.numpy(), bags))
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -44,29 +49,50 @@ def eager_probs(model: nn.Module, fs: FeatureSet, idx: np.ndarray) -> np.ndarray
     return predict(model, fs, idx, 4096).double().numpy()
 
 
+def featurization_parity(store: TableStore, fs: FeatureSet, df: pd.DataFrame, idx: np.ndarray, sample: int = 2000) -> str | None:
+    """The raw values (frame `df`, in FeatureSet row order) of up to `sample` of rows `idx` through the
+    bundle's featurization, against training's rows and dense inputs for them, bit for bit: None when
+    identical, else the first difference."""
+    idx = idx[:sample]
+    raw = df.iloc[idx]
+    features: list[SparseFeatureSpec | DenseFeatureSpec] = [*fs.spec.sparse, *fs.spec.dense]
+    columns = {f.name: raw[f.source].tolist() for f in features}
+    if fs.spec.item_column:
+        columns[fs.spec.item_column] = raw[fs.spec.item_column].tolist()
+    dense, bags = store.featurize_columns(columns)
+    batch = fs.take(idx)
+    for name, jt in batch.sparse_features.to_dict().items():
+        if not (np.array_equal(jt.lengths().numpy(), bags[name].lengths) and np.array_equal(jt.values().numpy(), bags[name].values)):
+            return f"feature {name!r}: the bundle's rows for raw holdout values differ from training's"
+    if not np.array_equal(dense.view(np.uint32), fs.dense[idx].view(np.uint32)):
+        col = int(np.argmax((dense != fs.dense[idx]).any(axis=0)))
+        return f"dense input {fs.spec.dense_inputs()[col]!r}: the bundle's values for raw holdout values differ from training's"
+    return None
+
+
 def check_parity(
-    eager: np.ndarray, ranker: Ranker, fs: FeatureSet, idx: np.ndarray, tolerance: float, auc_margin: float = 0.002,
-    quantized: bool = False,
+    eager: np.ndarray, engine: DenseGraphEngine, fs: FeatureSet, idx: np.ndarray, tolerance: float, auc_margin: float = 0.002,
+    quantized: bool = False, features: str | None = None,
 ) -> tuple[ParitySpec, np.ndarray]:
-    """The parity verdict for the eager probabilities of rows `idx`, and the bundle's probabilities on
-    them (for the model card)."""
-    exported = bundle_probs(ranker, fs, idx)
-    return judge(eager, exported, fs.labels[idx], tolerance, auc_margin, quantized), exported
+    """The parity verdict for the eager probabilities of rows `idx` (and `features`, the verdict of
+    featurization_parity), and the bundle's probabilities on them (for the model card)."""
+    exported = bundle_probs(engine, fs, idx)
+    return judge(eager, exported, fs.labels[idx], tolerance, auc_margin, quantized, features=features), exported
 
 
 def judge(eager: np.ndarray, exported: np.ndarray, labels: np.ndarray, tolerance: float, auc_margin: float,
-          quantized: bool, other_diff: float = 0.0) -> ParitySpec:
+          quantized: bool, other_diff: float = 0.0, features: str | None = None) -> ParitySpec:
     """The verdict on the same rows' eager and exported probabilities: an fp32 bundle must match within
     `tolerance` (also `other_diff`, a difference measured elsewhere), a quantized one keep the holdout AUC
-    within `auc_margin`."""
+    within `auc_margin`; and `features` (a featurization difference) fails either."""
     auc_eager = ranking_metrics(torch.from_numpy(eager), torch.from_numpy(labels))["auc"]
     auc_bundle = ranking_metrics(torch.from_numpy(exported), torch.from_numpy(labels))["auc"]
     diff = max(float(np.max(np.abs(eager - exported))), other_diff)
     drop = auc_eager - auc_bundle
     return ParitySpec(
         rows=len(eager), max_abs_diff=diff, tolerance=tolerance, auc_eager=auc_eager, auc_bundle=auc_bundle,
-        auc_drop=drop, auc_margin=auc_margin, quantized=quantized,
-        passed=drop <= auc_margin if quantized else diff <= tolerance,
+        auc_drop=drop, auc_margin=auc_margin, quantized=quantized, featurization=features or "identical",
+        passed=features is None and (drop <= auc_margin if quantized else diff <= tolerance),
     )
 
 

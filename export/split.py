@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from training.models.hstu import CandidateSide, HSTUDense, UserSide
+from adsfm.training.models.hstu import CandidateSide, HSTUDense, UserSide
 
 
 def _save(module: torch.nn.Module, args: tuple, names: list[str], outputs: list[str], dynamic: tuple, path: Path,

@@ -18,9 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-register", action="store_true", help="write and check the bundle only")
     args = ap.parse_args(argv)
 
-    from export.bundle import export_bundle, load_run
-    from export.registry import log_and_register
-    from training.tracking import tracking_uri
+    from adsfm.contract.tracking import tracking_uri
+    from adsfm.export.bundle import export_bundle, load_run
+    from adsfm.export.register import log_and_register
 
     cfg, result = load_run(args.run_dir.resolve())
     if args.precision:

@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     args = ap.parse_args(argv)
 
-    from export.registry import describe
-    from training.tracking import tracking_uri
+    from adsfm.contract.registry import describe
+    from adsfm.contract.tracking import tracking_uri
 
     print(describe(args.name, tracking_uri(args.tracking_uri, "runs")))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from training.config import conf_dir, register_configs
+from adsfm.contract.config import conf_dir, register_configs
 
 register_configs()
 
@@ -17,10 +17,15 @@ register_configs()
 def _main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from training.pipeline import run_pipeline
+    from adsfm.contract.cluster import quiet_console
+    from adsfm.contract.config import as_config
 
     cfg.run_dir = HydraConfig.get().runtime.output_dir
-    run_pipeline(cfg)
+    config = as_config(cfg)
+    quiet_console(config)
+    from adsfm.export.pipeline import run_pipeline
+
+    run_pipeline(config)
 
 
 def main() -> None:

@@ -24,10 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     args = ap.parse_args(argv)
 
-    from export.gate import GateRefused, gated_promote
-    from training.config import compose
-    from training.job import as_config
-    from training.tracking import tracking_uri
+    from adsfm.contract.config import as_config, compose
+    from adsfm.contract.tracking import tracking_uri
+    from adsfm.export.gate import GateRefused, gated_promote
 
     cfg = as_config(compose([]))
     gate = cfg.export.gate

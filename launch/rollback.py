@@ -12,8 +12,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     args = ap.parse_args(argv)
 
-    from export.registry import rollback
-    from training.tracking import tracking_uri
+    from adsfm.contract.registry import rollback
+    from adsfm.contract.tracking import tracking_uri
 
     old, new = rollback(args.name, tracking_uri(args.tracking_uri, "runs"), args.reason)
     print(f"[adsfm] {args.name}: champion {old} -> {new} (rolled back)")

@@ -11,19 +11,25 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from training.config import conf_dir, register_configs
+from adsfm.contract.config import conf_dir, register_configs
 
 register_configs()
 
 
 @hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    from serving.app import start
-    from training.job import as_config, init_ray
-    from training.tracking import tracking_uri
+    from hydra.core.hydra_config import HydraConfig
 
+    from adsfm.contract.cluster import init_ray_for, quiet_console
+    from adsfm.contract.config import as_config
+    from adsfm.contract.tracking import tracking_uri
+
+    cfg.run_dir = HydraConfig.get().runtime.output_dir
     c = as_config(cfg)
-    init_ray(c.cluster.address, c.cluster.num_cpus, c.cluster.serve_ingress)
+    quiet_console(c)
+    from adsfm.serving.app import start
+
+    init_ray_for(c)
     url = start(c.serve, tracking_uri(c.mlflow.tracking_uri, c.run_root))
     print(f"[adsfm] serving {c.serve.model_name}@{c.serve.alias} at {url}/v1/rank (docs: {url}/docs); Ctrl-C stops")
     try:

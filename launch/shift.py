@@ -14,30 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from dataclasses import dataclass
 from typing import Any
-
-from serving.monitor import VersionStats
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_error_rate: float
-    max_p99_ms: float
-    min_requests: int
-
-
-def judge(stats: VersionStats | None, limits: Limits) -> str | None:
-    """Why the challenger must be rolled back on this evidence, or None. Errors count from the first
-    request (one failure in a handful is a failing model); p99 is judged once min_requests make it mean something."""
-    if stats is None or stats.requests == 0:
-        return None
-    if stats.errors and stats.error_rate > limits.max_error_rate:
-        return f"error rate {stats.error_rate:.1%} ({stats.errors}/{stats.requests}) > --max-error-rate {limits.max_error_rate:.1%}"
-    if stats.requests >= limits.min_requests and stats.p99_ms > limits.max_p99_ms:
-        return f"p99 {stats.p99_ms:.1f} ms over {stats.requests} requests > --max-p99-ms {limits.max_p99_ms:g}"
-    return None
 
 
 def _seconds(text: str) -> float:
@@ -76,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from export.registry import CHALLENGER, promote
-    from serving.router import Split, read_traffic, write_split
-    from training.tracking import tracking_uri
+    from adsfm.contract.registry import Split, write_split
+    from adsfm.contract.tracking import tracking_uri
+    from adsfm.serving.shift import Limits, shift
 
     uri = tracking_uri(args.tracking_uri, "runs")
     client = MlflowClient(uri)
@@ -96,53 +73,13 @@ def run(args: argparse.Namespace) -> int:
         write_split(client, args.name, Split(shadow=True))
         print(f"[adsfm] {args.name}: challenger in shadow mode (scores copies; see adsfm_shadow_* in /metrics)")
         return 0
-    t = read_traffic(client, args.name)
-    challenger = t.challenger
-    if challenger is None or t.champion is None:
-        print(f"[adsfm] {args.name}: needs both a champion and a {CHALLENGER} alias (now: champion {t.champion}, "
-              f"{CHALLENGER} {challenger})", file=sys.stderr)
-        return 2
     limits = Limits(args.max_error_rate, args.max_p99_ms, args.min_requests)
-    mon = _monitor(args)
-    print(f"[adsfm] {args.name}: shifting champion v{t.champion} -> challenger v{challenger}: steps {args.steps} % "
-          f"every {args.every:g}s; limits: error rate {limits.max_error_rate:.1%}, p99 {limits.max_p99_ms:g} ms", flush=True)
-    import ray
-
-    for pct in args.steps:
-        write_split(client, args.name, Split(challenger_pct=pct))
-        start = time.time()
-        while True:
-            time.sleep(min(1.0, args.every))
-            stats = ray.get(mon.window.remote(start)).get(challenger)
-            reason = judge(stats, limits)
-            if reason is not None:
-                write_split(client, args.name, Split())
-                print(f"[adsfm] {args.name}: ROLLED BACK at {pct:g} %: challenger v{challenger} {reason}; "
-                      f"all traffic on champion v{t.champion}", file=sys.stderr, flush=True)
-                return 1
-            seen = 0 if stats is None else stats.requests
-            if time.time() - start >= args.every and seen >= limits.min_requests:
-                break
-            if time.time() - start >= 5 * args.every:
-                write_split(client, args.name, Split())
-                print(f"[adsfm] {args.name}: ROLLED BACK at {pct:g} %: only {seen} challenger requests in "
-                      f"{time.time() - start:.0f}s (< --min-requests {limits.min_requests}); nothing to judge it on",
-                      file=sys.stderr, flush=True)
-                return 1
-        assert stats is not None
-        print(f"[adsfm]   {pct:5.1f} % held {args.every:g}s: {stats.requests} challenger requests, "
-              f"{stats.errors} errors, p99 {stats.p99_ms:.1f} ms", flush=True)
-    if args.no_promote:
-        return 0
-    promote(args.name, uri, challenger, reason=f"adsfm-shift {','.join(f'{s:g}' for s in args.steps)}")
-    write_split(client, args.name, Split())
-    print(f"[adsfm] {args.name}: champion -> v{challenger}; split cleared", flush=True)
-    return 0
+    return shift(client, args.name, uri, args.steps, args.every, limits, _monitor(args), promote_at_end=not args.no_promote)
 
 
 def _monitor(args: argparse.Namespace) -> Any:
-    from serving.monitor import monitor
-    from training.job import init_ray
+    from adsfm.contract.cluster import init_ray
+    from adsfm.serving.monitor import monitor
 
     init_ray(args.address or "auto")  # the cluster the replicas run on: their reports are there
     return monitor(args.name)

@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_intermixed_args(argv)  # options may come after overrides
 
-    from training.submit import InvalidOverrides, submit
+    from adsfm.contract.cluster import InvalidOverrides, submit
 
     try:
         result = submit(args.address, args.overrides, args.working_dir, wait=not args.no_wait)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from training.config import conf_dir, register_configs
+from adsfm.contract.config import conf_dir, register_configs
 
 register_configs()
 
@@ -18,10 +18,15 @@ register_configs()
 def _main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from training.job import run_training
+    from adsfm.contract.cluster import quiet_console
+    from adsfm.contract.config import as_config
 
     cfg.run_dir = HydraConfig.get().runtime.output_dir
-    result = run_training(cfg)
+    config = as_config(cfg)
+    quiet_console(config)
+    from adsfm.training.job import run_training
+
+    result = run_training(config)
     h = result.holdout
     print(f"[adsfm] holdout auc={h['auc']:.4f} logloss={h['logloss']:.4f} ne={h['ne']:.4f}")
     print(f"[adsfm] checkpoint {result.checkpoint}")

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from parallel.config import ParallelConfig, dense_degrees
+from adsfm.contract.config import ParallelConfig
+from adsfm.parallel.config import dense_degrees
 
 _MESH: DeviceMesh | None = None
 

@@ -13,7 +13,7 @@ from torchrec.distributed.planner.stats import NoopEmbeddingStats
 from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from parallel.config import ParallelConfig
+from adsfm.contract.config import ParallelConfig
 
 
 class EmbeddingBagSharder(EmbeddingBagCollectionSharder):

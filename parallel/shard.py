@@ -3,40 +3,43 @@
 1. embedding sharding over all ranks: the TorchRec planner places each table (config-constrained) and
    DistributedModelParallel materializes the meta-device tables as shards, with the sparse optimizer
    fused into the lookup kernel (registered before wrapping, so DMP can fuse it);
-2. tensor parallel over the mesh's "tp" dimension (DTensor): the top MLP's first layer column-wise, its
-   second row-wise, so the hidden activation stays split and one all-reduce joins the output;
-3. data parallel over "dp": DDP (DMP wraps the dense modules), or FSDP2 `fully_shard` on the dense
-   blocks and then the dense root.
+2. tensor parallel over the mesh's "tp" dimension (DTensor): the modules the model's declared plan names
+   (adsfm.parallel.dense_plan), split as it says;
+3. data parallel over "dp": DDP (DMP wraps the dense modules), or FSDP2 `fully_shard` on the plan's units
+   and then the dense root.
+
+This module knows no model: a model brings its plan (`parallel_plan`).
 
 With parallel.sparse_group = k, step 1 shards tables within groups of k ranks and replicates them across
 the groups (parallel/sparse2d.py), the optimizer syncing the replicas after every step.
 
 Gradient scale: DDP averages dense gradients over ranks, and TorchRec's output dist averages the
-gradients of sharded tables the same way (measured: tests/distributed/test_equivalence.py), so N ranks
-train like one process on the global batch with no correction.
+gradients of sharded tables the same way (tests/distributed/test_equivalence.py compares every layout
+with one process), so N ranks train like one process on the global batch with no correction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import parallelize_module
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from parallel.config import ParallelConfig
-from parallel.mesh import build_mesh
-from parallel.plan import make_plan, plan_rows, sharders
-from parallel.sparse2d import ReplicaSync, SyncedOptimizer, remap_plan, sparse_2d_env
+from adsfm.contract.config import ParallelConfig
+from adsfm.parallel.dense_plan import SparseDenseModel
+from adsfm.parallel.mesh import build_mesh
+from adsfm.parallel.plan import make_plan, plan_rows, sharders
+from adsfm.parallel.sparse2d import ReplicaSync, SyncedOptimizer, remap_plan, sparse_2d_env
 
 SPARSE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "rowwise_adagrad": RowWiseAdagrad,
@@ -48,18 +51,6 @@ DENSE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,
 }
-
-
-class Ranker(Protocol):
-    """What the parallelize functions need of a model: a sparse arch and a dense arch."""
-
-    @property
-    def sparse(self) -> nn.Module: ...
-
-    @property
-    def dense(self) -> nn.Module: ...
-
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Any: ...
 
 
 @dataclass
@@ -83,7 +74,7 @@ def sparse_optimizer_kwargs(o: OptimConfig) -> dict[str, Any]:
 
 
 def parallelize_model(
-    model: Ranker,
+    model: SparseDenseModel,
     cfg: ParallelConfig,
     optim: OptimConfig,
     device: torch.device,
@@ -107,13 +98,13 @@ def parallelize_model(
         module=model, device=device, plan=plan, sharders=sharders(), init_data_parallel=ddp, env=env  # type: ignore[arg-type]
     )
     dense = dmp.module.dense
-    kind = getattr(model, "kind", "dlrm")
-    if mesh is not None and mesh["tp"].size() > 1:
-        parallelize_module(dense, mesh["tp"], hstu_tp_plan(len(dense.layers)) if kind == "hstu" else dlrm_tp_plan())
+    tp = mesh["tp"].size() if mesh is not None else 1
+    declared = model.parallel_plan(tp)
+    if tp > 1:
+        parallelize_module(dense, mesh["tp"], declared.tensor_parallel)  # type: ignore[index]
     if mesh is not None and not ddp:
-        blocks = list(dense.layers) if kind == "hstu" else [dense.dense_arch, dense.over_arch]
-        for block in blocks:
-            fully_shard(block, mesh=mesh["dp"])
+        for unit in declared.fsdp_units:
+            fully_shard(dense.get_submodule(unit), mesh=mesh["dp"])
         fully_shard(dense, mesh=mesh["dp"])
     unfused = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     # Data-parallel tables are replicated dense weights (DDP all-reduces their gradients), which TorchRec
@@ -132,35 +123,17 @@ def parallelize_model(
         sync = ReplicaSync(dmp, env)
         sync.broadcast()
         return dmp, SyncedOptimizer(optimizers, sync), plan_rows(plan, est_ms)
-    if kind == "hstu" and mesh is not None and mesh["tp"].size() > 1:
-        shared = [p for layer in dense.layers for p in (layer.position_bias, layer.time_bias)]
-        return dmp, HeadSharedGradSum(optimizers, shared, mesh["tp"].get_group()), plan_rows(plan, est_ms)
+    if declared.head_shared and tp > 1:
+        shared = [dense.get_parameter(name) for name in declared.head_shared]
+        return dmp, HeadSharedGradSum(optimizers, shared, mesh["tp"].get_group()), plan_rows(plan, est_ms)  # type: ignore[index]
     return dmp, CombinedOptimizer(optimizers), plan_rows(plan, est_ms)
 
 
-def dlrm_tp_plan() -> dict[str, Any]:
-    """DLRM's top MLP: Linear(in, h1) column-wise, Linear(h1, h2) row-wise (output all-reduced)."""
-    return {
-        "over_arch.model.0._mlp.0._linear": ColwiseParallel(),
-        "over_arch.model.0._mlp.1._linear": RowwiseParallel(),
-    }
-
-
-def hstu_tp_plan(num_layers: int) -> dict[str, Any]:
-    """HSTU: per layer, Q, K, V and U column-wise (each rank holds whole heads) and the output projection
-    row-wise (its input stays split by head; one all-reduce joins the output), as Megatron splits attention."""
-    plan: dict[str, Any] = {}
-    for i in range(num_layers):
-        for proj in ("q", "k", "v", "u"):
-            plan[f"layers.{i}.{proj}"] = ColwiseParallel()
-        plan[f"layers.{i}.out"] = RowwiseParallel()
-    return plan
-
-
 class HeadSharedGradSum(CombinedOptimizer):
-    """HSTU's relative bias is shared by all heads, so under tensor parallelism each rank's gradient covers
-    only its own heads: the sum over the tp group, before each step, is the whole gradient (as in one
-    process). Done here rather than by a tensor hook because FSDP2 sets sharded gradients outside autograd."""
+    """Parameters every head uses (a plan's `head_shared`, e.g. HSTU's relative bias): under tensor
+    parallelism each rank's gradient covers only its own heads, so the sum over the tp group, before each
+    step, is the whole gradient (as in one process). Done here rather than by a tensor hook because FSDP2
+    sets sharded gradients outside autograd."""
 
     def __init__(self, optimizers: list[Any], shared: list[nn.Parameter], group: dist.ProcessGroup) -> None:
         super().__init__(optimizers)
@@ -172,19 +145,6 @@ class HeadSharedGradSum(CombinedOptimizer):
                 g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
                 dist.all_reduce(g, group=self._group)
         super().step(closure)
-
-
-def check_hstu_tp(num_heads: int, tp: int) -> None:
-    if tp > 1 and num_heads % tp:
-        raise ValueError(f"parallel.tp({tp}) splits model.sequence.num_heads({num_heads}) across ranks: num_heads % tp != 0")
-
-
-def check_dlrm_tp(over_arch: list[int], tp: int) -> None:
-    if tp > 1 and (len(over_arch) < 3 or over_arch[0] % tp):
-        raise ValueError(
-            f"parallel.tp({tp}) splits model.over_arch[0]({over_arch[0] if over_arch else None}) across ranks: it needs "
-            f"at least two hidden layers before the logit and over_arch[0] % tp == 0 (got {over_arch})"
-        )
 
 
 def _is_table_weight(name: str) -> bool:
@@ -228,7 +188,7 @@ def _dtensor_offsets(t: Any) -> tuple[int, ...]:
     return tuple(offsets)
 
 
-def unsharded_optimizer(model: Ranker, optim: OptimConfig) -> CombinedOptimizer:
+def unsharded_optimizer(model: SparseDenseModel, optim: OptimConfig) -> CombinedOptimizer:
     """The same optimisers as `parallelize_model`, unfused, for a plain single-process model: the
     reference that every layout must match."""
     _check_optim(optim)

@@ -24,7 +24,9 @@ echo "[setup] creating $VENV with the pinned CPU stack (first time: a few minute
 pipq() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 pipq install -q --upgrade "pip>=24"
 pipq install -q --no-deps -r requirements/lock.txt
-pipq install -q --no-deps -e .
+# adsfm itself, editable: contract/, training/, ... import as adsfm.<name> (pyproject's package-dir mapping).
+# setuptools prints a banner about editable installs on every build; keep it in a log unless the build fails.
+"$VENV/bin/python" -m pip install -q --no-deps -e . > "$VENV/adsfm-install.log" 2>&1 || { cat "$VENV/adsfm-install.log" >&2; exit 1; }
 "$VENV/bin/python" - <<'PY'
 import fbgemm_gpu, torch, torchrec  # noqa: F401  fails loudly if the CUDA fbgemm-gpu slipped in
 print(f"[setup] torch {torch.__version__}, torchrec {torchrec.__version__ if hasattr(torchrec, '__version__') else 'ok'}")

@@ -1,7 +1,8 @@
 """Thin Ray Serve wrapper: an HTTP ingress deployment around RankService, loading models:/NAME@ALIAS.
 
-Per request: validate and featurize (the user side from the replica's cache), then the dense graph runs
-on the candidates of several concurrent requests at once (@serve.batch), then the response. Each replica
+Per request: parse and validate the body against the served bundle's own request schema (the one
+/openapi.json publishes), featurize (the user side from the replica's cache), then the dense graph runs on
+the candidates of several concurrent requests at once (@serve.batch), then the response. Each replica
 exposes Prometheus metrics at /metrics.
 """
 
@@ -9,6 +10,8 @@ exposes Prometheus metrics at /metrics.
 
 import asyncio
 import logging
+import os
+import re
 import tempfile
 import threading
 import time
@@ -19,28 +22,56 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve import Application
 
-from serving import limits, metrics
-from serving.bundle import open_ranker
-from serving.config import ServeConfig
-from serving.monitor import Reporter
-from serving.ranker import FeatureError
-from serving.router import Router, Split, Traffic, read_traffic
-from serving.schemas import Health, RankRequest, RankResponse
-from serving.service import Prepared, RankService, run_grouped
+from adsfm.contract.config import ServeConfig, typed
+from adsfm.contract.features import FeatureError
+from adsfm.contract.registry import Split, Traffic, download_version, read_traffic, resolve
+from adsfm.contract.request import ErrorResponse, Health, RankResponse
+from adsfm.serving import limits, metrics
+from adsfm.serving.bundle import open_engine
+from adsfm.serving.monitor import Reporter
+from adsfm.serving.router import Router
+from adsfm.serving.service import Prepared, RankService, RequestInvalid, run_grouped
 
 logger = logging.getLogger("ray.serve")
-api = FastAPI(title="adsfm ranking API", version="1")
+# The OpenAPI document and its page are the replica's own (`openapi` below): the request schema is the
+# served bundle's, known only once a model is loaded.
+api = FastAPI(title="adsfm ranking API", version="1", openapi_url=None, docs_url=None, redoc_url=None)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token (when serve.auth_token is set)."},
+    413: {"model": ErrorResponse, "description": "Body larger than serve.max_request_bytes."},
+    422: {"model": ErrorResponse, "description": "A field the request schema or the feature contract refuses, named in loc."},
+}
+
+
+def _loc(field: str) -> list[str | int]:
+    """'candidates[3].item_id' → ['body', 'candidates', 3, 'item_id'] (FastAPI's way of naming a field)."""
+    out: list[str | int] = ["body"]
+    for part in field.split("."):
+        m = re.fullmatch(r"(.*)\[(\d+)\]", part)
+        out += [m.group(1), int(m.group(2))] if m else [part]
+    return out
+
+
+def _refused(details: list[dict[str, Any]]) -> JSONResponse:
+    metrics.REQUESTS.labels("422").inc()
+    return JSONResponse(status_code=422, content={"detail": details})
 
 
 @api.exception_handler(FeatureError)
 async def _feature_error(_request: Request, exc: FeatureError) -> JSONResponse:
-    metrics.REQUESTS.labels("422").inc()
-    return JSONResponse(status_code=422, content={"detail": [{"loc": exc.field.split("."), "msg": str(exc)}]})
+    return _refused([{"loc": _loc(exc.field), "msg": str(exc), "type": "value_error"}])
+
+
+@api.exception_handler(RequestInvalid)
+async def _request_invalid(_request: Request, exc: RequestInvalid) -> JSONResponse:
+    return _refused([{**e, "loc": ["body", *e["loc"]]} for e in exc.errors])
 
 
 api.add_middleware(limits.LimitsMiddleware)
@@ -48,17 +79,18 @@ api.add_middleware(limits.LimitsMiddleware)
 
 @serve.deployment
 @serve.ingress(api)
-class RankerDeployment:
+class RankingDeployment:
     def __init__(self, cfg: ServeConfig, tracking_uri: str) -> None:
         self.cfg, self.tracking_uri = cfg, tracking_uri
         self.cache = Path(tempfile.mkdtemp(prefix="adsfm-serve-"))
         # ONNX Runtime off the event loop: a request past its deadline is answered while a batch still runs.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="adsfm-score")
         spill = self._load_spillover(cfg.spillover) if cfg.spillover else None
-        self.router = Router(self._load(cfg.model_name), self._score, light=spill, sticky_field=cfg.sticky_field,
+        self.router = Router(self._load(cfg.model_name), self._score, spillover=spill, sticky_field=cfg.sticky_field,
                              deadline_ms=cfg.deadline_ms, report=Reporter(cfg.model_name),
                              shadow_log=cfg.shadow_log)
         self.in_flight = 0
+        self._openapi: tuple[RankService, dict[str, Any]] | None = None
         self._score_batch.set_max_batch_size(cfg.batch_max_requests)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)  # type: ignore[attr-defined]
         limits.SETTINGS["cfg"] = cfg  # for the middleware; one replica per process
@@ -72,14 +104,12 @@ class RankerDeployment:
 
     def _load(self, name: str, alias: str | None = None, version: str | None = None) -> RankService:
         """models:/name@alias, or models:/name/version, downloaded and opened beside what is served."""
-        from export.registry import download_version, resolve
-
         if version is None:
             version, bundle = resolve(name, alias or self.cfg.alias, self.tracking_uri, self.cache)
         else:
             bundle = download_version(name, version, self.tracking_uri, self.cache)
-        ranker = open_ranker(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size)
-        return RankService(ranker, name, version, self.cfg.max_candidates)
+        engine = open_engine(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size)
+        return RankService(engine, name, version, self.cfg.max_candidates, self.cfg.max_values)
 
     def _load_spillover(self, ref: str) -> RankService:
         """The lighter model named `NAME@ALIAS`, loaded once beside the main one."""
@@ -120,7 +150,7 @@ class RankerDeployment:
         r.split = t.split if wanted else Split()  # challenger == champion (just promoted): nothing to split
 
     async def _score(self, service: RankService, p: Prepared) -> np.ndarray:
-        item = (service.ranker, p.inputs)
+        item = (service.engine, p.inputs)
         if self.in_flight <= 1:  # alone on the replica: no company to wait batch_wait_ms for
             out = (await self._run([item]))[0]
         else:
@@ -139,11 +169,14 @@ class RankerDeployment:
         metrics.BATCH.observe(len(items))
         return await asyncio.get_running_loop().run_in_executor(self.pool, run_grouped, items)
 
-    @api.post("/v1/rank", response_model=RankResponse)
-    async def rank(self, req: RankRequest) -> Response:
+    @api.post("/v1/rank", response_model=RankResponse, responses=ERRORS)
+    async def rank(self, request: Request) -> Response:
+        """Rank the candidates for one user, best first. The body's schema is the served model's: its
+        features by name, each optional, and the item id on every candidate (see /openapi.json)."""
+        req = self.service.parse(await request.body())
         spill = None
-        if self.router.light is not None and self.in_flight >= self.cfg.spillover_queue:
-            spill = self.router.light
+        if self.router.spillover is not None and self.in_flight >= self.cfg.spillover_queue:
+            spill = self.router.spillover
             metrics.SPILLOVER.inc()
         self.in_flight += 1
         metrics.QUEUE.set(self.in_flight)
@@ -174,13 +207,34 @@ class RankerDeployment:
         return {"champion": r.champion.model_version, "challenger": r.challenger and r.challenger.model_version,
                 "challenger_error": r.challenger_error, "split": asdict(r.split)}
 
-    @api.get("/metrics")
+    @api.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format."}})
     def metrics(self) -> PlainTextResponse:
-        info = self.service.ranker.user_cache_info()
+        info = self.service.engine.user_cache_info()
         metrics.CACHE.labels("hits").set(info.hits)
         metrics.CACHE.labels("misses").set(info.misses)
         metrics.CACHE.labels("size").set(info.currsize)
         return PlainTextResponse(generate_latest().decode(), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/openapi.json", include_in_schema=False)
+    def openapi(self) -> JSONResponse:
+        """The API's OpenAPI document, with /v1/rank's request schema derived from the served bundle."""
+        service = self.service
+        if self._openapi is None or self._openapi[0] is not service:
+            doc = get_openapi(title=api.title, version=api.version, routes=api.routes)
+            schema = service.request_model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            components.update(schema.pop("$defs", {}))
+            components["RankRequest"] = schema
+            doc["paths"]["/v1/rank"]["post"]["requestBody"] = {
+                "required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RankRequest"}}}}
+            self._openapi = (service, doc)
+        return JSONResponse(self._openapi[1])
+
+    @api.get("/docs", include_in_schema=False)
+    def docs(self) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{api.title} ({self.service.model_name})")
 
 
 def build_app(cfg: ServeConfig, tracking_uri: str) -> Application:
@@ -191,9 +245,9 @@ def build_app(cfg: ServeConfig, tracking_uri: str) -> Application:
     if cfg.max_replicas > max(cfg.min_replicas, 1):
         scaling = {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                                           "target_ongoing_requests": cfg.target_ongoing_requests}}
-    return RankerDeployment.options(  # type: ignore[attr-defined]
+    return RankingDeployment.options(  # type: ignore[attr-defined]
         max_ongoing_requests=cfg.max_ongoing_requests,
-        # A log line per request, shipped to the driver, costs a 2-core host more than scoring 100 candidates.
+        # A log line per request, shipped to the driver, costs a small host more than scoring the request.
         logging_config={"enable_access_log": cfg.access_log, "log_level": "INFO" if cfg.access_log else "WARNING"},
         **scaling,
     ).bind(cfg, tracking_uri)
@@ -210,7 +264,9 @@ def app_builder(args: dict[str, Any]) -> Application:
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"serve config args: unknown keys {unknown}; known: {sorted(known)}")
-    return build_app(ServeConfig(**args), tracking_uri)
+    # The same token as the Hydra path (conf/serve: auth_token from ADSFM_SERVE_TOKEN), unless args set one.
+    args.setdefault("auth_token", os.environ.get("ADSFM_SERVE_TOKEN") or None)
+    return build_app(typed(ServeConfig, args), tracking_uri)
 
 
 def start(cfg: ServeConfig, tracking_uri: str, name: str = "adsfm", route_prefix: str = "/") -> str:
@@ -224,4 +280,4 @@ def stop(name: str = "adsfm") -> None:
     serve.delete(name)
 
 
-__all__: list[Any] = ["build_app", "start", "stop", "RankerDeployment"]
+__all__: list[Any] = ["build_app", "start", "stop", "RankingDeployment"]

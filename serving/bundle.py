@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.manifest import Manifest
-from serving.ranker import Ranker
-from serving.sequence import SequenceRanker
+from adsfm.contract.manifest import Manifest
+from adsfm.serving.engine import DenseGraphEngine
+from adsfm.serving.sequence import SequenceEngine
 
 
-def open_ranker(bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000) -> Ranker | SequenceRanker:
-    """A Ranker for a dense-graph bundle (DLRM), a SequenceRanker for a split one (HSTU)."""
+def open_engine(bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000) -> DenseGraphEngine | SequenceEngine:
+    """A DenseGraphEngine for a dense-graph bundle (DLRM), a SequenceEngine for a split one (HSTU)."""
     if Manifest.read(Path(bundle)).sequence is not None:
-        return SequenceRanker(bundle, intra_op_threads, user_cache_size)
-    return Ranker(bundle, intra_op_threads, user_cache_size)
+        return SequenceEngine(bundle, intra_op_threads, user_cache_size)
+    return DenseGraphEngine(bundle, intra_op_threads, user_cache_size)

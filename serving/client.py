@@ -7,7 +7,7 @@ from typing import Any
 
 import requests
 
-from serving.schemas import Health, RankResponse
+from adsfm.contract.request import Health, RankResponse
 
 
 class RankError(RuntimeError):

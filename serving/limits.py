@@ -11,15 +11,15 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from serving import metrics
-from serving.config import ServeConfig
+from adsfm.contract.config import ServeConfig
+from adsfm.serving import metrics
 
 SETTINGS: dict[str, ServeConfig] = {}
 
 
 class LimitsMiddleware:
     """Pure ASGI middleware (Starlette's @app.middleware("http") wraps every request in extra tasks and
-    streams, which cost a replica on 2 cores more than the refusal itself)."""
+    streams, which cost a replica on a small host more than the refusal itself)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app

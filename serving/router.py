@@ -3,8 +3,8 @@
 Which version answers a request, what happens when it fails or is late, and what a shadow challenger
 disagrees on. Both versions live in every replica (loaded beside each other, as for an alias move), so a
 routed request costs no extra hop: on a 2-core host a separate router deployment would add a network hop and
-take a CPU from the scorers. The split itself lives in the registry (`adsfm.traffic` on the registered
-model), where adsfm-shift writes it and every replica reads it.
+take a CPU from the scorers. The split itself lives in the registry (adsfm.contract.registry: a tag
+on the registered model), where adsfm-shift writes it and every replica reads it.
 """
 
 from __future__ import annotations
@@ -16,43 +16,19 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from serving import metrics
-from serving.ranker import FeatureError
-from serving.schemas import RankRequest, RankResponse
-from serving.service import Prepared, RankService
+from adsfm.contract.registry import Split
+from adsfm.contract.request import RankRequest, RankResponse
+from adsfm.serving import metrics
+from adsfm.serving.engine import FeatureError
+from adsfm.serving.service import Prepared, RankService
 
 logger = logging.getLogger("ray.serve")
 
-TRAFFIC_TAG = "adsfm.traffic"
-"""Registered-model tag holding the champion/challenger split as JSON (Split)."""
-
 Scorer = Callable[[RankService, Prepared], Awaitable[np.ndarray]]
-
-
-@dataclass(frozen=True)
-class Split:
-    """How traffic is shared between the champion and the challenger alias."""
-
-    challenger_pct: float = 0.0
-    """Share of users (sticky) or requests answered by the challenger, 0-100."""
-    shadow: bool = False
-    """The challenger scores a copy of every request; its answer is logged and compared, never returned."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.challenger_pct <= 100.0:
-            raise ValueError(f"challenger_pct={self.challenger_pct}: must be within 0..100")
-
-    @classmethod
-    def from_tag(cls, raw: str | None) -> Split:
-        return cls(**json.loads(raw)) if raw else cls()
-
-    def to_tag(self) -> str:
-        return json.dumps(asdict(self))
 
 
 def bucket(key: str) -> float:
@@ -76,10 +52,10 @@ def top_k_disagreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
 
 class Router:
     """Answers a request with the champion or the challenger by the current Split; falls back to the champion
-    when the challenger fails or misses the deadline, and to the light model (or the champion's late answer)
+    when the challenger fails or misses the deadline, and to the spillover model (or the champion's late answer)
     when the champion itself misses it."""
 
-    def __init__(self, champion: RankService, score: Scorer, *, light: RankService | None = None,
+    def __init__(self, champion: RankService, score: Scorer, *, spillover: RankService | None = None,
                  sticky_field: str | None = "user_id", deadline_ms: float | None = None,
                  report: Callable[[str, bool, float], None] | None = None, seed: int | None = None,
                  shadow_log: str | None = None) -> None:
@@ -88,7 +64,7 @@ class Router:
         self.challenger_error: str | None = None
         """The challenger alias's version when it could not be loaded (its share then falls back to the champion)."""
         self.split = Split()
-        self.light = light
+        self.spillover = spillover
         self.score = score
         self.sticky_field = sticky_field
         self.deadline_ms = deadline_ms
@@ -141,10 +117,10 @@ class Router:
         try:
             scores = await self._within(work, due)
         except TimeoutError:
-            if self.light is not None and main is not self.light:
+            if self.spillover is not None and main is not self.spillover:
                 metrics.FALLBACKS.labels("deadline").inc()
-                lp = self.light.prepare(req)
-                res = self.light.respond(lp, _now(self.light, lp))
+                lp = self.spillover.prepare(req)
+                res = self.spillover.respond(lp, _now(self.spillover, lp))
                 return res.model_copy(update={"fallback": "deadline", "latency_ms": (time.perf_counter() - t0) * 1e3})
             metrics.FALLBACKS.labels("deadline_no_fallback").inc()
             scores = await work  # nothing lighter to answer with: the late answer beats none
@@ -179,7 +155,7 @@ class Router:
             d = top_k_disagreement(champion_scores, scores)
             metrics.SHADOW_DISAGREEMENT.observe(d)
             metrics.SHADOW.labels("disagreed" if d > 0 else "agreed").inc()
-            key = challenger.ranker.manifest.item_column or ""
+            key = challenger.engine.manifest.item_column or ""
             top = [req.candidates[int(i)].get(key, int(i)) for i in np.argsort(-scores, kind="stable")[:10]]
             line = {"at": time.time(), "version": challenger.model_version, "champion": self.champion.model_version,
                     "user": user_key(req.user, self.sticky_field or "user_id"), "top": top, "disagreement": d}
@@ -198,30 +174,4 @@ class Router:
 def _now(service: RankService, p: Prepared) -> np.ndarray:
     """Scored here and now, not through the batch queue: a fallback must not wait behind the work that made
     the request late (ONNX Runtime sessions take concurrent runs)."""
-    return service.ranker.run_many([p.inputs])[0]
-
-
-@dataclass(frozen=True)
-class Traffic:
-    """What the registry says a replica should serve."""
-
-    champion: str | None
-    challenger: str | None
-    split: Split
-
-
-def read_traffic(client: Any, name: str, alias: str = "champion") -> Traffic:
-    """One registry read (MlflowClient `client`): the version `alias` points at and, when that is the
-    champion, the challenger and the split (replicas serving another alias follow it alone)."""
-    from export.registry import CHALLENGER, CHAMPION
-
-    model = client.get_registered_model(name)
-    main, challenger = model.aliases.get(alias), model.aliases.get(CHALLENGER)
-    if alias != CHAMPION:
-        return Traffic(None if main is None else str(main), None, Split())
-    return Traffic(None if main is None else str(main), None if challenger is None else str(challenger),
-                   Split.from_tag(model.tags.get(TRAFFIC_TAG)))
-
-
-def write_split(client: Any, name: str, split: Split) -> None:
-    client.set_registered_model_tag(name, TRAFFIC_TAG, split.to_tag())
+    return service.engine.run_many([p.inputs])[0]

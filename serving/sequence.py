@@ -4,8 +4,6 @@ history; the candidate graph scores any number of candidates against that state.
 
 from __future__ import annotations
 
-import functools
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +12,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from export.manifest import SequenceSpec
-from serving.ranker import FeatureError, TableStore, dequantize, session_options
+from adsfm.contract.features import FeatureError
+from adsfm.contract.manifest import SequenceSpec, bundle_file
+from adsfm.serving.cache import LRU
+from adsfm.serving.engine import TableStore, cache_key, dequantize, session_options
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class SequenceInputs:
     state: UserState
 
 
-class SequenceRanker(TableStore):
+class SequenceEngine(TableStore):
     """Scores candidates for a user from a split bundle (manifest.json, user.onnx, candidate.onnx, tables)."""
 
     def __init__(self, bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000) -> None:
@@ -47,10 +47,11 @@ class SequenceRanker(TableStore):
         self.seq: SequenceSpec = self.manifest.sequence
         opts = session_options(intra_op_threads)
         providers = ["CPUExecutionProvider"]
-        self.user_session = ort.InferenceSession(str(self.bundle / self.seq.user_graph), opts, providers=providers)
-        self.candidate_session = ort.InferenceSession(str(self.bundle / self.seq.candidate_graph), opts, providers=providers)
+        self.user_session = ort.InferenceSession(str(bundle_file(self.bundle, self.seq.user_graph)), opts, providers=providers)
+        self.candidate_session = ort.InferenceSession(str(bundle_file(self.bundle, self.seq.candidate_graph)), opts,
+                                                      providers=providers)
         self.features = {f.name: f for f in self.manifest.sparse}
-        self._state = functools.lru_cache(maxsize=user_cache_size)(self._encode_json)
+        self._state: LRU[UserState] = LRU(user_cache_size)
         # Every item of the store as a candidate token, computed once: requests naming ids gather rows.
         ids = list(self.item_store)
         key = self.manifest.item_column or ""
@@ -107,18 +108,16 @@ class SequenceRanker(TableStore):
         # The cache key is everything the state depends on; a history that ends earlier than the request
         # keeps its key, since only the start token's time of an empty history depends on the request.
         empty = not history_fields[s.history]
-        key = json.dumps([history_fields, context, request_time if empty else None], sort_keys=True, default=str)
-        state = self._state(key)
+        depends = {"history": history_fields, "context": context, "time": request_time if empty else None}
+        state = self._state.get_or_compute(cache_key(depends), lambda: self._encode(history_fields, context, request_time))
         return SequenceInputs(self._candidate_tokens(items), request_time, state)
 
     def _request_time(self, user: dict[str, Any]) -> int:
-        raw = user.get(self.seq.time)
-        if raw is None:
-            return int(time.time())
-        return int(self.rows_of(self.features[self.seq.time], raw, f"user.{self.seq.time}")[0])
+        """The request's time feature; a request that leaves it out is scored at the current time."""
+        rows = self.rows_of(self.features[self.seq.time], user.get(self.seq.time), f"user.{self.seq.time}")
+        return int(rows[0]) if len(rows) else int(time.time())
 
-    def _encode_json(self, key: str) -> UserState:
-        history_fields, context, request_time = json.loads(key)
+    def _encode(self, history_fields: dict[str, Any], context: dict[str, Any], request_time: int) -> UserState:
         s = self.seq
         hist = self.rows_of(self.features[s.history], history_fields[s.history], f"user.{s.history}")
         acts = self.rows_of(self.features[s.actions], history_fields[s.actions], f"user.{s.actions}")
@@ -128,13 +127,13 @@ class SequenceRanker(TableStore):
                                f"{s.times} ({len(times)}) must list the same events, one value each")
         order = np.argsort(times, kind="stable")  # the model reads events oldest first
         ctx = {f: self._one_row(f, context[f], f"user.{f}") for f in s.context_features}
-        return self.encode(hist[order], acts[order], times[order], ctx, int(request_time or 0))
+        return self.encode(hist[order], acts[order], times[order], ctx, request_time)
 
     def item_rows(self, items: list[dict[str, Any]], where: list[int] | None = None) -> dict[str, np.ndarray]:
         """Table rows of each item feature for raw items (store values filled in); `where` numbers them in
         error messages."""
         where = where if where is not None else list(range(len(items)))
-        full = [self.item_features(it) for it in items]
+        full = [self.item_features(it, f"candidates[{w}]") for w, it in zip(where, items, strict=True)]
         return {f: np.array([self._one_row(f, it.get(f), f"candidates[{w}].{f}") for w, it in zip(where, full, strict=True)],
                             dtype=np.int64)
                 for f in self.seq.item_features}
@@ -145,9 +144,8 @@ class SequenceRanker(TableStore):
         return self.item_tokens(self.item_rows(items, where))
 
     def _one_row(self, feature: str, raw: Any, where: str) -> int:
-        """The row of a single-valued feature's raw value; a missing value takes the out-of-vocabulary row 0."""
-        r = self.rows_of(self.features[feature], raw, where)
-        return int(r[0]) if len(r) else 0
+        """The row of a single-valued feature's raw value (a missing value: the missing row)."""
+        return int(self.rows_of(self.features[feature], raw, where)[0])
 
     def _candidate_tokens(self, items: list[dict[str, Any]]) -> np.ndarray:
         out = np.empty((len(items), self.manifest.embedding_dim), np.float32)
@@ -173,4 +171,4 @@ class SequenceRanker(TableStore):
         return out
 
     def user_cache_info(self) -> Any:
-        return self._state.cache_info()
+        return self._state.info()

@@ -1,4 +1,8 @@
-"""Request → response around a Ranker, with the API's validation; Ray-free so tests call it directly."""
+"""Request → response around an engine, with the API's validation; Ray-free so tests call it directly.
+
+The request's schema is the bundle's own (adsfm.contract.request.request_model): a body is parsed and
+validated in one step; a request built in Python (the generic RankRequest) gets the same checks here.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
-from serving.ranker import FeatureError, Ranker
-from serving.schemas import Health, RankRequest, RankResponse, ScoredCandidate
-from serving.sequence import SequenceRanker
+from adsfm.contract.features import FeatureError
+from adsfm.contract.request import (
+    Health,
+    RankRequest,
+    RankResponse,
+    ScoredCandidate,
+    request_errors,
+    request_model,
+)
+from adsfm.serving.engine import DenseGraphEngine
+from adsfm.serving.sequence import SequenceEngine
+
+
+class RequestInvalid(ValueError):
+    """A body that does not match the request schema; `errors` are ErrorDetail dicts (HTTP 422)."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        self.errors = errors
 
 
 @dataclass
@@ -22,14 +43,23 @@ class Prepared:
 
 
 class RankService:
-    def __init__(self, ranker: Ranker | SequenceRanker, model_name: str, model_version: str, max_candidates: int) -> None:
-        self.ranker = ranker
+    def __init__(self, engine: DenseGraphEngine | SequenceEngine, model_name: str, model_version: str, max_candidates: int,
+                 max_values: int = 1000) -> None:
+        self.engine = engine
         self.model_name = model_name
         self.model_version = model_version
         self.max_candidates = max_candidates
-        m = ranker.manifest
+        m = engine.manifest
         self.user_fields = m.request_fields("user")
         self.item_fields = m.request_fields("item")
+        self.request_model: type[BaseModel] = request_model(m.features, max_candidates, max_values)
+
+    def parse(self, body: bytes) -> Any:
+        """A request body, validated against this bundle's request schema in one pass; RequestInvalid (→ 422)."""
+        try:
+            return self.request_model.model_validate_json(body)
+        except ValidationError as e:
+            raise RequestInvalid(request_errors(e)) from None
 
     def validate(self, req: RankRequest) -> None:
         """Names the first offending field; raises FeatureError (→ HTTP 422)."""
@@ -38,7 +68,7 @@ class RankService:
         unknown = sorted(set(req.user) - self.user_fields)
         if unknown:
             raise FeatureError(f"user.{unknown[0]}", f"unknown user feature; known: {sorted(self.user_fields)}")
-        key = self.ranker.manifest.item_column
+        key = self.engine.manifest.item_column
         for i, c in enumerate(req.candidates):
             extra = sorted(set(c) - self.item_fields)
             if extra:
@@ -50,7 +80,7 @@ class RankService:
         """Validate and featurize: the dense graph's inputs for this request, ready to batch with others."""
         t0 = time.perf_counter()
         self.validate(req)
-        return Prepared(req, self.ranker.inputs(dict(req.user), [dict(c) for c in req.candidates]), t0)
+        return Prepared(req, self.engine.inputs(dict(req.user), [dict(c) for c in req.candidates]), t0)
 
     def respond(self, p: Prepared, scores: np.ndarray) -> RankResponse:
         order = np.argsort(-scores, kind="stable")
@@ -65,7 +95,7 @@ class RankService:
     def rank(self, req: RankRequest) -> RankResponse:
         """One request on its own (no cross-request batching)."""
         p = self.prepare(req)
-        return self.respond(p, self.ranker.run_many([p.inputs])[0])
+        return self.respond(p, self.engine.run_many([p.inputs])[0])
 
     def health(self) -> Health:
         return Health(status="ok", model_name=self.model_name, model_version=self.model_version)
@@ -75,8 +105,8 @@ def run_grouped(items: list[tuple[Any, Any]]) -> list[np.ndarray | Exception]:
     """One engine call per model version in the batch; a version that fails fails only its own requests."""
     out: list[np.ndarray | Exception | None] = [None] * len(items)
     by_ranker: dict[int, list[int]] = {}
-    for i, (ranker, _) in enumerate(items):
-        by_ranker.setdefault(id(ranker), []).append(i)  # a reload mid-batch: each request keeps its version
+    for i, (engine, _) in enumerate(items):
+        by_ranker.setdefault(id(engine), []).append(i)  # a reload mid-batch: each request keeps its version
     for idx in by_ranker.values():
         try:
             results: list[np.ndarray | Exception] = list(items[idx[0]][0].run_many([items[i][1] for i in idx]))

@@ -31,8 +31,7 @@ def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_cfg(run_root: Path) -> Any:
-    from training.config import compose
-    from training.job import as_config
+    from adsfm.contract.config import as_config, compose
 
     return as_config(
         compose([f"run_root={run_root}", "train.batch_size=256", "train.epochs=1", "parallel=single", "train.progress=false"])
@@ -41,7 +40,7 @@ def small_cfg(run_root: Path) -> Any:
 
 @pytest.fixture(scope="session")
 def features(small_cfg: Any) -> Any:
-    from training.data import load_features
+    from adsfm.training.data import load_features
 
     return load_features(small_cfg.data)
 
@@ -49,10 +48,10 @@ def features(small_cfg: Any) -> Any:
 @pytest.fixture(scope="session")
 def trained(small_cfg: Any, features: Any, run_root: Path) -> dict[str, Any]:
     """A DLRM trained single-process for one epoch, checkpointed with DCP and exported (parity-checked)."""
-    from export.bundle import export_bundle
-    from training.checkpoint import save_checkpoint
-    from training.local import train_local
-    from training.loop import evaluate
+    from adsfm.export.bundle import export_bundle
+    from adsfm.training.checkpoint import save_checkpoint
+    from adsfm.training.local import train_local
+    from adsfm.training.loop import evaluate
 
     model = train_local(small_cfg, features)
     ckpt = save_checkpoint(model, run_root / "fixture" / "checkpoints" / "step_1")

@@ -1,10 +1,10 @@
 """Datasets → feature arrays → TorchRec batches.
 
-A source (MovieLens-100k, any CSV/parquet file, or a synthetic Zipf generator) yields one pandas frame; the
-featurizer turns it into a `FeatureSet`: standardised dense columns, jagged sparse columns as (values,
-lengths) over table rows (row 0 of every table is the out-of-vocabulary row), labels, and a per-user time
-split. Vocabularies and normalisation come from the training rows only, and are what the export manifest
-carries to serving.
+A source (MovieLens-100k, any CSV/parquet file, or a synthetic Zipf generator) yields one pandas frame;
+`featurize` turns it into a `FeatureSet`: the feature spec learnt from the training rows (vocabularies,
+normalisation: what the export manifest carries to serving), then every row through that spec with the one
+feature contract (adsfm.contract.features): jagged sparse columns as (rows, lengths), the dense input,
+labels, and a per-user time split.
 """
 
 from __future__ import annotations
@@ -27,12 +27,28 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from export.manifest import stable_hash
-from training.config import DataConfig, DenseFeature, SparseFeature
+from adsfm.contract.config import DataConfig, DataSource, DenseFeature, SparseFeature, typed
+from adsfm.contract.features import (
+    DenseFeatureSpec,
+    FeatureError,
+    FeatureSpec,
+    Featurizer,
+    HistorySpec,
+    SparseFeatureSpec,
+    TableSpec,
+    count_keys,
+    dense_stats,
+    hashed_table,
+    is_missing,
+    key_of,
+    labels,
+    timestamps,
+    vocabulary_table,
+)
 
 MOVIELENS_WHEEL = "recbole==1.2.1"
 MOVIELENS_FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item")
-FEATURE_FORMAT = 3  # bump when featurize() changes what it writes, so stale caches are rebuilt
+FEATURE_FORMAT = 5  # bump when featurize() changes what it writes, so stale caches are rebuilt
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -84,13 +100,17 @@ def load_movielens_frame(cache_dir: Path) -> pd.DataFrame:
     return df
 
 
-def load_tabular_frame(path: str) -> pd.DataFrame:
+def load_tabular_frame(path: str, cfg: DataConfig | None = None) -> pd.DataFrame:
+    """A CSV (any delimiter) or parquet file. CSV cells are text: the declared categorical columns are read
+    as strings, so "007" stays "007"; an empty cell, or one of data.na_values, is missing."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"data.path={path!r} does not exist; point it at a CSV or parquet file")
     if p.suffix in (".parquet", ".pq"):
         return pd.read_parquet(p)
-    return pd.read_csv(p, sep=None, engine="python", keep_default_na=False)
+    text = [f.column or f.name for f in cfg.sparse] if cfg else []
+    na = ["", *(cfg.na_values if cfg else [])]
+    return pd.read_csv(p, sep=None, engine="python", keep_default_na=False, na_values=na, dtype=dict.fromkeys(text, str))
 
 
 def synthetic_frame(cfg: DataConfig) -> pd.DataFrame:
@@ -137,10 +157,8 @@ def synthetic_features(cfg: DataConfig) -> DataConfig:
     """The generator's columns as features, unless the config declares its own."""
     if cfg.sparse:
         return cfg
-    from omegaconf import OmegaConf
-
     s = cfg.synthetic
-    out: DataConfig = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)  # type: ignore[assignment]
+    out = typed(DataConfig, cfg)
     out.sparse = [
         SparseFeature(name=f"cat_{t}", hash_buckets=s.rows, multi=s.pooling_factor > 1) for t in range(s.num_tables)
     ]
@@ -152,35 +170,19 @@ def synthetic_features(cfg: DataConfig) -> DataConfig:
 
 
 @dataclass
-class Vocab:
-    """Raw value → table row. Row 0 is reserved for values never seen in training (and for hashing misses)."""
-
-    hash_buckets: int = 0
-    tokens: list[str] = field(default_factory=list)
-
-    @property
-    def rows(self) -> int:
-        return (self.hash_buckets or len(self.tokens)) + 1
-
-    def lookup(self, values: list[str]) -> np.ndarray:
-        if self.hash_buckets:
-            return np.array([stable_hash(v, self.hash_buckets) + 1 for v in values], dtype=np.int64)
-        index = {t: i + 1 for i, t in enumerate(self.tokens)}
-        return np.array([index.get(v, 0) for v in values], dtype=np.int64)
-
-
-@dataclass
 class FeatureSet:
-    """Model-ready arrays for every row, plus what is needed to featurize a request the same way."""
+    """Model-ready arrays for every row, plus the spec that featurizes a request the same way."""
 
-    dense: np.ndarray  # [N, n_dense] float32, standardised
-    sparse: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (values int64, lengths int32)
+    dense: np.ndarray  # [N, len(spec.dense_inputs())] float32, standardised
+    sparse: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (rows int64, lengths int32)
     labels: np.ndarray  # [N] float32
     train_idx: np.ndarray
     holdout_idx: np.ndarray
-    users: np.ndarray | None  # [N] raw user ids (for split checks and serving examples)
-    times: np.ndarray | None
-    spec: dict[str, Any]  # JSON-able: features, tables, vocabularies, normalisation, item store
+    users: np.ndarray | None  # [N] user keys (for split checks and serving examples)
+    times: np.ndarray | None  # [N] int64 seconds
+    spec: FeatureSpec
+    item_store: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Raw item-side values by item id (the latest row of each item), so a request may send only ids."""
 
     @property
     def sparse_names(self) -> list[str]:
@@ -191,7 +193,7 @@ class FeatureSet:
         lengths, values = [], []
         for name in self.sparse:
             v, ln = self.sparse[name]
-            offsets = self._offsets(name)
+            offsets = self.offsets(name)
             sel_len = ln[idx]
             starts = offsets[idx]
             total = int(sel_len.sum())
@@ -209,72 +211,95 @@ class FeatureSet:
             labels=torch.from_numpy(self.labels[idx]),
         )
 
-    def _offsets(self, name: str) -> np.ndarray:
+    def offsets(self, name: str) -> np.ndarray:
+        """Where each row's values of a jagged feature start."""
         cache = self.__dict__.setdefault("_offset_cache", {})
         if name not in cache:
             ln = self.sparse[name][1]
             cache[name] = np.concatenate([[0], np.cumsum(ln)[:-1]]).astype(np.int64)
         return cache[name]
 
+    def row_values(self, row: int, name: str) -> np.ndarray:
+        """One row's values of a (jagged) feature."""
+        values, lengths = self.sparse[name]
+        start = self.offsets(name)[row]
+        return values[start : start + lengths[row]]
+
 
 def _column(f: SparseFeature | DenseFeature) -> str:
     return f.column or f.name
 
 
-def add_history(df: pd.DataFrame, cfg: DataConfig, keep: np.ndarray | None = None) -> pd.DataFrame:
-    """Each row's most recent items of the same user with strictly earlier timestamps (no leakage); with
-    `actions_name` / `times_name`, also those events' label values and timestamps, in step. With `keep`,
-    only those rows are returned (the others still count as history)."""
-    h = cfg.history
-    if h.length <= 0 or h.name in df.columns:
-        return df if keep is None else df[keep].reset_index(drop=True)
-    if not (cfg.user_column and cfg.time_column and cfg.item_column):
-        raise ValueError("data.history.length > 0 needs data.user_column, data.time_column and data.item_column")
-    if keep is not None:
-        df = df.assign(_keep=keep)
-    df = df.sort_values([cfg.user_column, cfg.time_column], kind="stable").reset_index(drop=True)
-    kept = df.pop("_keep").to_numpy() if keep is not None else np.ones(len(df), dtype=bool)
-    labels = _labels(df, cfg)
-    raw_labels = pd.to_numeric(df[cfg.label]).to_numpy()
-    actions_all = np.array([f"{v:g}" for v in raw_labels]) if h.actions_name else None
-    times_all = df[cfg.time_column].to_numpy()
-    items_all = df[cfg.item_column].to_numpy().astype(str)
-    columns: dict[str, list[str]] = {n: [""] * len(df) for n in (h.name, h.positive_name, h.actions_name, h.times_name) if n}
-    order = slice(None) if h.chronological else slice(None, None, -1)
-    for _, rows in df.groupby(cfg.user_column, sort=False).indices.items():
-        times = times_all[rows]
-        items = items_all[rows]
-        liked = labels[rows] > 0
-        stamps = times.astype(np.int64).astype(str)
-        acts = actions_all[rows] if actions_all is not None else None
-        # rows are time-sorted: events before index `first` of a timestamp are strictly earlier.
-        first = np.searchsorted(times, times, side="left")
-        for k, r in enumerate(rows):
-            if not kept[r]:
-                continue
-            lo, hi = max(0, first[k] - h.length), first[k]
-            columns[h.name][r] = "|".join(items[lo:hi][order])
-            if h.positive_name:
-                earlier_liked = items[:hi][liked[:hi]]
-                columns[h.positive_name][r] = "|".join(earlier_liked[-h.length :][order])
-            if acts is not None and h.actions_name:
-                columns[h.actions_name][r] = "|".join(acts[lo:hi][order])
-            if h.times_name:
-                columns[h.times_name][r] = "|".join(stamps[lo:hi][order])
-    for name, col in columns.items():
-        df[name] = col
-    return df if keep is None else df[kept].reset_index(drop=True)
+def user_keys(df: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
+    """Each row's user key; a row whose user is missing is a user of its own (no history, no holdout)."""
+    assert cfg.user_column
+    na = frozenset(cfg.na_values)
+    return np.array([f"\x00row{i}" if is_missing(v, na) else key_of(v, f"data.user_column={cfg.user_column!r}")
+                     for i, v in enumerate(df[cfg.user_column].tolist())], dtype=object)
 
 
 def _labels(df: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
     if cfg.label not in df.columns:
         raise ValueError(f"data.label={cfg.label!r} is not a column; columns: {list(df.columns)[:20]}")
-    col = pd.to_numeric(df[cfg.label], errors="coerce")
-    if col.isna().any():
-        raise ValueError(f"data.label={cfg.label!r} has non-numeric values")
-    if cfg.label_threshold is not None:
-        return (col.to_numpy() >= cfg.label_threshold).astype(np.float32)
-    return col.to_numpy().astype(np.float32)
+    return labels(df[cfg.label], cfg.label, cfg.label_threshold, cfg.label_positive, frozenset(cfg.na_values))
+
+
+def _times(df: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
+    assert cfg.time_column
+    if cfg.time_column not in df.columns:
+        raise ValueError(f"data.time_column={cfg.time_column!r} is not a column; columns: {list(df.columns)[:20]}")
+    return timestamps(df[cfg.time_column], cfg.time_column, frozenset(cfg.na_values))
+
+
+def add_history(df: pd.DataFrame, cfg: DataConfig, keep: np.ndarray | None = None) -> pd.DataFrame:
+    """Each row's most recent items of the same user with strictly earlier timestamps (no leakage), as a
+    list of item keys; with `actions_name` / `times_name`, also those events' label values and timestamps,
+    in step. Events whose item is missing are left out. With `keep`, only those rows are returned (the
+    others still count as history)."""
+    h = cfg.history
+    if h.length <= 0 or h.name in df.columns:
+        return df if keep is None else df[keep].reset_index(drop=True)
+    if not (cfg.user_column and cfg.time_column and cfg.item_column):
+        raise ValueError("data.history.length > 0 needs data.user_column, data.time_column and data.item_column")
+    df = df.assign(_user=user_keys(df, cfg), _time=_times(df, cfg))
+    if keep is not None:
+        df = df.assign(_keep=keep)
+    df = df.sort_values(["_user", "_time"], kind="stable").reset_index(drop=True)
+    kept = df.pop("_keep").to_numpy() if keep is not None else np.ones(len(df), dtype=bool)
+    user_col, times_all = df.pop("_user").to_numpy(), df.pop("_time").to_numpy()
+    liked_all = _labels(df, cfg) > 0
+    na = frozenset(cfg.na_values)
+    where = f"data.item_column={cfg.item_column!r}"
+    items_all = np.array([None if is_missing(v, na) else key_of(v, where) for v in df[cfg.item_column].tolist()], dtype=object)
+    actions_all = None
+    if h.actions_name:
+        raw = pd.to_numeric(df[cfg.label], errors="coerce").to_numpy()
+        actions_all = np.array([f"{v:g}" for v in raw], dtype=object)
+    names = [n for n in (h.name, h.positive_name, h.actions_name, h.times_name) if n]
+    columns: dict[str, list[list[Any]]] = {n: [[] for _ in range(len(df))] for n in names}
+    order = slice(None) if h.chronological else slice(None, None, -1)
+    for rows in pd.Series(np.arange(len(df))).groupby(user_col, sort=False).indices.values():
+        times = times_all[rows]
+        present = np.array([i is not None for i in items_all[rows]], bool)
+        items, liked = items_all[rows], liked_all[rows]
+        # rows are time-sorted: events before index `first` of a timestamp are strictly earlier.
+        first = np.searchsorted(times, times, side="left")
+        for k, r in enumerate(rows):
+            if not kept[r]:
+                continue
+            earlier = np.flatnonzero(present[: first[k]])
+            recent = earlier[-h.length :][order]
+            columns[h.name][r] = items[recent].tolist()
+            if h.positive_name:
+                good = earlier[liked[earlier]][-h.length :][order]
+                columns[h.positive_name][r] = items[good].tolist()
+            if actions_all is not None and h.actions_name:
+                columns[h.actions_name][r] = actions_all[rows][recent].tolist()
+            if h.times_name:
+                columns[h.times_name][r] = times[recent].tolist()
+    for name, col in columns.items():
+        df[name] = pd.Series(col, index=df.index, dtype=object)
+    return df if keep is None else df[kept].reset_index(drop=True)
 
 
 def split_by_user_time(df: pd.DataFrame, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -286,8 +311,8 @@ def split_by_user_time(df: pd.DataFrame, cfg: DataConfig) -> tuple[np.ndarray, n
         k = int(round(len(df) * (1 - cfg.holdout_fraction)))
         return np.sort(perm[:k]), np.sort(perm[k:])
     is_hold = np.zeros(len(df), dtype=bool)
-    times_all = df[cfg.time_column].to_numpy()
-    for _, rows in df.groupby(cfg.user_column, sort=False).indices.items():
+    times_all = _times(df, cfg)
+    for rows in pd.Series(np.arange(len(df))).groupby(user_keys(df, cfg), sort=False).indices.values():
         t = np.sort(times_all[rows])
         n_train = len(t) - int(np.ceil(cfg.holdout_fraction * len(t)))
         if n_train <= 0:
@@ -296,139 +321,111 @@ def split_by_user_time(df: pd.DataFrame, cfg: DataConfig) -> tuple[np.ndarray, n
     return np.flatnonzero(~is_hold), np.flatnonzero(is_hold)
 
 
-def _split_values(series: pd.Series, f: SparseFeature) -> list[list[str]]:
-    raw = series.astype(str).tolist()
-    if not f.multi:
-        return [[v] for v in raw]
-    return [[t for t in v.split(f.sep) if t] for v in raw]
+def learn_spec(df: pd.DataFrame, cfg: DataConfig, train_idx: np.ndarray) -> FeatureSpec:
+    """The feature spec from the training rows: each table's vocabulary (or hashing), each dense feature's
+    mean and std. Features naming the same table share one vocabulary built from all of their values."""
+    if not cfg.sparse:
+        raise ValueError("data.sparse is empty: declare at least one sparse feature")
+    declared: list[SparseFeature | DenseFeature] = [*cfg.sparse, *cfg.dense]
+    for f in declared:
+        if _column(f) not in df.columns:
+            raise ValueError(f"data feature {f.name!r}: column {_column(f)!r} not in the data; columns: {list(df.columns)[:30]}")
+    na = frozenset(cfg.na_values)
+    train = df.iloc[train_idx]
+    tables: dict[str, TableSpec] = {}
+    groups: dict[str, list[SparseFeature]] = {}
+    for f in cfg.sparse:
+        if not f.raw:
+            groups.setdefault(f.table or f.name, []).append(f)
+    for table, feats in groups.items():
+        first = feats[0]  # a shared table takes its first feature's pooling and hashing
+        counts: dict[str, int] = {}
+        missing = 0
+        for f in feats:
+            where = f"data.sparse[{f.name}] (column {_column(f)!r})"
+            n_missing = count_keys(train[_column(f)], f.multi, f.sep, na, where, counts)
+            missing += 0 if f.multi else n_missing  # a missing bag is empty: it takes no row
+        if first.hash_buckets:
+            tables[table] = hashed_table(first.hash_buckets, first.pooling, missing > 0)
+        else:
+            tables[table] = vocabulary_table(counts, first.min_count, first.pooling, missing > 0)
+    numbers = Featurizer(FeatureSpec(sparse=[], na_values=list(cfg.na_values))).numbers
+    dense = []
+    for d in cfg.dense:
+        try:
+            x = numbers(train[_column(d)], f"data.dense[{d.name}] (column {_column(d)!r})")
+        except FeatureError as e:
+            raise ValueError(f"{e}; declare it under data.sparse if it is categorical") from None
+        dense.append(dense_stats(d.name, d.column, d.side, d.log1p, x, d.missing_indicator))
+    h = cfg.history
+    return FeatureSpec(
+        sparse=[SparseFeatureSpec(name=f.name, column=f.column, table=None if f.raw else f.table or f.name, multi=f.multi,
+                                  sep=f.sep, side=f.side, raw=f.raw)  # type: ignore[arg-type]
+                for f in cfg.sparse],
+        dense=dense, tables=tables, item_column=cfg.item_column, user_column=cfg.user_column,
+        history=HistorySpec(name=h.name, positive_name=h.positive_name, length=h.length, actions_name=h.actions_name,
+                            times_name=h.times_name, chronological=h.chronological),
+        na_values=list(cfg.na_values),
+    )
+
+
+def featurize_frame(df: pd.DataFrame, spec: FeatureSpec) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Every row of a raw frame through the contract: (dense input, {feature: (rows, lengths)})."""
+    fz = Featurizer(spec)
+    sparse = {}
+    for f in spec.sparse:
+        try:
+            sparse[f.name] = fz.sparse_column(f, df[f.source], f"data.sparse[{f.name}] (column {f.source!r})")
+        except FeatureError as e:
+            raise ValueError(str(e)) from None
+    try:
+        dense = fz.dense_matrix({d.name: df[d.source] for d in spec.dense}, len(df), "data.dense.")
+    except FeatureError as e:
+        raise ValueError(f"{e}; declare it under data.sparse if it is categorical") from None
+    return dense, sparse
 
 
 def featurize(df: pd.DataFrame, cfg: DataConfig) -> FeatureSet:
     """Frame (with history columns, see load_frame) → FeatureSet. Vocabularies and normalisation
     statistics come from training rows only."""
-    if not cfg.sparse:
-        raise ValueError("data.sparse is empty: declare at least one sparse feature")
-    all_features: list[SparseFeature | DenseFeature] = [*cfg.sparse, *cfg.dense]
-    for f in all_features:
-        if _column(f) not in df.columns:
-            raise ValueError(f"data feature {f.name!r}: column {_column(f)!r} not in the data; columns: {list(df.columns)[:30]}")
-        if f.side not in ("user", "item"):
-            raise ValueError(f"data feature {f.name!r}: side={f.side!r}, use 'user' or 'item'")
-    labels = _labels(df, cfg)
     train_idx, holdout_idx = split_by_user_time(df, cfg)
-
-    # Tables: features naming the same table share a vocabulary built from all of their training values.
-    tables: dict[str, list[SparseFeature]] = {}
-    for f in cfg.sparse:
-        if not f.raw:
-            tables.setdefault(f.table or f.name, []).append(f)
-    split_cache = {f.name: _split_values(df[_column(f)], f) for f in cfg.sparse}
-    vocabs: dict[str, Vocab] = {}
-    for table, feats in tables.items():
-        first = feats[0]
-        if first.hash_buckets:
-            vocabs[table] = Vocab(hash_buckets=first.hash_buckets)
-            continue
-        counts: dict[str, int] = {}
-        for f in feats:
-            vals = split_cache[f.name]
-            for i in train_idx:
-                for v in vals[i]:
-                    counts[v] = counts.get(v, 0) + 1
-        tokens = sorted(t for t, c in counts.items() if c >= first.min_count)
-        vocabs[table] = Vocab(tokens=tokens)
-
-    sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for f in cfg.sparse:
-        vals = split_cache[f.name]
-        lengths = np.array([len(v) for v in vals], dtype=np.int32)
-        flat = [t for v in vals for t in v]
-        sparse[f.name] = (raw_values(flat, f.name) if f.raw else vocabs[f.table or f.name].lookup(flat), lengths)
-
-    dense_cols, dense_stats = [], []
-    for d in cfg.dense:
-        x = pd.to_numeric(df[_column(d)], errors="coerce").to_numpy(dtype=np.float64)
-        stat = dense_stat(d, x[train_idx])
-        x = np.log1p(np.maximum(x, 0)) if d.log1p else x
-        dense_cols.append(np.nan_to_num((x - stat["mean"]) / stat["std"], nan=0.0))
-        dense_stats.append(stat)
-    dense = np.stack(dense_cols, axis=1).astype(np.float32) if dense_cols else np.zeros((len(df), 0), np.float32)
-    spec = feature_spec(cfg, dense_stats, vocabs, _item_store(df, cfg))
+    spec = learn_spec(df, cfg, train_idx)
+    dense, sparse = featurize_frame(df, spec)
     return FeatureSet(
         dense=dense,
         sparse=sparse,
-        labels=labels,
+        labels=_labels(df, cfg),
         train_idx=train_idx,
         holdout_idx=holdout_idx,
-        users=df[cfg.user_column].to_numpy() if cfg.user_column else None,
-        times=df[cfg.time_column].to_numpy() if cfg.time_column else None,
+        users=user_keys(df, cfg).astype(str) if cfg.user_column else None,
+        times=_times(df, cfg) if cfg.time_column else None,
         spec=spec,
+        item_store=_item_store(df, cfg),
     )
 
 
-def raw_values(tokens: list[str], name: str) -> np.ndarray:
-    """A raw feature's integer values (timestamps), with the feature named if one is not an integer."""
-    try:
-        return np.array([int(float(t)) for t in tokens], dtype=np.int64)
-    except ValueError as e:
-        raise ValueError(f"feature {name!r} is raw (integers used as they are) but has a non-integer value: {e}") from e
-
-
-def dense_stat(d: DenseFeature, x: np.ndarray) -> dict[str, Any]:
-    """A dense feature's spec entry: its transform and the mean and std of raw values `x` after it
-    (missing values ignored; a column with none present standardises to itself)."""
-    if d.log1p:
-        x = np.log1p(np.maximum(x, 0))
-    present = np.isfinite(x).any()
-    mean = float(np.nanmean(x)) if present else 0.0
-    std = (float(np.nanstd(x)) if present else 1.0) or 1.0
-    return {"name": d.name, "column": _column(d), "side": d.side, "log1p": d.log1p, "mean": mean, "std": std}
-
-
-def feature_spec(cfg: DataConfig, dense_stats: list[dict[str, Any]], vocabs: dict[str, Vocab],
-                 item_store: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The JSON-able spec that the model, the export manifest and serving read: features, tables,
-    vocabularies and normalisation."""
-    first: dict[str, SparseFeature] = {}
-    for f in cfg.sparse:
-        if not f.raw:
-            first.setdefault(f.table or f.name, f)  # a shared table takes its first feature's pooling
-    return {
-        "sparse": [
-            {"name": f.name, "column": _column(f), "table": None if f.raw else f.table or f.name, "multi": f.multi,
-             "sep": f.sep, "side": f.side, "raw": f.raw}
-            for f in cfg.sparse
-        ],
-        "dense": dense_stats,
-        "tables": {
-            t: {"rows": vocabs[t].rows, "pooling": f.pooling, "hash_buckets": vocabs[t].hash_buckets, "vocab": vocabs[t].tokens}
-            for t, f in first.items()
-        },
-        "item_column": cfg.item_column,
-        "user_column": cfg.user_column,
-        "history": {"name": cfg.history.name, "positive_name": cfg.history.positive_name, "length": cfg.history.length,
-                    "actions_name": cfg.history.actions_name, "times_name": cfg.history.times_name,
-                    "chronological": cfg.history.chronological},
-        "item_store": item_store,
-    }
-
-
 def _item_store(df: pd.DataFrame, cfg: DataConfig) -> dict[str, dict[str, Any]]:
-    """Raw item-side feature values by item id, so a request may send only item ids."""
+    """Raw item-side feature values by item key (the item's latest row), so a request may send only ids."""
     if not cfg.item_column:
         return {}
-    all_features: list[SparseFeature | DenseFeature] = [*cfg.sparse, *cfg.dense]
-    cols = {f.name: _column(f) for f in all_features if f.side == "item"}
+    declared: list[SparseFeature | DenseFeature] = [*cfg.sparse, *cfg.dense]
+    cols = {f.name: _column(f) for f in declared if f.side == "item"}
     if not cols:
         return {}
-    last = df.drop_duplicates(cfg.item_column, keep="last")
+    na = frozenset(cfg.na_values)
     out: dict[str, dict[str, Any]] = {}
-    for rec in last[list(dict.fromkeys([cfg.item_column, *cols.values()]))].to_dict("records"):
-        out[str(rec[cfg.item_column])] = {name: _jsonable(rec[col]) for name, col in cols.items()}
+    for rec in df[list(dict.fromkeys([cfg.item_column, *cols.values()]))].to_dict("records"):
+        item = rec[cfg.item_column]
+        if not is_missing(item, na):
+            out[key_of(item, f"data.item_column={cfg.item_column!r}")] = {name: _jsonable(rec[col], na) for name, col in cols.items()}
     return out
 
 
-def _jsonable(v: Any) -> Any:
+def _jsonable(v: Any, na: frozenset[str]) -> Any:
+    if isinstance(v, list | tuple | np.ndarray):
+        return [_jsonable(x, na) for x in v]
+    if is_missing(v, na):
+        return None
     if isinstance(v, np.generic):
         return v.item()
     return v
@@ -442,10 +439,10 @@ def data_fingerprint(cfg: DataConfig) -> str:
 
     blob = json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False), sort_keys=True, default=str)
     blob += f"format={FEATURE_FORMAT}"
-    if cfg.source == "tabular" and cfg.path and Path(cfg.path).exists():
+    if cfg.source == DataSource.tabular and cfg.path and Path(cfg.path).exists():
         blob += hashlib.sha256(Path(cfg.path).read_bytes()).hexdigest()
-    if cfg.source == "criteo":  # terabytes are not hashed: names, sizes and modification times stand for them
-        from training.stream import resolve
+    if cfg.source == DataSource.criteo:  # terabytes are not hashed: names, sizes and modification times stand for them
+        from adsfm.training.stream import resolve
 
         for field_name in ("paths", "holdout_paths"):
             for f in resolve(list(getattr(cfg.stream, field_name)), f"stream.{field_name}"):
@@ -454,27 +451,37 @@ def data_fingerprint(cfg: DataConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+_FRAMES: dict[str, tuple[pd.DataFrame, DataConfig]] = {}
+
+
 def load_frame(cfg: DataConfig) -> tuple[pd.DataFrame, DataConfig]:
-    """The source's raw frame, with history columns, in FeatureSet row order; and the effective config."""
+    """The source's raw frame, with history columns, in FeatureSet row order; and the effective config.
+    Kept for the process (the last one asked for): export and the gate read the same frame; do not modify it."""
+    key = data_fingerprint(cfg)
+    if key not in _FRAMES:
+        _FRAMES.clear()
+        _FRAMES[key] = _build_frame(cfg)
+    return _FRAMES[key]
+
+
+def _build_frame(cfg: DataConfig) -> tuple[pd.DataFrame, DataConfig]:
     cache = Path(cfg.cache_dir).expanduser()
-    if cfg.source == "movielens":
+    if cfg.source == DataSource.movielens:
         df = load_movielens_frame(cache)
-    elif cfg.source == "tabular":
+    elif cfg.source == DataSource.tabular:
         if not cfg.path:
             raise ValueError("data.source=tabular needs data.path (a CSV or parquet file)")
-        df = load_tabular_frame(cfg.path)
-    elif cfg.source == "synthetic" and cfg.synthetic.events_per_user > 0:
+        df = load_tabular_frame(cfg.path, cfg)
+    elif cfg.source == DataSource.synthetic and cfg.synthetic.events_per_user > 0:
         df, keep = synthetic_events(cfg)
         return add_history(df, cfg, keep), cfg
-    elif cfg.source == "synthetic":
+    elif cfg.source == DataSource.synthetic:
         df = synthetic_frame(cfg)
         cfg = synthetic_features(cfg)
-    elif cfg.source == "criteo":  # training rows are streamed by the workers; the frame is the holdout sample
-        from training.stream import criteo_data_config, criteo_holdout_frame
+    else:  # criteo: training rows are streamed by the workers; the frame is the holdout sample
+        from adsfm.training.stream import criteo_data_config, criteo_holdout_frame
 
         return criteo_holdout_frame(cfg), criteo_data_config(cfg)
-    else:
-        raise ValueError(f"data.source={cfg.source!r}: use 'movielens', 'tabular', 'synthetic' or 'criteo'")
     return add_history(df, cfg), cfg
 
 
@@ -485,26 +492,33 @@ def load_features(cfg: DataConfig) -> FeatureSet:
     path = cache / "features" / f"{cfg.source}-{key}"
     if (path / "done").exists():
         return _load_cached(path)
-    if cfg.source == "criteo":
-        from training.stream import criteo_features
+    if cfg.source == DataSource.criteo:
+        from adsfm.training.stream import criteo_features
 
         fs = criteo_features(cfg)
     else:
         df, cfg = load_frame(cfg)
         fs = featurize(df, cfg)
-    fs.spec["fingerprint"] = key
+    fs.spec.fingerprint = key
     _save_cached(fs, path)
     return fs
 
 
-def example_request(df: pd.DataFrame, spec: dict[str, Any], row: int, candidates: list[str]) -> dict[str, Any]:
-    """A ranking request for the user and moment of `row` (raw values, as a service would send them)."""
+def example_request(df: pd.DataFrame, spec: FeatureSpec, row: int, candidates: list[str]) -> dict[str, Any]:
+    """A ranking request for the user and moment of `row` (raw values, as a service would send them: lists
+    for multi-valued features; missing values left out)."""
+    na = frozenset(spec.na_values)
     user: dict[str, Any] = {}
-    for f in [*spec["sparse"], *spec["dense"]]:
-        if f["side"] == "user":
-            v = df[f["column"]].iloc[row]
-            user[f["name"]] = [t for t in v.split(f.get("sep", "|")) if t] if f.get("multi") else _jsonable(v)
-    key = spec["item_column"]
+    features: list[SparseFeatureSpec | DenseFeatureSpec] = [*spec.sparse, *spec.dense]
+    for f in features:
+        if f.side == "user":
+            v = df[f.source].iloc[row]
+            if isinstance(f, SparseFeatureSpec) and f.multi and isinstance(v, str):
+                v = [t for t in v.split(f.sep) if t]
+            if not isinstance(v, list) and is_missing(v, na):
+                continue
+            user[f.name] = _jsonable(v, na)
+    key = spec.item_column
     return {"user": user, "candidates": [{key: c} for c in candidates]}
 
 
@@ -522,7 +536,8 @@ def _save_cached(fs: FeatureSet, path: Path) -> None:
         arrays[f"sv__{name}"] = v
         arrays[f"sl__{name}"] = ln
     np.savez(tmp / "arrays.npz", **arrays)  # type: ignore[arg-type]
-    (tmp / "spec.json").write_text(json.dumps(fs.spec))
+    (tmp / "spec.json").write_text(fs.spec.model_dump_json())
+    (tmp / "item_store.json").write_text(json.dumps(fs.item_store))
     (tmp / "done").write_text("")
     try:
         tmp.rename(path)  # atomic: a concurrent builder (another worker) either wins or finds it done
@@ -531,18 +546,18 @@ def _save_cached(fs: FeatureSet, path: Path) -> None:
 
 
 def _load_cached(path: Path) -> FeatureSet:
-    spec = json.loads((path / "spec.json").read_text())
+    spec = FeatureSpec.model_validate_json((path / "spec.json").read_text())
     z = np.load(path / "arrays.npz", allow_pickle=False)
-    names = [f["name"] for f in spec["sparse"]]
     return FeatureSet(
         dense=z["dense"],
-        sparse={n: (z[f"sv__{n}"], z[f"sl__{n}"]) for n in names},
+        sparse={f.name: (z[f"sv__{f.name}"], z[f"sl__{f.name}"]) for f in spec.sparse},
         labels=z["labels"],
         train_idx=z["train_idx"],
         holdout_idx=z["holdout_idx"],
         users=z.get("users", None),
         times=z.get("times", None),
         spec=spec,
+        item_store=json.loads((path / "item_store.json").read_text()),
     )
 
 

@@ -6,18 +6,20 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
-from parallel.config import dense_degrees, validate_parallel
-from parallel.plan import table_names
-from parallel.shard import check_dlrm_tp, check_hstu_tp
-from training.config import AdsfmConfig
-from training.data import data_fingerprint, load_features
-from training.models import build_model
-from training.sweep import PARENT_ENV
-from training.tracking import ensure_experiment, tracking_uri
+from adsfm.contract.cluster import init_ray_for
+from adsfm.contract.config import AdsfmConfig, DataSource, as_config, to_plain
+from adsfm.contract.features import FeatureSpec
+from adsfm.contract.tracking import ensure_experiment, tracking_uri
+from adsfm.parallel.config import dense_degrees, validate_parallel
+from adsfm.parallel.dense_plan import SparseDenseModel
+from adsfm.parallel.plan import table_names
+from adsfm.training.data import data_fingerprint, load_features
+from adsfm.training.models import build_model
+from adsfm.training.sweep import PARENT_ENV
 
 
 @dataclass
@@ -30,14 +32,7 @@ class TrainResult:
     raw: dict[str, Any]
 
 
-def as_config(cfg: DictConfig | AdsfmConfig) -> AdsfmConfig:
-    """The composed config on the typed schema (a misspelt key fails here)."""
-    merged = OmegaConf.merge(OmegaConf.structured(AdsfmConfig), cfg)
-    merged.run_dir = str(Path(merged.run_dir).resolve())  # ${now:...} resolves once, here
-    return merged  # type: ignore[return-value]
-
-
-def validate(cfg: AdsfmConfig) -> dict[str, Any]:
+def validate(cfg: AdsfmConfig) -> FeatureSpec:
     """Everything that can be checked before a worker starts; returns the data spec it needed."""
     p, t = cfg.parallel, cfg.train
     dp = dense_degrees(p, p.num_workers)[0]  # also checks dp * tp == num_workers
@@ -49,13 +44,9 @@ def validate(cfg: AdsfmConfig) -> dict[str, Any]:
     fs = load_features(cfg.data)
     model = build_model(fs.spec, cfg.model, device="meta")  # raises on inconsistent sizes and features
     validate_parallel(p, table_names(model), cfg.model.embedding_dim, t.sparse_optimizer)
-    tp = dense_degrees(p, p.num_workers)[1]
-    if cfg.model.name == "hstu":
-        check_hstu_tp(cfg.model.sequence.num_heads, tp)
-    else:
-        check_dlrm_tp(list(cfg.model.over_arch), tp)
+    cast(SparseDenseModel, model).parallel_plan(dense_degrees(p, p.num_workers)[1])  # raises when it cannot split over tp
     check_plan(model, p)
-    if cfg.data.source != "criteo" and len(fs.train_idx) < t.batch_size:
+    if cfg.data.source != DataSource.criteo and len(fs.train_idx) < t.batch_size:
         raise ValueError(f"train.batch_size({t.batch_size}) > training rows({len(fs.train_idx)})")
     return fs.spec
 
@@ -63,10 +54,11 @@ def validate(cfg: AdsfmConfig) -> dict[str, Any]:
 def check_plan(model: Any, p: Any) -> None:
     """Plan here, as the workers will, so tables that fit nowhere fail before any worker starts."""
     import logging
+    import warnings
 
     from torchrec.distributed.planner.types import PlannerError
 
-    from parallel.plan import make_plan
+    from adsfm.parallel.plan import make_plan
 
     ranks = p.sparse_group or p.num_workers
     # The planner's warnings (a hand-built topology) and its error dump are for workers' logs, not users.
@@ -75,12 +67,14 @@ def check_plan(model: Any, p: Any) -> None:
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        make_plan(model, p, ranks, None)
+        with warnings.catch_warnings():  # the planner's FutureWarning about its own storage reservation
+            warnings.simplefilter("ignore", FutureWarning)
+            make_plan(model, p, ranks, None)
     except PlannerError as e:
         first = str(e).strip().splitlines()[0]
         raise ValueError(
             f"parallel: the planner places the tables on no layout of {ranks} rank(s) with "
-            f"parallel.sharding_types={list(p.sharding_types)}, memory_per_rank_gb={p.memory_per_rank_gb}: {first}; "
+            f"parallel.sharding_types={[str(t) for t in p.sharding_types]}, memory_per_rank_gb={p.memory_per_rank_gb}: {first}; "
             "allow more sharding types, more workers or more memory per rank"
         ) from None
     finally:
@@ -88,44 +82,12 @@ def check_plan(model: Any, p: Any) -> None:
             lg.setLevel(level)
 
 
-def init_ray(address: str | None, num_cpus: int | None = None, serve_ingress: str = "auto") -> None:
-    """Join `address` (or RAY_ADDRESS), else start a local cluster that stays on 127.0.0.1, with the Ray
-    Serve ingress `serve_ingress` (serving/ingress.py; a joined cluster has the one it was started with)."""
-    # Set before Ray reads its environment: keeps 127.0.0.1 from being rewritten to the host's address.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # `ray start` enables token authentication by default in Ray 2.60; a driver that does not also
-        # ask for it is refused (InvalidAuthToken). The token is read from ~/.ray/auth_token.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-    import ray
-
-    if ray.is_initialized():
-        return
-    if not address:
-        from serving.ingress import apply
-
-        apply(serve_ingress)
-    runtime_env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(
-            _node_ip_address="127.0.0.1",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            runtime_env=runtime_env,
-            log_to_driver=True,
-        )
-
-
 def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     cfg = as_config(cfg_in)
     validate(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[call-overload]
+    resolved = to_plain(cfg)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
 
     import mlflow
@@ -145,11 +107,11 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     client.set_tag(run_id, "adsfm.data_fingerprint", data_fingerprint(cfg.data))
     client.log_artifact(run_id, str(run_dir / "config.yaml"))
 
-    init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.serve_ingress)  # first: it sets the environment Ray reads on import
+    init_ray_for(cfg)  # first: it sets the environment Ray reads on import
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from training.worker import train_worker
+    from adsfm.training.worker import train_worker
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": resolved, "run_dir": str(run_dir), "tracking_uri": uri, "run_id": run_id},
@@ -171,7 +133,7 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
         client.set_terminated(run_id, "FAILED")
         raise
     raw = json.loads((run_dir / "train_result.json").read_text())
-    from training.plots import loss_curve
+    from adsfm.training.plots import loss_curve
 
     loss_curve(raw["losses"], raw["eval_history"], run_dir / "loss_curve.png")
     for name in ("loss_curve.png", "sharding_plan.json", "sharding_plan.txt", "train_result.json"):

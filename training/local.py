@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from parallel.shard import unsharded_optimizer
-from training.config import AdsfmConfig
-from training.data import FeatureSet
-from training.loop import train_step
-from training.models import build_model
-from training.stream import train_source
-from training.worker import optim_config
+from adsfm.contract.config import AdsfmConfig
+from adsfm.parallel.shard import unsharded_optimizer
+from adsfm.training.data import FeatureSet
+from adsfm.training.loop import train_step
+from adsfm.training.models import build_model
+from adsfm.training.stream import train_source
+from adsfm.training.worker import optim_config
 
 
 def train_local(cfg: AdsfmConfig, fs: FeatureSet, max_steps: int = 0, seed: int = 0) -> nn.Module:

@@ -8,9 +8,9 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.datasets.utils import Batch
 
-from parallel.mesh import data_coords
-from training.data import FeatureSet
-from training.metrics import ranking_metrics
+from adsfm.parallel.mesh import data_coords
+from adsfm.training.data import FeatureSet
+from adsfm.training.metrics import ranking_metrics
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> float:

@@ -13,10 +13,10 @@ no worker reads another's bytes:
 - parquet: the rows, taken in file order, are cut into `world` equal shares; a rank reads only the row
   groups that overlap its share.
 
-Categorical values are hashed with `export.manifest.stable_hash` into `buckets` rows plus the reserved row
-0, exactly as serving hashes a raw request value (an empty value is hashed like any other string). Dense
-values get log1p (negatives clipped to 0) and are standardised with statistics from the first
-`stats_rows` training rows; a missing dense value becomes 0 after standardisation, as in serving.
+Rows become model inputs through the feature contract (adsfm.contract.features), exactly as serving
+featurizes a raw request: categorical values are hashed into `buckets` rows after the two reserved ones
+(an empty value is missing: the missing row); dense values get log1p (negatives count as 0) and are
+standardised with statistics from the first `stats_rows` training rows; a missing one is the mean.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from export.manifest import stable_hash
-from training.config import DataConfig, DenseFeature, SparseFeature, StreamConfig
-from training.data import FeatureSet, Vocab, dense_stat, feature_spec, iter_batches
-from training.loop import all_ranks
+from adsfm.contract.config import DataConfig, DataSource, DenseFeature, SparseFeature, StreamConfig, typed
+from adsfm.contract.features import FeatureSpec, labels
+from adsfm.training.data import FeatureSet, featurize_frame, iter_batches, learn_spec
+from adsfm.training.loop import all_ranks
 
 
 def columns(s: StreamConfig) -> tuple[list[str], list[str]]:
@@ -58,9 +58,7 @@ def buckets(s: StreamConfig) -> list[int]:
 
 def criteo_data_config(cfg: DataConfig) -> DataConfig:
     """The feature declarations a Criteo-format source implies (what the manifest and serving see)."""
-    from omegaconf import OmegaConf
-
-    out: DataConfig = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)  # type: ignore[assignment]
+    out = typed(DataConfig, cfg)
     dense, sparse = columns(cfg.stream)
     out.sparse = [SparseFeature(name=n, hash_buckets=b) for n, b in zip(sparse, buckets(cfg.stream), strict=True)]
     out.dense = [DenseFeature(name=n, log1p=True) for n in dense]
@@ -224,29 +222,6 @@ def read_rows(files: list[Path], s: StreamConfig, limit: int) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-class Hasher:
-    """Raw categorical value → table row, with a bounded memo: hashing is per distinct value, and the
-    Criteo columns repeat heavily (Zipf-like), so most of a chunk's values are memo hits."""
-
-    def __init__(self, table_buckets: list[int], memo_size: int = 1 << 20) -> None:
-        self.buckets = table_buckets
-        self.memo: list[dict[str, int]] = [{} for _ in table_buckets]
-        self.memo_size = memo_size
-
-    def rows(self, j: int, values: np.ndarray) -> np.ndarray:
-        codes, uniques = pd.factorize(values)
-        memo, b = self.memo[j], self.buckets[j]
-        if len(memo) > self.memo_size:
-            memo.clear()
-        table = np.empty(len(uniques), dtype=np.int64)
-        for k, u in enumerate(uniques):
-            r = memo.get(u)
-            if r is None:
-                r = memo[u] = stable_hash(u, b) + 1
-            table[k] = r
-        return table[codes]
-
-
 @dataclass
 class Chunk:
     dense: np.ndarray  # [n, num_dense] float32, standardised
@@ -273,27 +248,20 @@ class Chunk:
         return Batch(dense_features=torch.from_numpy(self.dense), sparse_features=kjt, labels=torch.from_numpy(self.labels))
 
 
-def featurize_rows(df: pd.DataFrame, spec: dict[str, Any], hasher: Hasher) -> Chunk:
-    stats = spec["dense"]
-    x = df[[d["column"] for d in stats]].to_numpy(dtype=np.float64) if stats else np.zeros((len(df), 0))
-    x = np.log1p(np.maximum(x, 0))
-    mean = np.array([d["mean"] for d in stats])
-    std = np.array([d["std"] for d in stats])
-    dense = np.nan_to_num((x - mean) / std, nan=0.0).astype(np.float32)
-    cats = np.stack([hasher.rows(j, df[f["column"]].to_numpy()) for j, f in enumerate(spec["sparse"])], axis=1)
-    labels = df["label"].to_numpy().astype(np.float32)
-    return Chunk(dense, cats.astype(np.int64), labels)
+def featurize_rows(df: pd.DataFrame, spec: FeatureSpec) -> Chunk:
+    """Raw Criteo rows → a chunk of model inputs, through the feature contract."""
+    dense, sparse = featurize_frame(df, spec)
+    cats = np.stack([sparse[f.name][0] for f in spec.sparse], axis=1) if spec.sparse else np.zeros((len(df), 0), np.int64)
+    return Chunk(dense, cats, labels(df["label"], "label"))
 
 
-def criteo_spec(cfg: DataConfig) -> dict[str, Any]:
-    """The FeatureSet spec of a Criteo-format source: its declared features, hashed tables, and dense
+def criteo_spec(cfg: DataConfig) -> FeatureSpec:
+    """The feature spec of a Criteo-format source: its declared features, hashed tables, and dense
     statistics from the first stats_rows training rows."""
     s = cfg.stream
-    declared = criteo_data_config(cfg)
+    declared = criteo_data_config(cfg)  # first: a bad declaration fails before any file is read
     head = read_rows(resolve(s.paths, "stream.paths"), s, s.stats_rows)
-    stats = [dense_stat(d, head[d.name].to_numpy(dtype=np.float64)) for d in declared.dense]
-    vocabs = {f.name: Vocab(hash_buckets=f.hash_buckets) for f in declared.sparse}
-    return feature_spec(declared, stats, vocabs, {})
+    return learn_spec(head, declared, np.arange(len(head)))
 
 
 def criteo_holdout_frame(cfg: DataConfig) -> pd.DataFrame:
@@ -304,10 +272,9 @@ def criteo_holdout_frame(cfg: DataConfig) -> pd.DataFrame:
 
 def criteo_features(cfg: DataConfig) -> FeatureSet:
     """The holdout sample featurized, with the source's spec; no training rows."""
-    s = cfg.stream
     spec = criteo_spec(cfg)
-    c = featurize_rows(criteo_holdout_frame(cfg), spec, Hasher(buckets(s)))
-    sparse = {f["name"]: (c.cats[:, j].copy(), np.ones(len(c), np.int32)) for j, f in enumerate(spec["sparse"])}
+    c = featurize_rows(criteo_holdout_frame(cfg), spec)
+    sparse = {f.name: (c.cats[:, j].copy(), np.ones(len(c), np.int32)) for j, f in enumerate(spec.sparse)}
     return FeatureSet(dense=c.dense, sparse=sparse, labels=c.labels, train_idx=np.zeros(0, np.int64),
                       holdout_idx=np.arange(len(c), dtype=np.int64), users=None, times=None, spec=spec)
 
@@ -342,11 +309,10 @@ class CriteoSource:
     """Criteo-format files streamed in file order, this rank reading only its share. Ranks stop together
     when the first runs out (their shares differ by at most a line, or by a file's size for gzip)."""
 
-    def __init__(self, cfg: DataConfig, spec: dict[str, Any], batch_size: int) -> None:
+    def __init__(self, cfg: DataConfig, spec: FeatureSpec, batch_size: int) -> None:
         self.cfg, self.spec, self.batch_size = cfg.stream, spec, batch_size
         self.files = resolve(self.cfg.paths, "stream.paths")
-        self.keys = [f["name"] for f in spec["sparse"]]
-        self.hasher = Hasher(buckets(self.cfg))
+        self.keys = [f.name for f in spec.sparse]
         self.steps_per_epoch: int | None = None
 
     def local_batches(self, rank: int, world: int) -> Iterator[Chunk]:
@@ -354,7 +320,7 @@ class CriteoSource:
         held: Chunk | None = None
         for piece in rank_pieces(self.files, rank, world):
             for df in read_piece(piece, self.cfg):
-                c = featurize_rows(df, self.spec, self.hasher)
+                c = featurize_rows(df, self.spec)
                 held = c if held is None else Chunk.join(held, c)
                 while len(held) >= local:
                     out, held = held.cut(local)
@@ -370,7 +336,7 @@ class CriteoSource:
 
 
 def train_source(cfg: DataConfig, fs: FeatureSet, batch_size: int, seed: int) -> BatchSource:
-    if cfg.source == "criteo":
+    if cfg.source == DataSource.criteo:
         return CriteoSource(cfg, fs.spec, batch_size)
     return MemorySource(fs, batch_size, seed)
 

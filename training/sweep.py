@@ -22,7 +22,7 @@ IGNORED_PARAMS = {"run_dir"}
 
 
 def _tracking(config: DictConfig) -> tuple[str, str]:
-    from training.tracking import ensure_experiment, tracking_uri
+    from adsfm.contract.tracking import ensure_experiment, tracking_uri
 
     uri = tracking_uri(config.mlflow.tracking_uri, config.run_root)
     return uri, ensure_experiment(uri, config.mlflow.experiment, config.run_root)
@@ -65,7 +65,7 @@ def summarize_sweep(uri: str, parent: str, out: Path) -> list[dict[str, Any]]:
     comparison.md, comparison.csv and comparison.png, and logged to the parent run with its best AUC."""
     from mlflow.tracking import MlflowClient
 
-    from training.plots import sweep_plot
+    from adsfm.training.plots import sweep_plot
 
     runs = child_runs(uri, parent)
     if not runs:

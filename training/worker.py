@@ -1,4 +1,11 @@
-"""The per-rank training function that Ray Train runs on every worker."""
+"""The per-rank training that Ray Train runs on every worker: a Trainer a reader can follow.
+
+    trainer = Trainer(cfg, run_dir, tracking_uri, run_id)   # setup: data, model on meta, parallelize, plan
+    trainer.resume()                                       # newest complete checkpoint, if any
+    while trainer.train_epoch():                           # one epoch (or up to max_steps), then evaluate
+        pass
+    trainer.finish()                                       # last checkpoint, train_result.json, report
+"""
 
 from __future__ import annotations
 
@@ -11,18 +18,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from parallel.mesh import data_coords
-from parallel.plan import format_plan
-from parallel.shard import OptimConfig, parallelize_model
-from training.checkpoint import AsyncCheckpointer, latest_checkpoint, load_checkpoint, save_checkpoint
-from training.config import AdsfmConfig
-from training.data import load_features
-from training.loop import LossMeter, evaluate, train_step
-from training.models import build_model
-from training.stream import train_source
+from adsfm.contract.config import AdsfmConfig, typed
+from adsfm.parallel.mesh import data_coords
+from adsfm.parallel.plan import format_plan
+from adsfm.parallel.shard import OptimConfig, parallelize_model
+from adsfm.training.checkpoint import AsyncCheckpointer, latest_checkpoint, load_checkpoint, save_checkpoint
+from adsfm.training.data import load_features
+from adsfm.training.loop import LossMeter, evaluate, train_step
+from adsfm.training.models import build_model
+from adsfm.training.stream import train_source
 
 
 def optim_config(cfg: AdsfmConfig) -> OptimConfig:
@@ -30,117 +36,169 @@ def optim_config(cfg: AdsfmConfig) -> OptimConfig:
     return OptimConfig(t.sparse_optimizer, t.sparse_lr, t.dense_optimizer, t.dense_lr, t.weight_decay)
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Build on meta, shard, train, evaluate, checkpoint; rank 0 logs to MLflow and writes train_result.json."""
-    for name in ("", "torchrec", "fbgemm_gpu"):  # TBE and planner INFO lines drown the progress bar
-        logging.getLogger(name).setLevel(logging.WARNING)
-    cfg: AdsfmConfig = OmegaConf.merge(OmegaConf.structured(AdsfmConfig), config["cfg"])  # type: ignore[assignment]
-    run_dir = Path(config["run_dir"])
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(cfg.train.seed)
-    torch.set_num_threads(max(1, int(os.environ.get("ADSFM_THREADS_PER_WORKER", "1"))))
-    fs = load_features(cfg.data)
+class Trainer:
+    """One rank's training run. Every rank runs the same steps (collectives need it); rank 0 also logs to
+    MLflow, draws the progress bar and writes the run's files."""
 
-    model = build_model(fs.spec, cfg.model, device="meta")
-    dmp, optimizer, rows = parallelize_model(model, cfg.parallel, optim_config(cfg), torch.device("cpu"))  # type: ignore[arg-type]
-    client = None
-    if rank == 0:
-        table = format_plan(rows)
-        print(f"[adsfm] sharding plan over {world} rank(s):\n{table}", flush=True)
-        (run_dir / "sharding_plan.txt").write_text(table + "\n")
-        (run_dir / "sharding_plan.json").write_text(json.dumps(rows, indent=1, default=str))
-        from mlflow.tracking import MlflowClient
+    def __init__(self, cfg: AdsfmConfig, run_dir: Path, tracking_uri: str, run_id: str) -> None:
+        # setup: data, the model built on meta, its tables sharded and dense layers parallelized by the layout
+        for name in ("", "torchrec", "fbgemm_gpu"):  # TBE and planner INFO lines drown the progress bar
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self.cfg, self.run_dir, self.run_id = cfg, run_dir, run_id
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        torch.manual_seed(cfg.train.seed)
+        torch.set_num_threads(max(1, int(os.environ.get("ADSFM_THREADS_PER_WORKER", "1"))))
+        self.fs = load_features(cfg.data)
+        model = build_model(self.fs.spec, cfg.model, device="meta")
+        self.model, self.optimizer, self.plan = parallelize_model(model, cfg.parallel, optim_config(cfg), torch.device("cpu"))  # type: ignore[arg-type]
+        self.client = None
+        if self.rank == 0:
+            table = format_plan(self.plan)
+            kinds = sorted({str(r["sharding_type"]) for r in self.plan})
+            print(f"[adsfm] sharding plan: {len(self.plan)} tables over {self.world} rank(s), {', '.join(kinds)} "
+                  f"({run_dir / 'sharding_plan.txt'})", flush=True)
+            (run_dir / "sharding_plan.txt").write_text(table + "\n")
+            (run_dir / "sharding_plan.json").write_text(json.dumps(self.plan, indent=1, default=str))
+            from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(config["tracking_uri"])
+            self.client = MlflowClient(tracking_uri)
+        if cfg.train.failure_drill:  # tests kill a worker by this pid: kill -9 $(cat workers/rank0.pid)
+            (run_dir / "workers").mkdir(exist_ok=True)
+            (run_dir / "workers" / f"rank{self.rank}.pid").write_text(str(os.getpid()))
 
-    pids = run_dir / "workers"
-    pids.mkdir(exist_ok=True)
-    (pids / f"rank{rank}.pid").write_text(str(os.getpid()))  # for failure drills: kill -9 $(cat ...)
+        t = cfg.train
+        self.source = train_source(cfg.data, self.fs, t.batch_size, t.seed)
+        per_epoch = self.source.steps_per_epoch
+        total = per_epoch * t.epochs if per_epoch is not None else 0  # 0: a stream, until its epochs end
+        self.total = (min(total, t.max_steps) if total else t.max_steps) if t.max_steps else total
+        self.step, self.epoch, self.epoch_step = 0, 0, 0
+        self.losses: list[float] = []
+        self.history: list[dict[str, float]] = []
+        self.resumed_from: Path | None = None
+        self.meter = LossMeter()
+        self.saver = AsyncCheckpointer() if t.async_checkpoint else None
+        self.steps_run, self.t0 = 0, time.time()
+        self.bar = tqdm(total=self.total or None, desc="train", disable=self.rank != 0 or not t.progress, mininterval=2.0)
 
-    t = cfg.train
-    source = train_source(cfg.data, fs, t.batch_size, t.seed)
-    per_epoch = source.steps_per_epoch
-    total = per_epoch * t.epochs if per_epoch is not None else 0  # 0: a stream, until its epochs end
-    if t.max_steps:
-        total = min(total, t.max_steps) if total else t.max_steps
-    state: dict[str, Any] = {"step": 0, "losses": [], "eval_history": []}
-    resume = latest_checkpoint(run_dir / "checkpoints")
-    if resume is not None:
-        optimizer.init_state()  # materialize lazy optimizer state so the checkpoint loads in place
-        state = load_checkpoint(dmp, resume, optimizer)
-        if rank == 0:
-            print(f"[adsfm] resumed from {resume} at step {state['step']} ({world} rank(s))", flush=True)
-    step: int = state["step"]
-    losses: list[float] = state["losses"]
-    history: list[dict[str, float]] = state["eval_history"]
-    # Position in the sample stream; a checkpoint written before it was recorded implies it from the step.
-    if "epoch" in state:
-        epoch, epoch_step = state["epoch"], state["epoch_step"]
-    else:
-        epoch, epoch_step = divmod(step, per_epoch) if per_epoch else (0, step)
+    # ------------------------------------------------------------------------------------------ resume
 
-    def position() -> dict[str, Any]:
-        return {"step": step, "epoch": epoch, "epoch_step": epoch_step, "losses": losses, "eval_history": history}
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint of the run (written by any number of ranks): the
+        weights, the optimizer state, and the position in the sample stream."""
+        resume = latest_checkpoint(self.run_dir / "checkpoints")
+        if resume is None:
+            return
+        self.optimizer.init_state()  # materialize lazy optimizer state so the checkpoint loads in place
+        state = load_checkpoint(self.model, resume, self.optimizer)
+        self.step, self.losses, self.history = state["step"], state["losses"], state["eval_history"]
+        per_epoch = self.source.steps_per_epoch
+        if "epoch" in state:
+            self.epoch, self.epoch_step = state["epoch"], state["epoch_step"]
+        else:  # a checkpoint written before the position was recorded implies it from the step
+            self.epoch, self.epoch_step = divmod(self.step, per_epoch) if per_epoch else (0, self.step)
+        self.resumed_from = resume
+        self.bar.update(self.step)
+        if self.rank == 0:
+            print(f"[adsfm] resumed from {resume} at step {self.step} ({self.world} rank(s))", flush=True)
 
-    bar = tqdm(total=total or None, initial=step, desc="train", disable=rank != 0 or not t.progress, mininterval=2.0)
-    t0 = time.time()
-    steps_run = 0
-    meter = LossMeter()
-    saver = AsyncCheckpointer() if t.async_checkpoint else None
-    while epoch < t.epochs and not (total and step >= total):
+    def position(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "losses": self.losses,
+                "eval_history": self.history}
+
+    # ------------------------------------------------------------------------------------------- train
+
+    def done(self) -> bool:
+        return self.epoch >= self.cfg.train.epochs or bool(self.total and self.step >= self.total)
+
+    def train_epoch(self) -> bool:
+        """The rest of the current epoch (or up to max_steps), then its evaluation; False when training is over."""
+        if self.done():
+            return False
+        t = self.cfg.train
         # The same sample order per epoch on every run: a resumed run skips the batches it already took.
         coords = data_coords()  # tensor-parallel peers take the same rows
-        for batch in source.epoch(epoch, coords.dp_rank, coords.dp, skip=epoch_step):
-            meter.add(train_step(dmp, optimizer, batch))
-            step += 1
-            epoch_step += 1
-            steps_run += 1
-            bar.update(1)
-            checkpoint = bool(t.checkpoint_every) and step % t.checkpoint_every == 0 and step != total
-            if step % t.log_every == 0 or step == total or checkpoint:  # the same steps on every rank
-                losses.extend(meter.flush())
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if client is not None:
-                    client.log_metric(config["run_id"], "train_loss", losses[-1], step=step)
-            if checkpoint and saver is not None:
-                saver.save(dmp, run_dir / "checkpoints" / f"step_{step}", optimizer, position(), keep=t.keep_checkpoints)
-            elif checkpoint:
-                save_checkpoint(dmp, run_dir / "checkpoints" / f"step_{step}", optimizer, position(), keep=t.keep_checkpoints)
-            if step == total:
+        for batch in self.source.epoch(self.epoch, coords.dp_rank, coords.dp, skip=self.epoch_step):
+            self.meter.add(train_step(self.model, self.optimizer, batch))
+            self.step += 1
+            self.epoch_step += 1
+            self.steps_run += 1
+            self.bar.update(1)
+            checkpoint = bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0 and self.step != self.total
+            if self.step % t.log_every == 0 or self.step == self.total or checkpoint:  # the same steps on every rank
+                self._log_losses()
+            if checkpoint:
+                self.checkpoint(background=self.saver is not None)
+            if self.step == self.total:
                 break
-        losses.extend(meter.flush())
-        metrics = evaluate(dmp, fs, fs.holdout_idx, t.eval_batch_size)
-        history.append({"epoch": epoch, "step": step, **metrics})
-        if client is not None:
-            bar.write(f"[adsfm] epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "n"))
-            for k in ("auc", "logloss", "ne", "calibration"):
-                client.log_metric(config["run_id"], f"holdout_{k}", metrics[k], step=step)
-        if total and step >= total:
-            break
-        epoch, epoch_step = epoch + 1, 0
-    if not history:
-        raise RuntimeError("no training step ran: the training data yields no full batch (data.stream.paths, train.batch_size)")
-    bar.close()
-    if saver is not None:
-        saver.wait()
-    elapsed = time.time() - t0
-    ckpt = save_checkpoint(dmp, run_dir / "checkpoints" / f"step_{step}", optimizer, position(), keep=t.keep_checkpoints)
-    final = history[-1]
-    if rank == 0:
-        result = {
-            "checkpoint": str(ckpt),
-            "run_id": config["run_id"],
-            "steps": step,
-            "resumed_from": str(resume) if resume else None,
-            "world_size": world,
-            "train_seconds": elapsed,
-            "samples_per_second": steps_run * t.batch_size / max(elapsed, 1e-9),
-            "losses": losses,
-            "eval_history": history,
-            "holdout": {k: final[k] for k in ("auc", "logloss", "ne", "calibration", "n")},
-            "sharding_plan": rows,
-        }
-        (run_dir / "train_result.json").write_text(json.dumps(result, default=str))
-    import ray.train
+        self.losses.extend(self.meter.flush())
+        self.evaluate()
+        if self.total and self.step >= self.total:
+            return False
+        self.epoch, self.epoch_step = self.epoch + 1, 0
+        return not self.done()
 
-    ray.train.report({"holdout_auc": final["auc"], "step": step})
+    def _log_losses(self) -> None:
+        self.losses.extend(self.meter.flush())
+        self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}", refresh=False)
+        if self.client is not None:
+            self.client.log_metric(self.run_id, "train_loss", self.losses[-1], step=self.step)
+
+    def checkpoint(self, background: bool = False) -> Path:
+        directory = self.run_dir / "checkpoints" / f"step_{self.step}"
+        keep = self.cfg.train.keep_checkpoints
+        if background and self.saver is not None:
+            self.saver.save(self.model, directory, self.optimizer, self.position(), keep=keep)
+            return directory
+        return save_checkpoint(self.model, directory, self.optimizer, self.position(), keep=keep)
+
+    # ---------------------------------------------------------------------------------------- evaluate
+
+    def evaluate(self) -> dict[str, float]:
+        """Holdout metrics of the current weights (every rank takes part: lookups are collectives)."""
+        metrics = evaluate(self.model, self.fs, self.fs.holdout_idx, self.cfg.train.eval_batch_size)
+        self.history.append({"epoch": self.epoch, "step": self.step, **metrics})
+        if self.client is not None:
+            self.bar.write(f"[adsfm] epoch {self.epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "n"))
+            for k in ("auc", "logloss", "ne", "calibration"):
+                self.client.log_metric(self.run_id, f"holdout_{k}", metrics[k], step=self.step)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ finish
+
+    def finish(self) -> None:
+        """The final checkpoint; rank 0 writes train_result.json; every rank reports to Ray Train."""
+        if not self.history:
+            raise RuntimeError("no training step ran: the training data yields no full batch (data.stream.paths, train.batch_size)")
+        self.bar.close()
+        if self.saver is not None:
+            self.saver.wait()
+        elapsed = time.time() - self.t0
+        ckpt = self.checkpoint()
+        final = self.history[-1]
+        if self.rank == 0:
+            result = {
+                "checkpoint": str(ckpt),
+                "run_id": self.run_id,
+                "steps": self.step,
+                "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                "world_size": self.world,
+                "train_seconds": elapsed,
+                "samples_per_second": self.steps_run * self.cfg.train.batch_size / max(elapsed, 1e-9),
+                "losses": self.losses,
+                "eval_history": self.history,
+                "holdout": {k: final[k] for k in ("auc", "logloss", "ne", "calibration", "n")},
+                "sharding_plan": self.plan,
+            }
+            (self.run_dir / "train_result.json").write_text(json.dumps(result, default=str))
+        import ray.train
+
+        ray.train.report({"holdout_auc": final["auc"], "step": self.step})
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry on every worker: the Trainer's phases in order."""
+    trainer = Trainer(typed(AdsfmConfig, config["cfg"]), Path(config["run_dir"]), config["tracking_uri"], config["run_id"])
+    trainer.resume()
+    while trainer.train_epoch():
+        pass
+    trainer.finish()

@@ -3,7 +3,7 @@
 Importing this package never imports Triton: the Triton implementations load on first use.
 """
 
-from parallel.kernels.hstu_attention import (
+from adsfm.parallel.kernels.hstu_attention import (
     ERROR_BOUNDS,
     hstu_attention,
     hstu_attention_reference,

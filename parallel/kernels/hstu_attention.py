@@ -135,8 +135,8 @@ def _check_shapes(
 
 class _BucketGather(torch.autograd.Function):
     """table[idx] whose backward sums the gradient per bucket with bincount: autograd's index backward is an
-    accumulating index_put into a few dozen entries, measured at a third of a CPU training step and
-    seconds per step on an H200 (every score element contends for the same addresses)."""
+    accumulating index_put into a few dozen entries, where every score element contends for the same
+    addresses (slow on CPU and worse on a GPU)."""
 
     @staticmethod
     def forward(ctx: Any, table: Tensor, idx: Tensor) -> Tensor:
@@ -219,11 +219,17 @@ def triton_available() -> bool:
     return True
 
 
-def _choose_kernel(q: Tensor) -> str:
-    forced = os.environ.get(KERNEL_ENV, "").strip().lower()
-    if forced not in ("", "auto", "reference", "triton"):
-        raise ValueError(f"{KERNEL_ENV} must be reference, triton or auto, got {forced!r}")
-    if forced in ("reference", "triton"):
+KERNELS = ("auto", "reference", "triton")
+
+
+def _choose_kernel(q: Tensor, kernel: str = "auto") -> str:
+    """The configured kernel (model.sequence.attention_kernel), unless ADSFM_HSTU_KERNEL overrides it; auto is
+    Triton for float32/bfloat16 CUDA tensors when Triton imports, else the reference."""
+    forced = os.environ.get(KERNEL_ENV, "").strip().lower() or str(kernel)
+    if forced not in KERNELS:
+        raise ValueError(f"HSTU attention kernel must be one of {', '.join(KERNELS)}, got {forced!r} "
+                         f"(model.sequence.attention_kernel, or {KERNEL_ENV})")
+    if forced != "auto":
         return forced
     # float64 and float16 stay on the reference: the kernels are built and checked for float32 and bfloat16.
     supported = q.dtype in (torch.float32, torch.bfloat16)
@@ -242,15 +248,14 @@ def hstu_attention(
     max_seq_len: int,
     alpha: float,
     norm: float,
+    kernel: str = "auto",
 ) -> Tensor:
-    """HSTU attention (module docstring): Triton on CUDA when available, else the PyTorch reference.
-
-    ``ADSFM_HSTU_KERNEL=reference|triton`` forces the choice.
-    """
-    if _choose_kernel(q) == "reference":
+    """HSTU attention (module docstring): the one dispatcher, by `kernel` (auto: Triton on CUDA when available,
+    else the PyTorch reference); ``ADSFM_HSTU_KERNEL=reference|triton`` overrides the argument."""
+    if _choose_kernel(q, kernel) == "reference":
         return hstu_attention_reference(
             q, k, v, seq_offsets, num_targets, timestamps, pos_w, ts_w, max_seq_len, alpha, norm
         )
-    from parallel.kernels.hstu_triton import hstu_attention_triton
+    from adsfm.parallel.kernels.hstu_triton import hstu_attention_triton
 
     return hstu_attention_triton(q, k, v, seq_offsets, num_targets, timestamps, pos_w, ts_w, max_seq_len, alpha, norm)

@@ -35,8 +35,7 @@ from triton.runtime.errors import OutOfResources
 # sm_90 with the least register spill at head dim 64 (ptxas resource usage); 3xTF32 float32 dots need more
 # registers, hence smaller float32 tiles. bench/gpu_kernels.py times alternatives.
 Tiles = dict[str, tuple[int, int, int]]
-# bf16 on an H200 (bench/gpu_kernels.py tile sweep, N=1024): fwd+bwd 1.67 ms with these, 2.24 ms with
-# (64, 64, 8) / (64, 64, 8) / (64, 32, 8), 2.30 ms with larger tiles.
+# The bf16 GPU tiles won bench/gpu_kernels.py's tile sweep on an H200 (figures in bench/results/).
 GPU_TILES: Tiles = {"fwd": (64, 32, 4), "dkdv": (32, 64, 4), "dq": (32, 32, 4)}
 GPU_TILES_FP32: Tiles = {"fwd": (64, 32, 4), "dkdv": (32, 32, 4), "dq": (32, 16, 4)}
 INTERPRET_TILES: Tiles = {"fwd": (16, 16, 4), "dkdv": (16, 16, 4), "dq": (16, 16, 4)}
@@ -497,7 +496,7 @@ def hstu_attention_triton(
     while shared memory runs out. Lengths above ``max_seq_len`` are not checked
     on a device (that would sync): their trailing rows would not be computed.
     """
-    from parallel.kernels.hstu_attention import _check_shapes
+    from adsfm.parallel.kernels.hstu_attention import _check_shapes
 
     _check_shapes(q, k, v, seq_offsets, num_targets, timestamps, pos_w, ts_w, max_seq_len)
     # Offsets inside one sequence are int32 in the kernels (only the per-sequence base is int64).

@@ -34,11 +34,11 @@ def _rank_setup(rank: int, world: int, port: int, cfg_yaml: str) -> tuple[Any, A
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    from parallel.shard import parallelize_model
-    from training.data import load_features
-    from training.job import as_config
-    from training.models import build_model
-    from training.worker import optim_config
+    from adsfm.contract.config import as_config
+    from adsfm.parallel.shard import parallelize_model
+    from adsfm.training.data import load_features
+    from adsfm.training.models import build_model
+    from adsfm.training.worker import optim_config
 
     cfg = as_config(OmegaConf.create(cfg_yaml))
     fs = load_features(cfg.data)
@@ -48,10 +48,10 @@ def _rank_setup(rank: int, world: int, port: int, cfg_yaml: str) -> tuple[Any, A
 
 
 def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, out_dir: str) -> None:
-    from parallel.mesh import data_coords
-    from parallel.shard import load_full_state
-    from training.checkpoint import save_checkpoint
-    from training.loop import LossMeter, train_step
+    from adsfm.parallel.mesh import data_coords
+    from adsfm.parallel.shard import load_full_state
+    from adsfm.training.checkpoint import save_checkpoint
+    from adsfm.training.loop import LossMeter, train_step
 
     cfg, fs, dmp, opt = _rank_setup(rank, world, port, cfg_yaml)
     load_full_state(dmp, torch.load(init_path))
@@ -76,15 +76,14 @@ def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, 
 
 
 def _reference(features: Any, init: Path, sparse_optimizer: str) -> dict[str, Any]:
-    from parallel.shard import unsharded_optimizer
-    from training.config import compose
-    from training.job import as_config
-    from training.loop import train_step
-    from training.models.dlrm import DLRMRanker
-    from training.worker import optim_config
+    from adsfm.contract.config import as_config, compose
+    from adsfm.parallel.shard import unsharded_optimizer
+    from adsfm.training.loop import train_step
+    from adsfm.training.models.dlrm import DLRM
+    from adsfm.training.worker import optim_config
 
     cfg = as_config(compose(["parallel=single", f"train.sparse_optimizer={sparse_optimizer}"]))
-    model = DLRMRanker(features.spec, cfg.model, device="cpu")
+    model = DLRM(features.spec, cfg.model, device="cpu")
     model.load_state_dict(torch.load(init))
     opt = unsharded_optimizer(model, optim_config(cfg))
     losses = [train_step(model, opt, features.take(rows)) for rows in _batches(features.train_idx)]
@@ -94,11 +93,11 @@ def _reference(features: Any, init: Path, sparse_optimizer: str) -> dict[str, An
 @pytest.fixture(scope="module")
 def references(small_cfg: Any, features: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The unsharded model trained with a given sparse optimizer, from one shared initialisation."""
-    from training.models.dlrm import DLRMRanker
+    from adsfm.training.models.dlrm import DLRM
 
     torch.manual_seed(123)
     init = tmp_path_factory.mktemp("init") / "init.pt"
-    torch.save(DLRMRanker(features.spec, small_cfg.model, device="cpu").state_dict(), init)
+    torch.save(DLRM(features.spec, small_cfg.model, device="cpu").state_dict(), init)
     memo: dict[str, dict[str, Any]] = {}
 
     def get(sparse_optimizer: str = "rowwise_adagrad") -> dict[str, Any]:
@@ -123,10 +122,10 @@ LAYOUTS = [("single", "rowwise_adagrad"), ("tw2", "rowwise_adagrad"), ("rw2", "r
 def test_sharded_training_matches_single_process(
     layout: str, sparse_optimizer: str, small_cfg: Any, features: Any, references: Any, tmp_path: Path
 ) -> None:
-    from training.checkpoint import load_into_unsharded
-    from training.config import compose
-    from training.job import as_config, validate
-    from training.models.dlrm import DLRMRanker
+    from adsfm.contract.config import as_config, compose
+    from adsfm.training.checkpoint import load_into_unsharded
+    from adsfm.training.job import validate
+    from adsfm.training.models.dlrm import DLRM
 
     reference = references(sparse_optimizer)
     cfg = as_config(compose([f"run_root={tmp_path}", f"parallel={layout}", f"train.batch_size={BATCH}",
@@ -158,7 +157,7 @@ def test_sharded_training_matches_single_process(
     assert diffs.max() <= 1e-4, f"{layout}: per-step loss diffs {diffs.round(6).tolist()}"
     assert ref[-1] < ref[0]  # the reference did learn, so equal losses are not equal non-training
 
-    gathered = DLRMRanker(features.spec, cfg.model, device="cpu")
+    gathered = DLRM(features.spec, cfg.model, device="cpu")
     load_into_unsharded(gathered, tmp_path / "ckpt")
     for k, want in reference["state"].items():
         got = gathered.state_dict()[k]
@@ -167,8 +166,8 @@ def test_sharded_training_matches_single_process(
 
 def _rank_reload(rank: int, world: int, port: int, cfg_yaml: str, ckpt: str, out_dir: str) -> None:
     """Load `ckpt` (written under another layout) into this layout, evaluate the holdout, save again."""
-    from training.checkpoint import load_checkpoint, save_checkpoint
-    from training.loop import evaluate
+    from adsfm.training.checkpoint import load_checkpoint, save_checkpoint
+    from adsfm.training.loop import evaluate
 
     _, fs, dmp, opt = _rank_setup(rank, world, port, cfg_yaml)
     opt.init_state()
@@ -182,8 +181,7 @@ def _rank_reload(rank: int, world: int, port: int, cfg_yaml: str, ckpt: str, out
 
 
 def _spawn(fn: Any, layout: str, small_cfg: Any, out: Path, *args: str) -> dict[str, Any]:
-    from training.config import compose
-    from training.job import as_config
+    from adsfm.contract.config import as_config, compose
 
     # Element-wise Adagrad: its state reshards between row and column shards (row-wise Adagrad's cannot
     # be split by columns, see parallel.config.validate_parallel).
@@ -197,13 +195,13 @@ def _spawn(fn: Any, layout: str, small_cfg: Any, out: Path, *args: str) -> dict[
 def test_checkpoints_reshard_across_layouts(small_cfg: Any, features: Any, reference: dict[str, Any], tmp_path: Path) -> None:
     """tw2 → single and tw2 → cw2 → rw2 (optimizer state included): the same holdout loss as the
     checkpoint's weights gathered into a plain model, within 1e-5."""
-    from training.checkpoint import load_into_unsharded
-    from training.loop import evaluate
-    from training.models.dlrm import DLRMRanker
+    from adsfm.training.checkpoint import load_into_unsharded
+    from adsfm.training.loop import evaluate
+    from adsfm.training.models.dlrm import DLRM
 
     _spawn(_rank_main, "tw2", small_cfg, tmp_path / "tw2", str(reference["init"]))
     source = tmp_path / "tw2" / "ckpt"
-    plain = DLRMRanker(features.spec, small_cfg.model, device="cpu")
+    plain = DLRM(features.spec, small_cfg.model, device="cpu")
     load_into_unsharded(plain, source)
     want = evaluate(plain.eval(), features, features.holdout_idx, 4096)["logloss"]
 
@@ -221,13 +219,12 @@ HSTU_LAYOUTS = [("tw2", []), ("tp2", ["parallel.dp=1", "parallel.tp=2", "paralle
 @pytest.fixture(scope="module")
 def hstu_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """HSTU (dropout off: the ranks' dropout streams differ from one process's) trained in one process."""
-    from parallel.shard import unsharded_optimizer
-    from training.config import compose
-    from training.data import load_features
-    from training.job import as_config
-    from training.loop import train_step
-    from training.models import build_model
-    from training.worker import optim_config
+    from adsfm.contract.config import as_config, compose
+    from adsfm.parallel.shard import unsharded_optimizer
+    from adsfm.training.data import load_features
+    from adsfm.training.loop import train_step
+    from adsfm.training.models import build_model
+    from adsfm.training.worker import optim_config
 
     # SGD on the tables: with it every parameter matches within 1e-8 (tw2). Row-wise Adagrad scales each
     # row's first update to about lr whatever the gradient's size, so rows whose gradient is near zero
@@ -254,10 +251,10 @@ def hstu_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_hstu_layouts_match_single_process(layout: str, extra: list[str], hstu_reference: dict[str, Any], tmp_path: Path) -> None:
     """HSTU's sequence tables sharded table-wise (EmbeddingCollection), and its attention and MLP blocks
     tensor-parallel by head (Q, K, V, U column-wise, output row-wise; the head-shared bias summed over tp)."""
-    from training.checkpoint import load_into_unsharded
-    from training.config import compose
-    from training.job import as_config, validate
-    from training.models import build_model
+    from adsfm.contract.config import as_config, compose
+    from adsfm.training.checkpoint import load_into_unsharded
+    from adsfm.training.job import validate
+    from adsfm.training.models import build_model
 
     ref = hstu_reference
     cfg = as_config(compose([f"run_root={tmp_path}", *ref["overrides"], "parallel=tw2", *extra]))

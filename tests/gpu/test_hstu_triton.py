@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from parallel.kernels import ERROR_BOUNDS, hstu_attention, hstu_attention_reference, triton_available
+from adsfm.parallel.kernels import ERROR_BOUNDS, hstu_attention, hstu_attention_reference, triton_available
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -57,7 +57,7 @@ def rel_err(x: Tensor, ref: Tensor) -> float:
 
 def errors(inputs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
     """Relative errors of the Triton output and every gradient against the float64 reference."""
-    from parallel.kernels import hstu_triton
+    from adsfm.parallel.kernels import hstu_triton
 
     # NaN-filled outputs and gradients: a row the kernels never write fails the finiteness check.
     monkeypatch.setattr(hstu_triton, "_empty_like", lambda x: torch.full_like(x, float("nan")))
@@ -94,7 +94,7 @@ def test_triton_matches_reference(shape: str, dtype: torch.dtype, monkeypatch: p
 
 
 def test_dispatch_uses_triton_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    from parallel.kernels import hstu_triton
+    from adsfm.parallel.kernels import hstu_triton
 
     calls: list[int] = []
     real = hstu_triton.hstu_attention_triton
@@ -111,7 +111,7 @@ def test_dispatch_uses_triton_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_empty_batches() -> None:
-    from parallel.kernels.hstu_triton import hstu_attention_triton
+    from adsfm.parallel.kernels.hstu_triton import hstu_attention_triton
 
     for lengths in ([], [0, 0, 0]):
         inputs = jagged_inputs(lengths, [0] * len(lengths), 2, 16, 16, 8, 8, torch.bfloat16, seed=2)

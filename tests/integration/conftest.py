@@ -23,7 +23,7 @@ BIN = Path(sys.executable).parent
 def ray_cluster() -> Iterator[None]:
     import ray
 
-    from training.job import init_ray
+    from adsfm.contract.cluster import init_ray
 
     # An ingress replica that stops drains 30 s by default (time for HAProxy to stop sending it requests),
     # holding its CPU: on this 2-CPU cluster the next test's app would wait for it.

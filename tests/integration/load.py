@@ -20,7 +20,7 @@ class SteadyLoad:
         self._threads = [threading.Thread(target=self._run, args=(k,)) for k in range(clients)]
 
     def _run(self, k: int) -> None:
-        from serving.client import RankClient, RankError
+        from adsfm.serving.client import RankClient, RankError
 
         client = RankClient(self.url, timeout_s=30, retries=self.retries)
         i = k

@@ -11,12 +11,12 @@ pytestmark = pytest.mark.integration
 
 
 def test_criteo_files_train_on_two_workers_and_export(ray_cluster: None, tmp_path: Path) -> None:
-    from export.bundle import export_bundle, load_run
-    from export.gate import holdout_auc, holdout_columns
-    from serving.ranker import Ranker
-    from training.config import compose
-    from training.job import run_training
-    from training.stream import write_synthetic_criteo
+    from adsfm.contract.config import compose
+    from adsfm.export.bundle import export_bundle, load_run
+    from adsfm.export.gate import holdout_auc, holdout_columns
+    from adsfm.serving.engine import DenseGraphEngine
+    from adsfm.training.job import run_training
+    from adsfm.training.stream import write_synthetic_criteo
 
     rows = [5000, 3000]
     train = [write_synthetic_criteo(tmp_path / f"day_{i}.tsv", n, seed=i) for i, n in enumerate(rows)]
@@ -39,8 +39,8 @@ def test_criteo_files_train_on_two_workers_and_export(ray_cluster: None, tmp_pat
     run_cfg, _ = load_run(result.run_dir)
     manifest = export_bundle(run_cfg, result.checkpoint, tmp_path / "bundle")
     assert manifest.parity is not None and manifest.parity.passed
-    assert manifest.tables["cat_0"].hash_buckets == 2000
+    assert manifest.features.tables["cat_0"].hash_buckets == 2000
     # Serving hashes the raw hex strings (and empty fields) itself: the same AUC as training's evaluation.
     cols, labels = holdout_columns(manifest)
     assert any(v == "" for v in cols["cat_0"])
-    assert holdout_auc(Ranker(tmp_path / "bundle"), cols, labels) == pytest.approx(result.holdout["auc"], abs=1e-5)
+    assert holdout_auc(DenseGraphEngine(tmp_path / "bundle"), cols, labels) == pytest.approx(result.holdout["auc"], abs=1e-5)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 def _cfg(small_cfg: Any, run_dir: Path, *overrides: str) -> Any:
-    from training.config import compose
+    from adsfm.contract.config import compose
 
     cfg = compose([f"run_root={run_dir.parent}", f"run_dir={run_dir}", "train.progress=false", "train.epochs=2", *overrides])
     cfg.data = small_cfg.data
@@ -28,9 +28,10 @@ def _cfg(small_cfg: Any, run_dir: Path, *overrides: str) -> Any:
 
 
 def test_sigkilled_worker_resumes_from_the_last_checkpoint(ray_cluster: None, small_cfg: Any, tmp_path: Path) -> None:
-    from training.job import run_training
+    from adsfm.training.job import run_training
 
-    common = ("train.max_steps=300", "train.checkpoint_every=50", "train.max_failures=2", "train.keep_checkpoints=0")
+    common = ("train.max_steps=300", "train.checkpoint_every=50", "train.max_failures=2", "train.keep_checkpoints=0",
+              "train.failure_drill=true")
     reference = run_training(_cfg(small_cfg, tmp_path / "straight", *common))
 
     run_dir = tmp_path / "killed"
@@ -59,7 +60,7 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(ray_cluster: None, sm
 
 
 def test_two_worker_checkpoint_resumes_with_one(ray_cluster: None, small_cfg: Any, tmp_path: Path) -> None:
-    from training.job import run_training
+    from adsfm.training.job import run_training
 
     reference = run_training(_cfg(small_cfg, tmp_path / "straight", "train.max_steps=80"))
     run_dir = tmp_path / "resharded"

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def bundles(trained: dict[str, Any], small_cfg: Any, features: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """good: the 1-epoch fixture; weak: 5 steps of training; broken: good with its parity marked failed."""
-    from export.bundle import export_bundle
-    from export.manifest import Manifest
-    from training.checkpoint import save_checkpoint
-    from training.local import train_local
+    from adsfm.contract.manifest import Manifest
+    from adsfm.export.bundle import export_bundle
+    from adsfm.training.checkpoint import save_checkpoint
+    from adsfm.training.local import train_local
 
     root = tmp_path_factory.mktemp("gov")
     weak = train_local(small_cfg, features, max_steps=5)
@@ -40,7 +40,7 @@ def _register_bypassing_checks(bundle: Path, name: str, uri: str) -> str:
     """A version registered by other means than adsfm-export (which refuses failed parity)."""
     import mlflow
 
-    from export.registry import PYFUNC_FILE
+    from adsfm.export.register import PYFUNC_FILE
 
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run():
@@ -51,9 +51,10 @@ def _register_bypassing_checks(bundle: Path, name: str, uri: str) -> str:
 def governance_flow(uri: str, bundles: dict[str, Path], workdir: Path, served: Callable[[], str] | None = None) -> None:
     from mlflow.tracking import MlflowClient
 
-    from export.config import GateConfig
-    from export.gate import GateRefused, gated_promote
-    from export.registry import champion_history, describe, log_and_register, rollback
+    from adsfm.contract.config import GateConfig
+    from adsfm.contract.registry import champion_history, describe, rollback
+    from adsfm.export.gate import GateRefused, gated_promote
+    from adsfm.export.register import log_and_register
 
     name = "gov"
     client = MlflowClient(uri)
@@ -122,11 +123,11 @@ def governance_flow(uri: str, bundles: dict[str, Path], workdir: Path, served: C
 def test_governance_on_local_store_with_serving(
     bundles: dict[str, Path], ray_cluster: None, serve_port: int, tmp_path: Path
 ) -> None:
-    from serving import app
-    from serving.config import ServeConfig
+    from adsfm.contract.config import ServeConfig
+    from adsfm.serving import app
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    from training.tracking import ensure_experiment
+    from adsfm.contract.tracking import ensure_experiment
 
     ensure_experiment(uri, "Default-adsfm", str(tmp_path))
     url = f"http://127.0.0.1:{serve_port}"

@@ -16,15 +16,13 @@ pytestmark = pytest.mark.integration
 
 
 def test_hstu_trains_on_ray_exports_split_and_serves(ray_cluster: None, serve_port: int, tmp_path: Path) -> None:
-    from export.bundle import export_bundle, load_run, load_trained_model
-    from export.registry import log_and_register
-    from export.sequence import row_values
-    from serving import app
-    from serving.config import ServeConfig
-    from training.config import compose
-    from training.data import load_features
-    from training.job import run_training
-    from training.tracking import ensure_experiment
+    from adsfm.contract.config import ServeConfig, compose
+    from adsfm.contract.tracking import ensure_experiment
+    from adsfm.export.bundle import export_bundle, load_run, load_trained_model
+    from adsfm.export.register import log_and_register
+    from adsfm.serving import app
+    from adsfm.training.data import load_features
+    from adsfm.training.job import run_training
 
     result = run_training(compose([f"run_root={tmp_path}", "experiment=movielens_hstu", "train.max_steps=30",
                                    "train.epochs=1", "train.progress=false"]))
@@ -35,7 +33,7 @@ def test_hstu_trains_on_ray_exports_split_and_serves(ray_cluster: None, serve_po
 
     cfg = load_run(result.run_dir)[0]
     manifest = export_bundle(cfg, result.checkpoint, tmp_path / "bundle")
-    assert manifest.model_type == "hstu" and manifest.sequence is not None
+    assert manifest.arch == "hstu" and manifest.sequence is not None
     assert manifest.parity is not None and manifest.parity.passed and manifest.parity.max_abs_diff <= 1e-4
     assert not (tmp_path / "bundle" / "dense.onnx").exists()  # the split graphs replace it
 
@@ -47,10 +45,11 @@ def test_hstu_trains_on_ray_exports_split_and_serves(ray_cluster: None, serve_po
         # A real user's history from the featurized holdout, sent as a service would: raw ids and times.
         fs = load_features(cfg.data)
         row = int(fs.holdout_idx[np.argmax(fs.sparse["history"][1][fs.holdout_idx])])
-        vocab = {t: ["<oov>", *fs.spec["tables"][t]["vocab"]] for t in fs.spec["tables"]}
-        table = {f["name"]: f["table"] for f in fs.spec["sparse"]}
+        vocab = {t: ["<oov>", *(["<missing>"] if spec.missing else []), *spec.vocab] for t, spec in fs.spec.tables.items()}
+        table = {f.name: f.table for f in fs.spec.sparse}
+
         def values(name: str) -> np.ndarray:
-            return row_values(fs, row, name)
+            return fs.row_values(row, name)
 
         user: dict[str, Any] = {f: vocab[table[f]][values(f)[0]] for f in ("user_id", "gender", "occupation", "zip_prefix", "age_bucket")}
         user.update(history=[vocab["item"][i] for i in values("history")],
@@ -64,7 +63,7 @@ def test_hstu_trains_on_ray_exports_split_and_serves(ray_cluster: None, serve_po
         # Independent reference: the eager model from the checkpoint, all 40 candidates in one joint forward.
         model = load_trained_model(cfg, result.checkpoint, fs)
         item_index = {tok: k for k, tok in enumerate(vocab["item"])}
-        year = {i: fs.spec["item_store"][i]["release_year_token"] for i in items}
+        year = {i: fs.item_store[i]["release_year_token"] for i in items}
         year_index = {tok: k for k, tok in enumerate(vocab["release_year_token"])}
         cands = {"item_id": torch.tensor([item_index.get(i, 0) for i in items]),
                  "release_year_token": torch.tensor([year_index.get(str(year[i]), 0) for i in items])}

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_pipeline_runs_end_to_end(ray_cluster: None, serve_port: int, small_cfg: Any, tmp_path: Path) -> None:
-    from training.config import compose
-    from training.pipeline import run_pipeline
+    from adsfm.contract.config import compose
+    from adsfm.export.pipeline import run_pipeline
 
     cfg = compose([f"run_root={tmp_path}", "train.max_steps=60", f"serve.port={serve_port}", "train.progress=false"])
     cfg.data = small_cfg.data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version as version_of
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ def test_register_promote_resolve_round_trip(trained: dict[str, Any], tmp_path: 
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from export.manifest import Manifest
-    from export.registry import log_and_register, promote, resolve
-    from serving.ranker import Ranker
-    from training.tracking import ensure_experiment
+    from adsfm.contract.manifest import Manifest
+    from adsfm.contract.registry import promote, resolve
+    from adsfm.contract.tracking import ensure_experiment
+    from adsfm.export.register import log_and_register
+    from adsfm.serving.engine import DenseGraphEngine
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = ensure_experiment(uri, "registry-test", str(tmp_path))
@@ -43,11 +45,14 @@ def test_register_promote_resolve_round_trip(trained: dict[str, Any], tmp_path: 
     assert Manifest.read(bundle) == Manifest.read(trained["bundle"])
 
     # The pyfunc model (models-from-code) scores like the ranker on its own input example.
-    from export.registry import input_example
+    from adsfm.export.register import input_example
 
     model = mlflow.pyfunc.load_model("models:/ranker-test@champion")
     df = input_example(trained["bundle"])
-    np.testing.assert_allclose(np.asarray(model.predict(df)), Ranker(trained["bundle"]).score_records(df.to_dict("records")))
+    np.testing.assert_allclose(np.asarray(model.predict(df)), DenseGraphEngine(trained["bundle"]).score_records(df.to_dict("records")))
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/ranker-test@champion")).read_text().split()
+    assert f"adsfm=={version_of('adsfm')}" in requirements  # the pyfunc needs this adsfm, pinned
+    assert any(r.startswith("onnxruntime==") for r in requirements)
 
     with pytest.raises(LookupError, match="no alias 'staging'"):
         resolve("ranker-test", "staging", uri, tmp_path / "dl")
@@ -56,8 +61,8 @@ def test_register_promote_resolve_round_trip(trained: dict[str, Any], tmp_path: 
 def test_parity_failure_is_not_registered(trained: dict[str, Any], tmp_path: Path) -> None:
     import shutil
 
-    from export.manifest import Manifest
-    from export.registry import log_and_register
+    from adsfm.contract.manifest import Manifest
+    from adsfm.export.register import log_and_register
 
     bundle = tmp_path / "bundle"
     shutil.copytree(trained["bundle"], bundle)

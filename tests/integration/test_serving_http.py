@@ -15,10 +15,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def server(ray_cluster: None, serve_port: int, trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from export.registry import log_and_register
-    from serving import app
-    from serving.config import ServeConfig
-    from training.tracking import ensure_experiment
+    from adsfm.contract.config import ServeConfig
+    from adsfm.contract.tracking import ensure_experiment
+    from adsfm.export.register import log_and_register
+    from adsfm.serving import app
 
     root = tmp_path_factory.mktemp("serve")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -26,12 +26,21 @@ def server(ray_cluster: None, serve_port: int, trained: dict[str, Any], tmp_path
     log_and_register(trained["bundle"], "served", uri, run_id=None, experiment_id=exp)
     cfg = ServeConfig(port=serve_port, model_name="served", max_candidates=100, batch_wait_ms=20, max_request_bytes=200_000)
     url = app.start(cfg, uri, name="serve-test")
+    REGISTRY["uri"] = uri
     yield url
     app.stop("serve-test")
 
 
+REGISTRY: dict[str, str] = {}
+
+
+@pytest.fixture()
+def registry_uri(server: str) -> str:
+    return REGISTRY["uri"]
+
+
 def test_ranks_over_http_like_the_eager_model(server: str, trained: dict[str, Any], features: Any, small_cfg: Any) -> None:
-    from training.data import example_request, load_frame
+    from adsfm.training.data import example_request, load_frame
 
     df, _ = load_frame(small_cfg.data)
     row = int(features.holdout_idx[123])
@@ -54,12 +63,12 @@ def test_ranks_over_http_like_the_eager_model(server: str, trained: dict[str, An
         kjt_u, kjt_i = b.sparse_features.to_dict(), item_b.sparse_features.to_dict()
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-        side = {f["name"]: f["side"] for f in fs.spec["sparse"]}
+        side = {f.name: f.side for f in fs.spec.sparse}
         parts = {k: (kjt_i[k] if side[k] == "item" else kjt_u[k]) for k in fs.sparse_names}
         kjt = KeyedJaggedTensor.from_jt_dict(parts)
         dense = b.dense_features.clone()
-        for j, d in enumerate(fs.spec["dense"]):
-            if d["side"] == "item":
+        for j, d in enumerate(fs.spec.dense):
+            if d.side == "item":
                 dense[:, j] = item_b.dense_features[:, j]
         with torch.no_grad():
             want[it] = float(torch.sigmoid(trained["model"](dense, kjt))[0])
@@ -70,23 +79,92 @@ def test_ranks_over_http_like_the_eager_model(server: str, trained: dict[str, An
 
 
 @pytest.mark.parametrize(
-    "payload,field",
+    "payload,loc",
     [
-        ({"user": {"user_id": "1"}}, "candidates"),
-        ({"user": {"user_id": "1"}, "candidates": []}, "candidates"),
-        ({"user": {"user_id": "1"}, "candidates": "all"}, "candidates"),
-        ({"user": {"user_id": {"nested": 1}}, "candidates": [{"item_id": "1"}]}, "user"),
-        ({"user": {"userid": "1"}, "candidates": [{"item_id": "1"}]}, "userid"),
-        ({"user": {"user_id": "1"}, "candidates": [{"item_id": str(i)} for i in range(101)]}, "candidates"),
-        ({"user": {"user_id": "1", "age": "forty"}, "candidates": [{"item_id": "1"}]}, "age"),
-        ({"user": {"user_id": "1"}, "candidates": [{"title": "x"}]}, "title"),
-        ([1, 2, 3], "body"),
+        ({"user": {"user_id": "1"}}, ["body", "candidates"]),
+        ({"user": {"user_id": "1"}, "candidates": []}, ["body", "candidates"]),
+        ({"user": {"user_id": "1"}, "candidates": "all"}, ["body", "candidates"]),
+        ({"user": {"user_id": {"nested": 1}}, "candidates": [{"item_id": "1"}]}, ["body", "user", "user_id"]),
+        ({"user": {"userid": "1"}, "candidates": [{"item_id": "1"}]}, ["body", "user", "userid"]),
+        ({"user": {"user_id": "1"}, "candidates": [{"item_id": str(i)} for i in range(101)]}, ["body", "candidates"]),
+        ({"user": {"user_id": "1", "age": "forty"}, "candidates": [{"item_id": "1"}]}, ["body", "user", "age"]),
+        ({"user": {"user_id": "1"}, "candidates": [{"title": "x"}]}, ["body", "candidates", 0]),
+        ({"user": {"history": ["1"] * 1001}, "candidates": [{"item_id": "1"}]}, ["body", "user", "history"]),  # serve.max_values
+        ([1, 2, 3], ["body"]),
     ],
 )
-def test_bad_input_gets_4xx_naming_the_field(server: str, payload: Any, field: str) -> None:
+def test_bad_input_gets_a_422_naming_the_field(server: str, payload: Any, loc: list[Any]) -> None:
+    """422 bodies have the documented shape (FastAPI's: loc, msg, type for each refused field)."""
     r = requests.post(f"{server}/v1/rank", json=payload, timeout=30)
-    assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    assert field in r.text
+    assert r.status_code == 422, (r.status_code, r.text)
+    detail = r.json()["detail"]
+    assert all({"loc", "msg", "type"} <= set(d) for d in detail), detail
+    assert detail[0]["loc"][: len(loc)] == loc, detail
+
+
+def test_every_feature_may_be_left_out(server: str) -> None:
+    """The item id alone is a request: the user's features are missing (their missing rows, the training
+    means), the items' come from the bundle's item store; an unknown item id scores too."""
+    r = requests.post(f"{server}/v1/rank", json={"candidates": [{"item_id": "50"}, {"item_id": 181}, {"item_id": "no-such-item"}]},
+                      timeout=30)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["candidates"]) == 3 and all(0 < c["score"] < 1 for c in r.json()["candidates"])
+    r = requests.post(f"{server}/v1/rank", json={"user": {"user_id": None, "history": []}, "candidates": [{"item_id": "50"}]},
+                      timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_the_served_schema_is_the_bundles(server: str, trained: dict[str, Any]) -> None:
+    """/openapi.json names the bundle's features with their shapes, the item id required on each candidate;
+    /metrics is declared and served as text."""
+    doc = requests.get(f"{server}/openapi.json", timeout=10).json()
+    schemas = doc["components"]["schemas"]
+    req = schemas["RankRequest"]
+    assert req["required"] == ["candidates"] and req["additionalProperties"] is False
+    user = schemas["User"]
+    assert set(user["properties"]) == set(trained["manifest"].request_fields("user"))
+    history = {t.get("type") for t in user["properties"]["history"]["anyOf"]}
+    assert history == {"array", "string", "null"}
+    assert schemas["Candidate"]["required"] == ["item_id"]
+    assert doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"] == {"text/plain": {"schema": {"type": "string"}}}
+    m = requests.get(f"{server}/metrics", timeout=10)
+    assert m.headers["content-type"].startswith("text/plain")
+
+
+def test_schemathesis_finds_nothing(server: str) -> None:
+    """Schemathesis (every check: status codes, content types, response schemas, schema-violating requests
+    refused and conforming ones accepted, unsupported methods) over the served OpenAPI document; the
+    replica still answers afterwards."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "schemathesis"
+    proc = subprocess.run([str(cli), "run", f"{server}/openapi.json", "--checks", "all", "--max-examples", "300",
+                           "--seed", "7", "--workers", "1"], capture_output=True, text=True, timeout=600)
+    tail = proc.stdout[-4000:]
+    print(tail)
+    assert proc.returncode == 0 and "No issues found" in proc.stdout, tail
+    assert requests.get(f"{server}/healthz", timeout=10).status_code == 200
+
+
+def test_the_pyfunc_scores_a_request_body_like_http(server: str, trained: dict[str, Any], registry_uri: str) -> None:
+    """models:/served@champion's predict on the rows of an HTTP request body (lists as lists, item ids
+    alone) gives the scores HTTP gives."""
+    import mlflow
+    import pandas as pd
+
+    from adsfm.contract.request import request_rows
+
+    body = {"user": {"user_id": "196", "gender": "M", "age": 49, "history": ["242", "302", 377], "liked_history": []},
+            "candidates": [{"item_id": "1"}, {"item_id": 50}, {"item_id": "181"}, {"item_id": "no-such-item"}]}
+    answer = requests.post(f"{server}/v1/rank", json=body, timeout=30).json()
+    http = {str(c["item"]["item_id"]): c["score"] for c in answer["candidates"]}
+    mlflow.set_tracking_uri(registry_uri)
+    model = mlflow.pyfunc.load_model("models:/served@champion")
+    got = np.asarray(model.predict(pd.DataFrame(request_rows(body))))
+    want = np.array([http[str(c["item_id"])] for c in body["candidates"]])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
 
 
 def test_malformed_json_is_a_4xx_and_the_replica_survives(server: str) -> None:
@@ -103,7 +181,7 @@ def test_concurrent_requests_are_batched_and_score_as_alone(server: str) -> None
     replica ran some of their candidates through one dense-graph run (@serve.batch)."""
     import threading
 
-    from serving.client import RankClient
+    from adsfm.serving.client import RankClient
 
     client = RankClient(server)
     users = [{"user_id": str(u), "history": [str(u + 1), str(u + 2)]} for u in range(1, 17)]
@@ -138,7 +216,7 @@ def test_concurrent_requests_are_batched_and_score_as_alone(server: str) -> None
 
 
 def test_oversized_body_is_413_and_client_names_the_field(server: str) -> None:
-    from serving.client import RankClient, RankError
+    from adsfm.serving.client import RankClient, RankError
 
     r = requests.post(f"{server}/v1/rank", data=b"x" * 300_000, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 413 and "max_request_bytes" in r.text
@@ -156,7 +234,7 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server: str) ->
 
     spec = requests.get(f"{server}/openapi.json", timeout=10).json()
     schema = spec["components"]["schemas"]["RankRequest"]
-    assert set(schema["required"]) == {"user", "candidates"}
+    assert set(schema["required"]) == {"candidates"}
     user_names = ["user_id", "gender", "occupation", "age", "zip_prefix", "history", "liked_history"]
     scalar = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
                        st.text(max_size=20), st.sampled_from(["1", "50", "M", "", "nan", "inf", "-1", "1e309"]))

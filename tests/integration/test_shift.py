@@ -20,13 +20,13 @@ def test_shift_rolls_back_a_failing_challenger_then_promotes_a_healthy_one(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from export.registry import CHAMPION, alias_version, log_and_register
-    from launch import shift
-    from serving import app
-    from serving.config import ServeConfig
-    from serving.router import read_traffic
-    from training.data import example_request, load_frame
-    from training.tracking import ensure_experiment
+    from adsfm.contract.config import ServeConfig
+    from adsfm.contract.registry import CHAMPION, alias_version, read_traffic
+    from adsfm.contract.tracking import ensure_experiment
+    from adsfm.export.register import log_and_register
+    from adsfm.launch import shift
+    from adsfm.serving import app
+    from adsfm.training.data import example_request, load_frame
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = ensure_experiment(uri, "shift", str(tmp_path))

@@ -44,11 +44,11 @@ def test_a_bad_override_fails_before_anything_is_submitted() -> None:
 
 
 def test_the_job_command_and_environment() -> None:
-    from training.submit import WORKING_DIR_EXCLUDES, entrypoint, runtime_env
+    from adsfm.contract.cluster import WORKING_DIR_EXCLUDES, entrypoint, runtime_env
 
     overrides = ["run_root=/shared/my runs", "experiment_name=a'b"]
     cmd = entrypoint(overrides)
-    assert shlex.split(cmd) == ["python", "-m", "launch.train", *overrides]  # survives the job's shell
+    assert shlex.split(cmd) == ["python", "-m", "adsfm.launch.train", *overrides]  # survives the job's shell
     env = runtime_env(Path("/x"))
     assert env["working_dir"] == "/x"
     assert env["excludes"] == WORKING_DIR_EXCLUDES
@@ -76,7 +76,7 @@ def test_submit_runs_training_as_a_ray_job(head_node_with_jobs: RayHead, small_c
     jobs = json.loads(listing.stdout.strip().splitlines()[-1])
     job = jobs[done.group(1)]
     assert job["status"] == "SUCCEEDED"
-    assert job["entrypoint"].startswith("python -m launch.train ")
+    assert job["entrypoint"].startswith("python -m adsfm.launch.train ")
     # The workers ran on that cluster: its session logs hold their output.
     logs = "".join(p.read_text(errors="ignore") for p in head.temp.glob("session_*/logs/worker-*.out"))
-    assert "[adsfm] sharding plan over 2 rank(s)" in logs
+    assert "[adsfm] sharding plan: " in logs and " over 2 rank(s)" in logs

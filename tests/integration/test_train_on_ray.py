@@ -14,9 +14,9 @@ pytestmark = pytest.mark.integration
 def test_two_worker_job_trains_logs_and_exports(ray_cluster: None, small_cfg: Any, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from export.bundle import export_bundle
-    from training.config import compose
-    from training.job import run_training
+    from adsfm.contract.config import compose
+    from adsfm.export.bundle import export_bundle
+    from adsfm.training.job import run_training
 
     cfg = compose([f"run_root={tmp_path}", "train.max_steps=40", "train.epochs=1", "train.progress=false"])
     cfg.data = small_cfg.data
@@ -42,7 +42,7 @@ def test_two_worker_job_trains_logs_and_exports(ray_cluster: None, small_cfg: An
 
 
 def result_cfg(result: Any) -> Any:
-    from export.bundle import load_run
+    from adsfm.export.bundle import load_run
 
     return load_run(result.run_dir)[0]
 
@@ -50,8 +50,8 @@ def result_cfg(result: Any) -> Any:
 def test_bad_config_fails_before_any_worker_starts(small_cfg: Any, tmp_path: Path) -> None:
     import ray
 
-    from training.config import compose
-    from training.job import run_training
+    from adsfm.contract.config import compose
+    from adsfm.training.job import run_training
 
     was_up = ray.is_initialized()
     cfg = compose([f"run_root={tmp_path}", "train.batch_size=255"])

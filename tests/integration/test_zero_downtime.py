@@ -19,11 +19,11 @@ def test_alias_move_and_killed_replica_fail_no_request(ray_cluster: None, serve_
     import ray
     from mlflow.tracking import MlflowClient
 
-    from export.registry import log_and_register
-    from serving import app
-    from serving.config import ServeConfig
-    from training.data import example_request, load_frame
-    from training.tracking import ensure_experiment
+    from adsfm.contract.config import ServeConfig
+    from adsfm.contract.tracking import ensure_experiment
+    from adsfm.export.register import log_and_register
+    from adsfm.serving import app
+    from adsfm.training.data import example_request, load_frame
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = ensure_experiment(uri, "zero-downtime", str(tmp_path))
@@ -38,7 +38,7 @@ def test_alias_move_and_killed_replica_fail_no_request(ray_cluster: None, serve_
             MlflowClient(uri).set_registered_model_alias("zd", "champion", v2)  # the replicas follow within 0.5 s
             time.sleep(4)
             replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                        if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::zd#RankerDeployment#")]
+                        if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::zd#RankingDeployment#")]
             assert len(replicas) == 2, replicas
             ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=True)  # SIGKILL; Serve replaces it
             time.sleep(8)
@@ -61,11 +61,11 @@ def test_requests_spill_over_to_the_lighter_model_when_the_queue_is_full(
 
     import requests
 
-    from export.registry import log_and_register
-    from serving import app
-    from serving.config import ServeConfig
-    from training.data import example_request, load_frame
-    from training.tracking import ensure_experiment
+    from adsfm.contract.config import ServeConfig
+    from adsfm.contract.tracking import ensure_experiment
+    from adsfm.export.register import log_and_register
+    from adsfm.serving import app
+    from adsfm.training.data import example_request, load_frame
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = ensure_experiment(uri, "spillover", str(tmp_path))

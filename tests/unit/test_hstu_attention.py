@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from parallel.kernels import (
+from adsfm.parallel.kernels import (
     ERROR_BOUNDS,
     hstu_attention,
     hstu_attention_reference,
@@ -229,6 +229,8 @@ def test_dispatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
         hstu_attention(*c.args())
     monkeypatch.delenv("ADSFM_HSTU_KERNEL")
     torch.testing.assert_close(hstu_attention(*c.args()), hstu_attention_reference(*c.args()))  # CPU: reference
+    with pytest.raises(ValueError, match="attention_kernel"):
+        hstu_attention(*c.args(), kernel="bogus")
 
 
 # ---------------------------------------------------------------- Triton (interpreted on CPU)
@@ -243,7 +245,7 @@ needs_triton = pytest.mark.skipif(
 @pytest.fixture
 def triton_mod(monkeypatch: pytest.MonkeyPatch) -> object:
     """parallel.kernels.hstu_triton with outputs and gradients allocated full of NaN, so an unwritten row fails."""
-    from parallel.kernels import hstu_triton  # tests that take this fixture are all marked needs_triton
+    from adsfm.parallel.kernels import hstu_triton  # tests that take this fixture are all marked needs_triton
 
     monkeypatch.setattr(hstu_triton, "_empty_like", lambda x: torch.full_like(x, float("nan")))
     return hstu_triton
@@ -323,17 +325,21 @@ def test_dispatch_forces_triton(triton_mod: object, monkeypatch: pytest.MonkeyPa
         return real(*args)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(triton_mod, "hstu_attention_triton", spy)
-    monkeypatch.setenv("ADSFM_HSTU_KERNEL", "triton")
     c = make_case(torch.Generator().manual_seed(400), [5, 3], [2, 0], dtype=torch.float32)
-    torch.testing.assert_close(hstu_attention(*c.args()), hstu_attention_reference(*c.args()))
+    # chosen by argument (model.sequence.attention_kernel) ...
+    torch.testing.assert_close(hstu_attention(*c.args(), kernel="triton"), hstu_attention_reference(*c.args()))
     assert calls == [1]
+    # ... and the environment variable overrides the argument
+    monkeypatch.setenv("ADSFM_HSTU_KERNEL", "triton")
+    torch.testing.assert_close(hstu_attention(*c.args(), kernel="reference"), hstu_attention_reference(*c.args()))
+    assert calls == [1, 1]
 
 
 if triton_available():
     import triton
     import triton.language as tl
 
-    from parallel.kernels.hstu_triton import _time_bucket
+    from adsfm.parallel.kernels.hstu_triton import _time_bucket
 
     @triton.jit
     def _time_bucket_kernel(DT, OUT, n, NT: tl.constexpr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]

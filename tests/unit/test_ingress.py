@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.ingress import ingress_env
+from adsfm.contract.cluster import ingress_env
 
 
 def test_modes_set_the_variables_ray_serve_reads(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "launch" / "cluster.yaml"
 RAYJOB_YAML = ROOT / "launch" / "rayjob.yaml"
-TRAIN_COMMANDS = (["python", "-m", "launch.train"], ["adsfm-train"])
+TRAIN_COMMANDS = (["python", "-m", "adsfm.launch.train"], ["adsfm-train"])
 
 
 class ManifestError(ValueError):
@@ -37,8 +37,8 @@ def ray_pin() -> str:
 
 def compose_layout(overrides: list[str], where: str) -> Any:
     """The config adsfm-train would run with `overrides`, checked as far as it can be without the data."""
-    from parallel.config import validate_parallel
-    from training.submit import InvalidOverrides, validate_overrides
+    from adsfm.contract.cluster import InvalidOverrides, validate_overrides
+    from adsfm.parallel.config import validate_parallel
 
     try:
         cfg = validate_overrides(overrides)  # what adsfm-submit checks before it submits
@@ -147,7 +147,7 @@ def check_cluster_yaml(doc: dict[str, Any], text: str) -> Any:
     """Ray's schema, the node types against the layout of the documented adsfm-submit command."""
     import jsonschema
 
-    from launch.submit import parser
+    from adsfm.launch.submit import parser
 
     try:
         jsonschema.validate(doc, ray_cluster_schema())
@@ -235,12 +235,12 @@ def check_serve_config(doc: dict[str, Any]) -> Any:
     """Ray Serve's own config schema, then our app builder on the args (no Ray cluster needed)."""
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import app_builder
+    from adsfm.serving.app import app_builder
 
     schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(doc)
     (app_cfg,) = schema.applications
-    if app_cfg.import_path != "serving.app:app_builder":
-        raise ManifestError(f"serve.yaml: import_path {app_cfg.import_path!r} is not serving.app:app_builder")
+    if app_cfg.import_path != "adsfm.serving.app:app_builder":
+        raise ManifestError(f"serve.yaml: import_path {app_cfg.import_path!r} is not adsfm.serving.app:app_builder")
     if doc["http_options"]["host"] != "127.0.0.1":
         raise ManifestError("serve.yaml: http_options.host must stay 127.0.0.1 in the shipped file")
     try:

@@ -1,90 +1,136 @@
-"""The Ray-free serving core: validation names the field; scores do not depend on batching."""
+"""The Ray-free serving core: the request schema derived from the bundle, validation that names the field,
+scores that do not depend on batching or on the cache."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 import pytest
 
-from serving.ranker import FeatureError, Ranker
-from serving.schemas import RankRequest
-from serving.service import RankService
+from adsfm.contract.features import FeatureError
+from adsfm.contract.request import RankRequest
+from adsfm.serving.engine import DenseGraphEngine
+from adsfm.serving.service import RankService, RequestInvalid
 
 
 @pytest.fixture(scope="module")
-def service(trained: dict[str, Any]) -> RankService:
-    return RankService(Ranker(trained["bundle"]), "m", "1", max_candidates=50)
+def service(messy_bundle: dict[str, Any]) -> RankService:
+    return RankService(DenseGraphEngine(messy_bundle["bundle"]), "m", "1", max_candidates=50, max_values=8)
 
 
-USER = {"user_id": "196", "gender": "M", "occupation": "writer", "age": 49, "history": ["242", "302", "377"]}
+USER = {"user": "u7", "country": "fr", "age": 49, "recent_ads": ["3", "5", "8"]}
 
 
 def test_ranking_is_sorted_and_independent_of_batching(service: RankService) -> None:
-    items = [{"item_id": str(i)} for i in range(1, 41)]
+    items = [{"ad": str(i)} for i in range(0, 40)]
     resp = service.rank(RankRequest(user=USER, candidates=items))
     scores = [c.score for c in resp.candidates]
     assert scores == sorted(scores, reverse=True)
     assert [c.rank for c in resp.candidates] == list(range(1, 41))
-    alone = {it["item_id"]: service.ranker.score(USER, [it])[0] for it in items}
+    alone = {it["ad"]: service.engine.score(USER, [it])[0] for it in items}
     for c in resp.candidates:
-        assert abs(c.score - alone[c.item["item_id"]]) <= 1e-6
+        assert abs(c.score - alone[c.item["ad"]]) <= 1e-6
 
 
-def test_history_as_list_or_joined_string_is_the_same(service: RankService) -> None:
-    a = service.ranker.score(USER, [{"item_id": "50"}])
-    b = service.ranker.score({**USER, "history": "242|302|377"}, [{"item_id": "50"}])
+def test_a_list_or_a_joined_string_and_a_number_or_its_string_are_the_same(service: RankService) -> None:
+    a = service.engine.score(USER, [{"ad": "5"}])
+    b = service.engine.score({**USER, "recent_ads": "3|5|8"}, [{"ad": 5}])
     np.testing.assert_allclose(a, b, atol=0)
+    c = service.engine.score({"user": "u7", "country": "fr", "age": "49", "recent_ads": [3, 5, 8.0]}, [{"ad": 5.0}])
+    np.testing.assert_allclose(a, c, atol=0)
+
+
+def test_every_feature_may_be_left_out(service: RankService) -> None:
+    """A request with the item id alone scores: missing user and item features take their missing rows and
+    the training means; a null is the same as leaving the field out."""
+    bare = service.rank(service.parse(b'{"candidates": [{"ad": 3}, {"ad": "no-such-ad"}]}'))
+    nulls = service.rank(service.parse(json.dumps({"user": {k: None for k in USER}, "candidates": [{"ad": 3}, {"ad": "no-such-ad"}]}).encode()))
+    assert [c.score for c in bare.candidates] == [c.score for c in nulls.candidates]
+    assert all(np.isfinite(c.score) for c in bare.candidates)
 
 
 @pytest.mark.parametrize(
-    "user,candidates,field",
+    "body,loc",
     [
-        ({"user_idd": "1"}, [{"item_id": "1"}], "user.user_idd"),
-        ({"user_id": "1"}, [{"item_id": "1", "colour": "red"}], "candidates[0].colour"),
-        ({"user_id": "1"}, [{"genres": "Drama"}], "candidates[0].item_id"),
-        ({"user_id": "1"}, [{"item_id": str(i)} for i in range(51)], "candidates"),
-        ({"user_id": "1", "age": "old"}, [{"item_id": "1"}], "user.age"),
-        ({"user_id": ["1", "2"]}, [{"item_id": "1"}], "user.user_id"),
+        ({"user": {"usr": "1"}, "candidates": [{"ad": "1"}]}, ["user", "usr"]),  # an unknown feature
+        ({"user": {}, "candidates": [{"ad": "1", "colour": "red"}]}, ["candidates", 0, "colour"]),
+        ({"user": {}, "candidates": [{"tags": "a"}]}, ["candidates", 0, "ad"]),  # the item id is required
+        ({"user": {}, "candidates": [{"ad": str(i)} for i in range(51)]}, ["candidates"]),  # serve.max_candidates
+        ({"user": {"age": "old"}, "candidates": [{"ad": "1"}]}, ["user", "age"]),
+        ({"user": {"country": ["fr", "de"]}, "candidates": [{"ad": "1"}]}, ["user", "country"]),
+        ({"user": {"recent_ads": [str(i) for i in range(9)]}, "candidates": [{"ad": "1"}]}, ["user", "recent_ads"]),  # max_values
+        ({"user": {"recent_ads": "|".join(map(str, range(9)))}, "candidates": [{"ad": "1"}]}, ["user", "recent_ads"]),
+        ({"candidates": []}, ["candidates"]),
     ],
 )
-def test_bad_requests_name_the_field(service: RankService, user: dict, candidates: list, field: str) -> None:
-    with pytest.raises(FeatureError) as e:
-        service.rank(RankRequest(user=user, candidates=candidates))
-    assert e.value.field == field
+def test_bad_bodies_are_refused_naming_the_field(service: RankService, body: dict, loc: list) -> None:
+    with pytest.raises(RequestInvalid) as e:
+        service.parse(json.dumps(body).encode())
+    assert e.value.errors[0]["loc"][: len(loc)] == loc, e.value.errors
+    assert {"loc", "msg", "type"} <= set(e.value.errors[0])
 
 
-def test_scores_do_not_depend_on_batching_or_caching(trained: dict[str, Any]) -> None:
+def test_a_request_built_in_python_gets_the_same_checks(service: RankService) -> None:
+    for user, candidates, field in [
+        ({"usr": "1"}, [{"ad": "1"}], "user.usr"),
+        ({}, [{"ad": "1", "colour": "red"}], "candidates[0].colour"),
+        ({}, [{"tags": "a"}], "candidates[0].ad"),
+        ({"age": "old"}, [{"ad": "1"}], "user.age"),
+    ]:
+        with pytest.raises(FeatureError) as e:
+            service.rank(RankRequest(user=user, candidates=candidates))
+        assert e.value.field == field
+
+
+def test_scores_do_not_depend_on_batching_or_caching(messy_bundle: dict[str, Any]) -> None:
     """The same request alone, batched with others, from a cold and from a warm user cache."""
-    ranker = Ranker(trained["bundle"], user_cache_size=4)
-    svc = RankService(ranker, "m", "1", max_candidates=200)
-    req = RankRequest(user=USER, candidates=[{"item_id": str(i)} for i in range(1, 101)])
+    engine = DenseGraphEngine(messy_bundle["bundle"], user_cache_size=4)
+    svc = RankService(engine, "m", "1", max_candidates=200)
+    req = RankRequest(user=USER, candidates=[{"ad": str(i)} for i in range(0, 60)])
     cold = svc.prepare(req)
-    assert ranker.user_cache_info().misses == 1 and ranker.user_cache_info().hits == 0
-    alone = ranker.run_many([cold.inputs])[0]
+    assert engine.user_cache_info().misses == 1 and engine.user_cache_info().hits == 0
+    alone = engine.run_many([cold.inputs])[0]
     warm = svc.prepare(req)
-    assert ranker.user_cache_info().hits == 1
+    assert engine.user_cache_info().hits == 1
     for w, c in zip(warm.inputs, cold.inputs, strict=True):  # (dense, embeddings)
         np.testing.assert_array_equal(w, c)
-    others = [svc.prepare(RankRequest(user={"user_id": str(u), "history": [str(u + 1)]},
-                                      candidates=[{"item_id": str(i)} for i in range(u, u + 7 * u)])) for u in (1, 2, 3)]
-    batched = ranker.run_many([o.inputs for o in others[:2]] + [warm.inputs] + [others[2].inputs])
-    assert [len(b) for b in batched] == [7, 14, 100, 21]
+    others = [svc.prepare(RankRequest(user={"user": str(u), "recent_ads": [str(u + 1)]},
+                                      candidates=[{"ad": str(i % 60)} for i in range(u, u + 7 * u)])) for u in (1, 2, 3)]
+    batched = engine.run_many([o.inputs for o in others[:2]] + [warm.inputs] + [others[2].inputs])
+    assert [len(b) for b in batched] == [7, 14, 60, 21]
     np.testing.assert_allclose(batched[2], alone, rtol=0, atol=1e-6)
     # The precomputed item rows (a candidate naming only its id) equal the per-candidate path that a
     # candidate sending its own item fields takes.
-    stored = ranker.item_store["50"]
-    via_store = ranker.score(USER, [{"item_id": "50"}])
-    via_fields = ranker.score(USER, [{"item_id": "50", **stored}])
+    item, stored = next((k, v) for k, v in engine.item_store.items() if v.get("bid") is not None)
+    via_store = engine.score(USER, [{"ad": item}])
+    via_fields = engine.score(USER, [{"ad": item, **stored}])
     np.testing.assert_allclose(via_store, via_fields, rtol=0, atol=1e-7)
-    assert ranker.score(USER, [{"item_id": "50", "release_year": 1950}])[0] != via_store[0]  # overrides are honoured
+    assert engine.score(USER, [{"ad": item, "bid": 1000.0}])[0] != via_store[0]  # a sent value overrides the store
+
+
+def test_the_user_cache_is_bounded_and_keyed_by_a_hash() -> None:
+    from adsfm.serving.cache import LRU
+
+    cache: LRU[np.ndarray] = LRU(max_entries=3, max_bytes=3 * (800 + 16))
+    for k in range(5):
+        cache.get_or_compute(bytes([k]) * 16, lambda: np.zeros(100))  # 800 bytes each
+    info = cache.info()
+    assert (info.currsize, info.misses, info.hits) == (3, 5, 0)
+    cache.get_or_compute(bytes([4]) * 16, lambda: np.ones(100))
+    assert cache.info().hits == 1
+    small: LRU[np.ndarray] = LRU(max_entries=100, max_bytes=2000)
+    for k in range(5):
+        small.get_or_compute(bytes([k]) * 16, lambda: np.zeros(100))
+    assert small.info().currsize == 2 and small.info().bytes <= 2000  # bounded in bytes, whatever the entries
 
 
 def test_limits_and_auth_are_refused_with_4xx() -> None:
     from starlette.requests import Request
 
-    from serving.config import ServeConfig
-    from serving.limits import refusal as _refusal
+    from adsfm.contract.config import ServeConfig
+    from adsfm.serving.limits import refusal as _refusal
 
     def request(path: str, headers: dict[str, str]) -> Request:
         raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]

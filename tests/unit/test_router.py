@@ -11,25 +11,26 @@ from typing import Any
 import numpy as np
 import pytest
 
-from launch.shift import Limits, judge
-from serving import metrics
-from serving.monitor import VersionStats, summarize
-from serving.ranker import FeatureError, Ranker
-from serving.router import Router, Split, bucket, top_k_disagreement
-from serving.schemas import RankRequest
-from serving.service import Prepared, RankService
+from adsfm.contract.registry import Split
+from adsfm.contract.request import RankRequest
+from adsfm.serving import metrics
+from adsfm.serving.engine import DenseGraphEngine, FeatureError
+from adsfm.serving.monitor import VersionStats, summarize
+from adsfm.serving.router import Router, bucket, top_k_disagreement
+from adsfm.serving.service import Prepared, RankService
+from adsfm.serving.shift import Limits, judge
 
-USER = {"user_id": "196", "gender": "M", "occupation": "writer", "age": 49, "history": ["242", "302", "377"]}
-ITEMS = [{"item_id": str(i)} for i in range(1, 31)]
+USER = {"user": "u7", "country": "fr", "age": 49, "recent_ads": ["3", "5", "8"]}
+ITEMS = [{"ad": str(i)} for i in range(0, 30)]
 
 
 @pytest.fixture(scope="module")
-def services(trained: dict[str, Any]) -> dict[str, RankService]:
-    return {v: RankService(Ranker(trained["bundle"]), "m", v, max_candidates=100) for v in ("1", "2", "light")}
+def services(messy_bundle: dict[str, Any]) -> dict[str, RankService]:
+    return {v: RankService(DenseGraphEngine(messy_bundle["bundle"]), "m", v, max_candidates=100) for v in ("1", "2", "light")}
 
 
 async def engine(svc: RankService, p: Prepared) -> np.ndarray:
-    return svc.ranker.run_many([p.inputs])[0]
+    return svc.engine.run_many([p.inputs])[0]
 
 
 def counter(c: Any, label: str) -> float:
@@ -45,11 +46,11 @@ def test_sticky_split_keeps_users_on_their_side_as_the_share_grows() -> None:
 
 
 def test_router_follows_the_split_and_is_sticky_per_user(services: dict[str, RankService]) -> None:
-    r = Router(services["1"], engine)
+    r = Router(services["1"], engine, sticky_field="user")
     r.challenger, r.split = services["2"], Split(challenger_pct=50)
     answered = {}
     for u in range(200):
-        req = RankRequest(user={**USER, "user_id": str(u)}, candidates=ITEMS[:3])
+        req = RankRequest(user={**USER, "user": str(u)}, candidates=ITEMS[:3])
         versions = {asyncio.run(r.rank(req)).model_version for _ in range(3)}
         assert len(versions) == 1  # the same user, the same side
         answered[u] = versions.pop()
@@ -64,7 +65,7 @@ def test_a_failing_challenger_is_answered_by_the_champion(services: dict[str, Ra
         return await engine(svc, p)
 
     seen: list[tuple[str, bool]] = []
-    r = Router(services["1"], broken, report=lambda v, ok, ms: seen.append((v, ok)))
+    r = Router(services["1"], broken, report=lambda v, ok, ms: seen.append((v, ok)), sticky_field="user")
     r.challenger, r.split = services["2"], Split(challenger_pct=100)
     before = counter(metrics.FALLBACKS, "challenger_error")
     res = asyncio.run(r.rank(RankRequest(user=USER, candidates=ITEMS)))
@@ -74,7 +75,7 @@ def test_a_failing_challenger_is_answered_by_the_champion(services: dict[str, Ra
     assert counter(metrics.FALLBACKS, "challenger_error") == before + 1
     assert ("2", False) in seen  # the shift sees the challenger's failure though the client did not
     with pytest.raises(FeatureError):  # a request the champion refuses too is the client's (422)
-        asyncio.run(r.rank(RankRequest(user={"user_idd": "1"}, candidates=ITEMS)))
+        asyncio.run(r.rank(RankRequest(user={"usr": "1"}, candidates=ITEMS)))
 
 
 def test_a_late_model_is_replaced_by_the_fallback_by_the_deadline(services: dict[str, RankService]) -> None:
@@ -83,7 +84,7 @@ def test_a_late_model_is_replaced_by_the_fallback_by_the_deadline(services: dict
             await asyncio.sleep(0.5)
         return await engine(svc, p)
 
-    r = Router(services["1"], slow_main, light=services["light"], deadline_ms=300)
+    r = Router(services["1"], slow_main, spillover=services["light"], deadline_ms=300)
     r.challenger, r.split = services["2"], Split(challenger_pct=0)
     req = RankRequest(user=USER, candidates=ITEMS)
     res = asyncio.run(r.rank(req))
@@ -93,7 +94,7 @@ def test_a_late_model_is_replaced_by_the_fallback_by_the_deadline(services: dict
     assert (res.model_version, res.fallback) == ("1", None)
 
     r.split = Split(challenger_pct=100)  # a late challenger: the champion answers
-    r.light = None
+    r.spillover = None
 
     async def slow_challenger(svc: RankService, p: Prepared) -> np.ndarray:
         if svc.model_version == "2":
@@ -112,12 +113,12 @@ def test_shadow_challenger_scores_but_never_answers(services: dict[str, RankServ
         scored.append(svc.model_version)
         return await engine(svc, p)
 
-    r = Router(services["1"], tracking, shadow_log=str(tmp_path / "shadow.jsonl"))
+    r = Router(services["1"], tracking, shadow_log=str(tmp_path / "shadow.jsonl"), sticky_field="user")
     r.challenger, r.split = services["2"], Split(challenger_pct=100, shadow=True)
     agreed = counter(metrics.SHADOW, "agreed")
 
     async def go() -> list[str]:
-        out = [(await r.rank(RankRequest(user={**USER, "user_id": str(u)}, candidates=ITEMS))).model_version for u in range(5)]
+        out = [(await r.rank(RankRequest(user={**USER, "user": str(u)}, candidates=ITEMS))).model_version for u in range(5)]
         await asyncio.gather(*r._shadow_tasks)
         return out
 
@@ -126,8 +127,8 @@ def test_shadow_challenger_scores_but_never_answers(services: dict[str, RankServ
     assert counter(metrics.SHADOW, "agreed") == agreed + 5  # the same weights: the same top 10
     logged = [json.loads(line) for line in (tmp_path / "shadow.jsonl").read_text().splitlines()]
     assert [(x["version"], x["user"], x["disagreement"]) for x in logged] == [("2", str(u), 0.0) for u in range(5)]
-    alone = services["2"].rank(RankRequest(user={**USER, "user_id": "0"}, candidates=ITEMS))
-    assert logged[0]["top"] == [c.item["item_id"] for c in alone.candidates[:10]]  # the answer it would have given
+    alone = services["2"].rank(RankRequest(user={**USER, "user": "0"}, candidates=ITEMS))
+    assert logged[0]["top"] == [c.item["ad"] for c in alone.candidates[:10]]  # the answer it would have given
 
 
 def test_disagreement_and_split_validation() -> None:

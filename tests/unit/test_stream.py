@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.config import DataConfig, StreamConfig
-from training.stream import (
+from adsfm.contract.config import DataConfig, StreamConfig
+from adsfm.training.stream import (
     CriteoSource,
     criteo_spec,
     rank_pieces,
@@ -30,9 +30,12 @@ LINES = [
 SMALL = StreamConfig(num_dense=2, num_sparse=3, hash_buckets=1000, stats_rows=10, holdout_rows=10)
 
 
-def _blake_row(value: str, buckets: int) -> int:
-    """The hashing contract written out independently of export.manifest.stable_hash."""
-    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little") % buckets + 1
+def _blake_row(value: str, buckets: int, missing_row: bool) -> int:
+    """The hashing contract written out independently of adsfm.contract.features: an empty value is missing
+    (row 1 when the table saw missing values in training, else row 0); a key lands after the reserved rows."""
+    if value == "":
+        return 1 if missing_row else 0
+    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little") % buckets + 1 + missing_row
 
 
 def _cfg(train: list[Path], holdout: list[Path], s: StreamConfig = SMALL) -> DataConfig:
@@ -53,9 +56,10 @@ def test_hand_checked_lines_parse_and_hash(tmp_path: Path) -> None:
     # Dense: log1p of max(x, 0), statistics over the present values; a missing value is 0 after scaling.
     col0 = np.log1p([5.0, 0.0, 0.0])  # -3 is clipped to 0
     col1 = np.log1p([12.0, 7.0])  # the first line's value is missing
-    assert spec["dense"][0]["mean"] == pytest.approx(col0.mean()) and spec["dense"][0]["std"] == pytest.approx(col0.std())
-    assert spec["dense"][1]["mean"] == pytest.approx(col1.mean()) and spec["dense"][1]["std"] == pytest.approx(col1.std())
-    assert spec["tables"]["cat_0"] == {"rows": 1001, "pooling": "sum", "hash_buckets": 1000, "vocab": []}
+    assert spec.dense[0].mean == pytest.approx(col0.mean()) and spec.dense[0].std == pytest.approx(col0.std())
+    assert spec.dense[1].mean == pytest.approx(col1.mean()) and spec.dense[1].std == pytest.approx(col1.std())
+    assert spec.tables["cat_0"].model_dump() == {"rows": 1001, "pooling": "sum", "hash_buckets": 1000, "vocab": [], "missing": False}
+    assert spec.tables["cat_1"].rows == 1002 and spec.tables["cat_1"].missing  # an empty value in the stats rows
 
     batch = next(CriteoSource(cfg, spec, batch_size=3).epoch(0, 0, 1, skip=0))
     np.testing.assert_array_equal(batch.labels.numpy(), [1, 0, 1])
@@ -68,7 +72,8 @@ def test_hand_checked_lines_parse_and_hash(tmp_path: Path) -> None:
     kjt = batch.sparse_features.to_dict()
     raw = [line.split("\t")[3:] for line in LINES]
     for j in range(3):
-        np.testing.assert_array_equal(kjt[f"cat_{j}"].values().numpy(), [_blake_row(r[j], 1000) for r in raw])
+        missing = spec.tables[f"cat_{j}"].missing
+        np.testing.assert_array_equal(kjt[f"cat_{j}"].values().numpy(), [_blake_row(r[j], 1000, missing) for r in raw])
         np.testing.assert_array_equal(kjt[f"cat_{j}"].lengths().numpy(), [1, 1, 1])
     assert kjt["cat_0"].values()[0] == kjt["cat_0"].values()[1]  # the same raw id, the same row
 

@@ -1,34 +1,34 @@
-"""Ranking models: a sparse arch built on the meta device + a dense arch. They know nothing of parallelism."""
+"""Ranking models: a sparse arch built on the meta device + a dense arch, each declaring how its dense side
+splits under tensor parallelism and FSDP (`parallel_plan`), which adsfm.parallel.shard applies."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from training.config import ModelConfig
+from adsfm.contract.config import Arch, ModelConfig
+from adsfm.contract.features import FeatureSpec
 
-MODELS = ("dlrm", "hstu")
 
-
-def features_by_table(spec: dict) -> dict[str, list[str]]:
+def features_by_table(spec: FeatureSpec) -> dict[str, list[str]]:
     """Each embedding table of the data spec with the features that look it up, in spec order (raw
     features have no table)."""
     tables: dict[str, list[str]] = {}
-    for f in spec["sparse"]:
-        if not f.get("raw"):
-            tables.setdefault(f["table"], []).append(f["name"])
+    for f in spec.sparse:
+        if not f.raw:
+            tables.setdefault(f.table_name, []).append(f.name)
     return tables
 
 
-def build_model(spec: dict, cfg: ModelConfig, device: torch.device | str = "meta") -> nn.Module:
-    """The configured ranker (`model.name`), tables on `device` (meta: DistributedModelParallel
+def build_model(spec: FeatureSpec, cfg: ModelConfig, device: torch.device | str = "meta") -> nn.Module:
+    """The configured model (`model.arch`), tables on `device` (meta: DistributedModelParallel
     materializes them as shards)."""
-    if cfg.name == "dlrm":
-        from training.models.dlrm import DLRMRanker
+    if cfg.arch == Arch.dlrm:
+        from adsfm.training.models.dlrm import DLRM
 
-        return DLRMRanker(spec, cfg, device=device)
-    if cfg.name == "hstu":
-        from training.models.hstu import HSTURanker
+        return DLRM(spec, cfg, device=device)
+    if cfg.arch == Arch.hstu:
+        from adsfm.training.models.hstu import HSTU
 
-        return HSTURanker(spec, cfg, device=device)
-    raise ValueError(f"model.name={cfg.name!r}: choose from {list(MODELS)}")
+        return HSTU(spec, cfg, device=device)
+    raise ValueError(f"model.arch={cfg.arch}: choose from {[str(a) for a in Arch]}")

@@ -1,4 +1,4 @@
-"""HSTU (Zhai et al. 2024, "Actions Speak Louder than Words") as a ranker: each candidate attends to the
+"""HSTU (Zhai et al. 2024, "Actions Speak Louder than Words") as a ranking model: each candidate attends to the
 user's whole history, never to other candidates (M-FALCON), so one forward scores many candidates.
 
 Tokens: a history event is its item's embedding plus its action's (MovieLens: the rating); a candidate is
@@ -15,18 +15,21 @@ never attend to candidates, so the split computes exactly what the joint forward
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from parallel.kernels import hstu_attention, position_bucket, time_bucket
-from training.config import ModelConfig, SequenceModelConfig
-from training.models import features_by_table
+from adsfm.contract.config import ModelConfig, SequenceModelConfig
+from adsfm.contract.features import FeatureSpec
+from adsfm.parallel.dense_plan import DensePlan
+from adsfm.parallel.kernels import hstu_attention, position_bucket, time_bucket
+from adsfm.training.models import features_by_table
 
 
 def _offsets(lengths: torch.Tensor) -> torch.Tensor:
@@ -41,6 +44,7 @@ class HSTULayer(nn.Module):
         super().__init__()
         h = s.num_heads
         self.attention_dim, self.linear_dim, self.norm_by = s.attention_dim, s.linear_dim, norm
+        self.kernel = str(s.attention_kernel)
         self.alpha = s.attention_dim**-0.5
         self.input_norm = nn.LayerNorm(dim)
         self.q = nn.Linear(dim, h * s.attention_dim)
@@ -72,7 +76,7 @@ class HSTULayer(nn.Module):
                 max_len: int) -> torch.Tensor:
         u, q, k, v = self.project(x)
         a = hstu_attention(q, k, v, offsets, num_targets, times, self.position_bias, self.time_bias, max_len,
-                           self.alpha, self.norm_by)
+                           self.alpha, self.norm_by, kernel=self.kernel)
         return self.finish(x, a, u)
 
 
@@ -130,8 +134,8 @@ class HSTUDense(nn.Module):
         total = b + hist.shape[0] + cand.shape[0]
         x = hist.new_empty(total, hist.shape[1])
         ctx = self.context(context)
-        # The user's context reaches candidates directly as well as through the start token (holdout AUC
-        # 0.7958 against 0.7915 through the start token alone, MovieLens, 3 epochs).
+        # The user's context reaches candidates directly as well as through the start token (the README's
+        # HSTU section has the holdout AUC of each).
         cand = cand + self.query + torch.repeat_interleave(ctx, cand_lengths, dim=0, output_size=cand.shape[0])
         x = x.index_copy(0, s_pos, self.bos + ctx).index_copy(0, h_pos, hist).index_copy(0, c_pos, cand)
         times = hist_times.new_empty(total)
@@ -141,40 +145,53 @@ class HSTUDense(nn.Module):
         return self.head(self.final_norm(x[c_pos])).squeeze(-1)
 
 
-class HSTURanker(nn.Module):
+class HSTU(nn.Module):
     """Tables (an EmbeddingCollection, meant for the meta device) + HSTUDense. forward(dense, kjt) scores
     one candidate per row, as the training loop feeds it; `score` scores many candidates for one user."""
 
-    kind = "hstu"
-
-    def __init__(self, spec: dict, cfg: ModelConfig, device: torch.device | str = "meta") -> None:
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig, device: torch.device | str = "meta") -> None:
         super().__init__()
         s = cfg.sequence
-        by_name = {f["name"]: f for f in spec["sparse"]}
+        by_name = {f.name: f for f in spec.sparse}
         for role in ("history", "actions", "times", "item", "time"):
             name = getattr(s, role)
             if name not in by_name:
                 raise ValueError(f"model.sequence.{role}={name!r} is not a data.sparse feature; features: {list(by_name)}")
-        if not (by_name[s.times].get("raw") and by_name[s.time].get("raw")):
+        if not (by_name[s.times].raw and by_name[s.time].raw):
             raise ValueError(f"model.sequence.times ({s.times}) and .time ({s.time}) must be raw features (raw: true)")
-        if by_name[s.history]["table"] != by_name[s.item]["table"]:
+        if by_name[s.history].table != by_name[s.item].table:
             raise ValueError(f"model.sequence: history ({s.history}) and item ({s.item}) must share one table")
         self.seq = s
-        self.embedded = [f["name"] for f in spec["sparse"] if not f.get("raw")]
+        self.embedded = [f.name for f in spec.sparse if not f.raw]
         special = {s.history, s.actions, s.times, s.item, s.time}
-        self.context_features = [f["name"] for f in spec["sparse"]
-                                 if f["side"] == "user" and not f.get("raw") and not f["multi"] and f["name"] not in special]
-        self.item_features = [s.item, *(f["name"] for f in spec["sparse"]
-                                        if f["side"] == "item" and not f.get("raw") and not f["multi"] and f["name"] != s.item)]
+        self.context_features = [f.name for f in spec.sparse
+                                 if f.side == "user" and not f.raw and not f.multi and f.name not in special]
+        self.item_features = [s.item, *(f.name for f in spec.sparse
+                                        if f.side == "item" and not f.raw and not f.multi and f.name != s.item)]
         d = cfg.embedding_dim
         self.sparse = EmbeddingCollection(
-            tables=[EmbeddingConfig(name=t, embedding_dim=d, num_embeddings=spec["tables"][t]["rows"], feature_names=fs)
+            tables=[EmbeddingConfig(name=t, embedding_dim=d, num_embeddings=spec.tables[t].rows, feature_names=fs)
                     for t, fs in features_by_table(spec).items()],
             device=torch.device(device),
         )
-        self.max_history = int(spec.get("history", {}).get("length") or 0)
+        self.max_history = spec.history.length
         self.norm = s.attention_norm or float(max(self.max_history, 1))
         self.dense = HSTUDense(len(self.context_features), cfg, self.norm)
+
+    def parallel_plan(self, tp: int) -> DensePlan:
+        """Per layer, Q, K, V and U column-wise (each rank holds whole heads) and the output projection
+        row-wise (its input stays split by head; one all-reduce joins the output), as Megatron splits
+        attention; the relative bias is shared by all heads. FSDP units: the layers."""
+        heads, n = self.seq.num_heads, len(self.dense.layers)
+        if tp > 1 and heads % tp:
+            raise ValueError(f"parallel.tp({tp}) splits model.sequence.num_heads({heads}) across ranks: "
+                             f"num_heads % tp = {heads % tp} != 0")
+        tensor_parallel: dict[str, Any] = {}
+        for i in range(n if tp > 1 else 0):
+            tensor_parallel.update({f"layers.{i}.{p}": ColwiseParallel() for p in ("q", "k", "v", "u")})
+            tensor_parallel[f"layers.{i}.out"] = RowwiseParallel()
+        shared = [f"layers.{i}.{p}" for i in range(n) for p in ("position_bias", "time_bias")] if tp > 1 else []
+        return DensePlan(tensor_parallel=tensor_parallel, fsdp_units=[f"layers.{i}" for i in range(n)], head_shared=shared)
 
     def embed(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         jts = kjt.to_dict()

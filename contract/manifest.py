@@ -1,67 +1,42 @@
 """The exported artifact's schema: everything serving needs to score without training code.
 
-Only JSON, ONNX and safetensors files make up a bundle; nothing in it is ever unpickled. This module
-depends on nothing but pydantic so that serving can read it; `stable_hash` lives here because training
-and serving must hash raw ids identically.
+A bundle is a directory of JSON, ONNX and safetensors files; nothing in it is ever unpickled. The manifest
+carries the feature spec (adsfm.contract.features) the model was trained with, so every reader featurizes a
+raw request exactly as training did, and names every file of the bundle, each checked to stay inside it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+from adsfm.contract.features import DenseFeatureSpec, FeatureSpec, SparseFeatureSpec
 
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
-def stable_hash(value: str, buckets: int) -> int:
-    """Process-independent hash into [0, buckets) (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little") % buckets
+def _relative(name: str) -> str:
+    """A bundle file name: relative, with no '..' (a manifest must not point outside its bundle)."""
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or ".." in p.parts or "\\" in name:
+        raise ValueError(f"bundle file {name!r} must be a relative path inside the bundle")
+    return name
 
 
-class SparseFeatureSpec(BaseModel):
-    name: str
-    column: str | None = None
-    """Column of the training data it came from (defaults to name)."""
-    table: str | None = None
-    """Its embedding table; None for a raw feature."""
-    multi: bool = False
-    sep: str = "|"
-    side: Literal["user", "item"] = "user"
-    raw: bool = False
-    """Integer values used as they are (timestamps), not looked up."""
+class TableFile(BaseModel):
+    """How one embedding table is stored in the bundle (its featurization is in `features.tables`)."""
 
-    @property
-    def table_name(self) -> str:
-        if self.table is None:
-            raise ValueError(f"feature {self.name!r} is raw: it has no table")
-        return self.table
-
-
-class DenseFeatureSpec(BaseModel):
-    name: str
-    column: str | None = None
-    side: Literal["user", "item"] = "user"
-    log1p: bool = False
-    mean: float = 0.0
-    std: float = 1.0
-
-
-class TableSpec(BaseModel):
-    rows: int
     dim: int
-    pooling: Literal["sum", "mean"]
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     file: str
     """safetensors file: 'weight' (fp32/fp16) or 'codes' (uint8) + 'scale_bias' (fp16 [rows, 2]) for int8."""
     bytes: int = 0
-    hash_buckets: int = 0
-    """0: `vocab` maps raw values to rows 1..; else raw values hash into rows 1..hash_buckets. Row 0 is OOV."""
-    vocab: list[str] = Field(default_factory=list)
+
+    _check_file = field_validator("file")(_relative)
 
 
 class DenseGraphSpec(BaseModel):
@@ -69,9 +44,11 @@ class DenseGraphSpec(BaseModel):
     inputs: list[str] = Field(default_factory=lambda: ["dense", "embeddings"])
     output: str = "logit"
 
+    _check_file = field_validator("file")(_relative)
+
 
 class SequenceSpec(BaseModel):
-    """How a sequence model's two graphs fit together (model_type hstu), so serving needs no model code.
+    """How a sequence model's two graphs fit together (arch hstu), so serving needs no model code.
 
     For one user: `history` [n, D] is the sum of the rows of the `history` and `actions` features of the
     user's events (oldest first, the latest `max_history`); `times` [1 + n] int64 is a start time (the first
@@ -94,6 +71,8 @@ class SequenceSpec(BaseModel):
     max_history: int
     num_layers: int
 
+    _check_files = field_validator("user_graph", "candidate_graph")(_relative)
+
 
 class ParitySpec(BaseModel):
     """Bundle against the eager fp32 model on the same holdout rows."""
@@ -108,9 +87,14 @@ class ParitySpec(BaseModel):
     auc_margin: float = 0.002
     """Applies when a table is quantized: the bundle's holdout AUC may be this much below the eager one."""
     quantized: bool = False
+    featurization: str = "identical"
+    """Raw holdout values through the bundle's featurization against training's rows: identical, or the
+    first difference."""
     passed: bool
 
     def reason(self) -> str:
+        if self.featurization != "identical":
+            return f"featurization differs from training: {self.featurization}"
         if self.quantized:
             return f"holdout AUC drop {self.auc_drop:.4f} vs margin {self.auc_margin:.4f} over {self.rows} rows"
         return f"max |eager - exported| {self.max_abs_diff:.3g} vs tolerance {self.tolerance:.1g} over {self.rows} rows"
@@ -118,16 +102,12 @@ class ParitySpec(BaseModel):
 
 class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
-    model_type: Literal["dlrm", "hstu"] = "dlrm"
+    arch: Literal["dlrm", "hstu"] = "dlrm"
     embedding_dim: int
-    sparse: list[SparseFeatureSpec]
-    """Feature order of the dense graph's `embeddings` input."""
-    dense: list[DenseFeatureSpec]
-    """Column order of the dense graph's `dense` input."""
-    tables: dict[str, TableSpec]
+    features: FeatureSpec
+    """The feature spec training used: features, tables' vocabularies or hashing, dense normalisation."""
+    tables: dict[str, TableFile]
     dense_graph: DenseGraphSpec = Field(default_factory=DenseGraphSpec)
-    item_column: str | None = None
-    user_column: str | None = None
     item_store_file: str | None = "item_store.json"
     """Raw item-side feature values by item id, so a request may send only ids."""
     versions: dict[str, str] = Field(default_factory=dict)
@@ -140,19 +120,34 @@ class Manifest(BaseModel):
     """The training data config (resolved), so a gate can rebuild the same holdout."""
     parity: ParitySpec | None = None
     sequence: SequenceSpec | None = None
-    """Set for sequence models (model_type hstu): the split graphs replace the dense graph."""
+    """Set for sequence models (arch hstu): the split graphs replace the dense graph."""
+
+    @field_validator("item_store_file")
+    @classmethod
+    def _check_item_store(cls, v: str | None) -> str | None:
+        return None if v is None else _relative(v)
+
+    @property
+    def sparse(self) -> list[SparseFeatureSpec]:
+        return self.features.sparse
+
+    @property
+    def dense(self) -> list[DenseFeatureSpec]:
+        return self.features.dense
+
+    @property
+    def item_column(self) -> str | None:
+        return self.features.item_column
+
+    @property
+    def user_column(self) -> str | None:
+        return self.features.user_column
 
     def feature_names(self, side: str | None = None) -> list[str]:
-        """Sparse then dense feature names, of one side ('user' / 'item') or all."""
-        sparse = [f.name for f in self.sparse if side is None or f.side == side]
-        return sparse + [d.name for d in self.dense if side is None or d.side == side]
+        return self.features.feature_names(side)
 
     def request_fields(self, side: str | None = None) -> set[str]:
-        """Fields a request may carry: the features, and the item id on the item side."""
-        fields = set(self.feature_names(side))
-        if self.item_column and side in (None, "item"):
-            fields.add(self.item_column)
-        return fields
+        return self.features.request_fields(side)
 
     def write(self, bundle: Path) -> Path:
         path = bundle / MANIFEST_FILE
@@ -165,3 +160,12 @@ class Manifest(BaseModel):
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: {bundle} is not an adsfm bundle")
         return cls.model_validate(json.loads(path.read_text()))
+
+
+def bundle_file(bundle: Path, name: str) -> Path:
+    """A file the manifest names, resolved under the bundle (symbolic links that leave it are refused)."""
+    root = Path(bundle).resolve()
+    path = (root / _relative(name)).resolve()
+    if root != path and root not in path.parents:
+        raise ValueError(f"bundle file {name!r} resolves outside the bundle {root}")
+    return path

@@ -11,15 +11,17 @@ import numpy as np
 import requests
 from omegaconf import DictConfig
 
-from training.job import as_config, init_ray, run_training
+from adsfm.contract.cluster import init_ray_for
+from adsfm.contract.config import AdsfmConfig, as_config
+from adsfm.training.job import run_training
 
 
-def run_pipeline(cfg_in: DictConfig, keep_serving: bool = False) -> dict[str, Any]:
-    from export.bundle import export_bundle
-    from export.gate import GateRefused, gated_promote
-    from export.registry import log_and_register
-    from serving import app as serve_app
-    from training.data import example_request, load_features, load_frame
+def run_pipeline(cfg_in: DictConfig | AdsfmConfig, keep_serving: bool = False) -> dict[str, Any]:
+    from adsfm.export.bundle import export_bundle
+    from adsfm.export.gate import GateRefused, gated_promote
+    from adsfm.export.register import log_and_register
+    from adsfm.serving import app as serve_app
+    from adsfm.training.data import example_request, load_features, load_frame
 
     cfg = as_config(cfg_in)
     t_start = time.time()
@@ -44,13 +46,13 @@ def run_pipeline(cfg_in: DictConfig, keep_serving: bool = False) -> dict[str, An
     print(report.table(), flush=True)
 
     print("[adsfm] 4/4 serve + rank over HTTP", flush=True)
-    init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.serve_ingress)
+    init_ray_for(cfg)
     url = serve_app.start(cfg.serve, tr.tracking_uri)
     fs = load_features(cfg.data)
     df, _ = load_frame(cfg.data)
     row = int(fs.holdout_idx[0])
     # 100 candidates from the catalogue, the item this user actually rated next among them.
-    catalogue = np.array(sorted(fs.spec["item_store"]) or ["0"])
+    catalogue = np.array(sorted(fs.item_store) or ["0"])
     picks = np.random.default_rng(0).choice(catalogue, size=min(99, len(catalogue)), replace=False).tolist()
     actual = str(df[manifest.item_column].iloc[row]) if manifest.item_column else picks[0]
     req = example_request(df, fs.spec, row, [actual, *[p for p in picks if p != actual]][:100])

@@ -12,7 +12,7 @@ import torch
 def test_half_written_checkpoint_is_never_returned(trained: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch.distributed.checkpoint as dcp
 
-    from training.checkpoint import latest_checkpoint, save_checkpoint
+    from adsfm.training.checkpoint import latest_checkpoint, save_checkpoint
 
     model = trained["model"]
     save_checkpoint(model, tmp_path / "step_10")
@@ -30,7 +30,7 @@ def test_half_written_checkpoint_is_never_returned(trained: dict[str, Any], tmp_
 
 
 def test_retention_keeps_the_newest(trained: dict[str, Any], tmp_path: Path) -> None:
-    from training.checkpoint import complete_checkpoints, save_checkpoint
+    from adsfm.training.checkpoint import complete_checkpoints, save_checkpoint
 
     for step in (5, 10, 15, 20):
         save_checkpoint(trained["model"], tmp_path / f"step_{step}", keep=2)
@@ -39,18 +39,18 @@ def test_retention_keeps_the_newest(trained: dict[str, Any], tmp_path: Path) -> 
 
 def test_resume_continues_the_same_trajectory(small_cfg: Any, features: Any, tmp_path: Path) -> None:
     """Model and optimizer state (Adam moments, Adagrad sums) round-trip: 10 + 10 steps == 20 steps."""
-    from parallel.shard import unsharded_optimizer
-    from training.checkpoint import load_checkpoint, save_checkpoint
-    from training.data import iter_batches
-    from training.loop import train_step
-    from training.models.dlrm import DLRMRanker
-    from training.worker import optim_config
+    from adsfm.parallel.shard import unsharded_optimizer
+    from adsfm.training.checkpoint import load_checkpoint, save_checkpoint
+    from adsfm.training.data import iter_batches
+    from adsfm.training.loop import train_step
+    from adsfm.training.models.dlrm import DLRM
+    from adsfm.training.worker import optim_config
 
     batches = list(iter_batches(features.train_idx, 256, 0, 1, seed=3))[:20]
 
     def fresh() -> tuple[Any, Any]:
         torch.manual_seed(5)
-        m = DLRMRanker(features.spec, small_cfg.model, device="cpu")
+        m = DLRM(features.spec, small_cfg.model, device="cpu")
         return m, unsharded_optimizer(m, optim_config(small_cfg))
 
     model, opt = fresh()
@@ -71,8 +71,8 @@ def test_async_checkpoint_holds_the_state_at_save_and_publishes_when_complete(
 ) -> None:
     import copy
 
-    from training.checkpoint import AsyncCheckpointer, latest_checkpoint, load_into_unsharded
-    from training.models.dlrm import DLRMRanker
+    from adsfm.training.checkpoint import AsyncCheckpointer, latest_checkpoint, load_into_unsharded
+    from adsfm.training.models.dlrm import DLRM
 
     model = copy.deepcopy(trained["model"])
     at_save = {k: v.clone() for k, v in model.state_dict().items()}
@@ -84,7 +84,7 @@ def test_async_checkpoint_holds_the_state_at_save_and_publishes_when_complete(
     assert latest_checkpoint(tmp_path) is None  # nothing is visible before it is published
     assert saver.wait() == tmp_path / "step_10" and latest_checkpoint(tmp_path) == tmp_path / "step_10"
     assert (tmp_path / "step_10" / "state.json").read_text() == '{"step": 10}'
-    restored = DLRMRanker(features.spec, small_cfg.model, device="cpu")
+    restored = DLRM(features.spec, small_cfg.model, device="cpu")
     load_into_unsharded(restored, tmp_path / "step_10")
     for k, want in at_save.items():
         torch.testing.assert_close(restored.state_dict()[k], want, msg=lambda m, k=k: f"{k}: {m}")

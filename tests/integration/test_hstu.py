@@ -12,15 +12,14 @@ import torch
 
 @pytest.fixture(scope="module")
 def seq_cfg(run_root: Path) -> Any:
-    from training.config import compose
-    from training.job import as_config
+    from adsfm.contract.config import compose
 
-    return as_config(compose(["experiment=movielens_hstu", f"run_root={run_root}", "parallel=single", "train.progress=false"]))
+    return compose(["experiment=movielens_hstu", f"run_root={run_root}", "parallel=single", "train.progress=false"])
 
 
 @pytest.fixture(scope="module")
 def seq_features(seq_cfg: Any) -> Any:
-    from training.data import load_features
+    from adsfm.training.data import load_features
 
     return load_features(seq_cfg.data)
 
@@ -28,10 +27,10 @@ def seq_features(seq_cfg: Any) -> Any:
 @pytest.fixture(scope="module")
 def model(seq_cfg: Any, seq_features: Any) -> Any:
     """A randomly initialised HSTU whose relative biases are non-zero (they start at zero in training)."""
-    from training.models.hstu import HSTURanker
+    from adsfm.training.models.hstu import HSTU
 
     torch.manual_seed(0)
-    m = HSTURanker(seq_features.spec, seq_cfg.model, device="cpu").eval()
+    m = HSTU(seq_features.spec, seq_cfg.model, device="cpu").eval()
     with torch.no_grad():
         for layer in m.dense.blocks():
             layer.position_bias.normal_()
@@ -40,19 +39,22 @@ def model(seq_cfg: Any, seq_features: Any) -> Any:
 
 
 def _rows(fs: Any, row: int, name: str) -> np.ndarray:
-    from export.sequence import row_values
+    return fs.row_values(row, name)
 
-    return row_values(fs, row, name)
+
+def _tokens(table: Any) -> list[str]:
+    """Row → raw key of a vocabulary table (the reserved rows first)."""
+    return ["<oov>", *(["<missing>"] if table.missing else []), *table.vocab]
 
 
 def test_history_is_strictly_earlier_and_in_step(seq_cfg: Any, seq_features: Any) -> None:
     """Each row's history: the user's latest events with earlier timestamps, oldest first; the ratings and
     times are those events' own (checked against the raw MovieLens ratings)."""
-    from training.data import load_movielens_frame
+    from adsfm.training.data import load_movielens_frame
 
     fs = seq_features
     raw = load_movielens_frame(Path(seq_cfg.data.cache_dir).expanduser())
-    vocab = ["<oov>", *fs.spec["tables"]["item"]["vocab"]]
+    vocab = _tokens(fs.spec.tables["item"])
     rng = np.random.default_rng(0)
     checked = 0
     for r in rng.choice(len(fs.labels), 300, replace=False):
@@ -67,7 +69,7 @@ def test_history_is_strictly_earlier_and_in_step(seq_cfg: Any, seq_features: Any
         latest = mine.sort_values("timestamp", kind="stable").tail(seq_cfg.data.history.length)
         # Ties at the cut may pick either event; the times kept are the latest ones either way.
         assert sorted(times) == sorted(latest.timestamp.astype(np.int64))
-        rating_vocab = ["<oov>", *fs.spec["tables"]["rating"]["vocab"]]
+        rating_vocab = _tokens(fs.spec.tables["rating"])
         by_item = dict(zip(mine.item_id.astype(str), mine.rating, strict=True))
         known = [(i, a) for i, a in zip(items, ratings, strict=True) if i != "<oov>"]  # items only in holdout rows
         assert {i for i, _ in known} <= set(by_item)
@@ -123,7 +125,7 @@ def test_training_forward_matches_single_user_scoring(model: Any, seq_features: 
 
 @pytest.fixture(scope="module")
 def split_bundle(model: Any, seq_features: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.sequence import export_sequence_bundle
+    from adsfm.export.sequence import export_sequence_bundle
 
     out = tmp_path_factory.mktemp("hstu-bundle")
     tables = [c.name for c in model.sparse.embedding_configs()]
@@ -135,7 +137,7 @@ def split_bundle(model: Any, seq_features: Any, tmp_path_factory: pytest.TempPat
 def test_split_graphs_match_the_joint_forward(model: Any, seq_features: Any, split_bundle: Path,
                                               history: int, candidates: int) -> None:
     """User graph + candidate graph (ONNX Runtime) against the eager joint forward, fp32: <= 1e-4."""
-    from serving.sequence import SequenceInputs, SequenceRanker
+    from adsfm.serving.sequence import SequenceEngine, SequenceInputs
 
     fs = seq_features
     lengths = fs.sparse["history"][1]
@@ -143,9 +145,9 @@ def test_split_graphs_match_the_joint_forward(model: Any, seq_features: Any, spl
     hist, acts, times, ctx, cands, t = _one_user(model, fs, row, candidates, seed=history + candidates)
     with torch.no_grad():
         eager = torch.sigmoid(model.score(hist, acts, times, ctx, cands, t)).double().numpy()
-    ranker = SequenceRanker(split_bundle)
-    state = ranker.encode(hist.numpy(), acts.numpy(), times.numpy(), ctx, t)
-    split = ranker.run(SequenceInputs(ranker.item_tokens({f: v.numpy() for f, v in cands.items()}), t, state))
+    engine = SequenceEngine(split_bundle)
+    state = engine.encode(hist.numpy(), acts.numpy(), times.numpy(), ctx, t)
+    split = engine.run(SequenceInputs(engine.item_tokens({f: v.numpy() for f, v in cands.items()}), t, state))
     assert np.abs(split - eager).max() <= 1e-4
 
 
@@ -153,13 +155,13 @@ def test_raw_requests_score_like_featurized_rows(model: Any, seq_cfg: Any, seq_f
     """A service's request (raw ids, ratings and times, oldest first) scores as the featurized row does;
     the second request of the same user hits the user-state cache; mismatched history fields are a 4xx-class
     FeatureError that names the field."""
-    from serving.ranker import FeatureError
-    from serving.sequence import SequenceRanker
+    from adsfm.contract.features import FeatureError
+    from adsfm.serving.sequence import SequenceEngine
 
     fs = seq_features
     row = int(np.argmax(fs.sparse["history"][1]))
-    vocab = {t: ["<oov>", *fs.spec["tables"][t]["vocab"]] for t in fs.spec["tables"]}
-    table = {f["name"]: f["table"] for f in fs.spec["sparse"]}
+    vocab = {t: _tokens(spec) for t, spec in fs.spec.tables.items()}
+    table = {f.name: f.table for f in fs.spec.sparse}
 
     def raw(name: str) -> list[str]:
         return [vocab[table[name]][i] for i in _rows(fs, row, name)]
@@ -168,16 +170,16 @@ def test_raw_requests_score_like_featurized_rows(model: Any, seq_cfg: Any, seq_f
     user.update(history=raw("history"), history_rating=raw("history_rating"),
                 history_time=_rows(fs, row, "history_time").tolist(), timestamp=int(_rows(fs, row, "timestamp")[0]))
     items = [{"item_id": raw("item_id")[0]}, {"item_id": "1"}, {"item_id": "50"}]
-    ranker = SequenceRanker(split_bundle)
-    got = ranker.score(user, items)
+    engine = SequenceEngine(split_bundle)
+    got = engine.score(user, items)
     hist, acts, times, ctx, _, t = _one_user(model, fs, row, 1, seed=0)
-    rows = {f: torch.from_numpy(v) for f, v in ranker.item_rows(items).items()}
+    rows = {f: torch.from_numpy(v) for f, v in engine.item_rows(items).items()}
     with torch.no_grad():
         want = torch.sigmoid(model.score(hist, acts, times, ctx, rows, t)).double().numpy()
     assert np.abs(got - want).max() <= 1e-4
-    ranker.score(user, items[:1])
-    assert ranker.user_cache_info().hits == 1
+    engine.score(user, items[:1])
+    assert engine.user_cache_info().hits == 1
     bad = dict(user, history_rating=user["history_rating"][:-1])
     with pytest.raises(FeatureError) as e:
-        ranker.score(bad, items)
+        engine.score(bad, items)
     assert e.value.field == "user.history"

@@ -1,4 +1,9 @@
-"""MLflow: log a bundle as a model version with lineage, move aliases with a recorded history, roll back."""
+"""The registry policy: what the champion and challenger aliases mean, how the traffic split between them
+and the champion history are kept on the registered model, and how a version is fetched.
+
+One module that export (registering), serving (following aliases and the split) and launch (promote,
+rollback, shift) share. MLflow is the store; nothing here imports torch or another adsfm layer.
+"""
 
 from __future__ import annotations
 
@@ -6,127 +11,45 @@ import getpass
 import json
 import os
 import time
-from importlib.metadata import version as pkg_version
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
-import pandas as pd
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
-from mlflow.tracking import MlflowClient
+from adsfm.contract.manifest import Manifest
 
-from export.manifest import Manifest
-from serving.bundle import open_ranker
+if TYPE_CHECKING:  # mlflow costs seconds to import: the functions that talk to the registry import it
+    from mlflow.tracking import MlflowClient
 
-PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "adsfm.champion_history"
 HISTORY_KEEP = 30  # entries kept in the tag (MLflow caps tag values at a few KB)
+TRAFFIC_TAG = "adsfm.traffic"
+"""Registered-model tag holding the champion/challenger split as JSON (Split)."""
 
+@dataclass(frozen=True)
+class Split:
+    """How traffic is shared between the champion and the challenger alias."""
 
-def _pip_requirements() -> list[str]:
-    # Given explicitly: MLflow's inference costs ~6 s and would pull in the training stack.
-    pkgs = ("onnxruntime", "safetensors", "numpy", "pandas", "pydantic", "mlflow")
-    return [f"{p}=={pkg_version(p)}" for p in pkgs] + ["adsfm"]
+    challenger_pct: float = 0.0
+    """Share of users (sticky) or requests answered by the challenger, 0-100."""
+    shadow: bool = False
+    """The challenger scores a copy of every request; its answer is logged and compared, never returned."""
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.challenger_pct <= 100.0:
+            raise ValueError(f"challenger_pct={self.challenger_pct}: must be within 0..100")
 
-def input_example(bundle: Path, n: int = 2) -> pd.DataFrame:
-    """A few (user, item) rows with raw values the bundle knows, for the signature and the docs."""
-    m = Manifest.read(bundle)
-    ranker = open_ranker(bundle)
-    items = list(ranker.item_store.items())[:n] or [("0", {})]
-    rows = []
-    for item_id, feats in items:
-        row: dict[str, Any] = {}
-        for f in m.sparse:
-            vocab = m.tables[f.table].vocab if f.table else []
-            row[f.name] = vocab[0] if vocab else "0"
-        for d in m.dense:
-            row[d.name] = d.mean
-        if m.item_column:
-            row[m.item_column] = item_id
-        row.update({k: ("|".join(map(str, v)) if isinstance(v, list) else v) for k, v in feats.items()})
-        rows.append({k: str(v) if not isinstance(v, float) else v for k, v in row.items()})
-    return pd.DataFrame(rows)
+    @classmethod
+    def from_tag(cls, raw: str | None) -> Split:
+        return cls(**json.loads(raw)) if raw else cls()
 
-
-def log_and_register(
-    bundle: Path, name: str, tracking_uri: str, run_id: str | None, experiment_id: str | None = None
-) -> ModelVersion:
-    """Log the bundle as a pyfunc model in `run_id` (the training run), register it with lineage tags and
-    its model card, alias it challenger; the first version of a name also becomes champion."""
-    manifest = Manifest.read(bundle)
-    if manifest.parity is None or not manifest.parity.passed:
-        reason = manifest.parity.reason() if manifest.parity else "no parity check recorded"
-        raise ValueError(f"{bundle}: parity not passed ({reason}); refusing to register")
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    example = input_example(bundle)
-    scores = open_ranker(bundle).score_records(example.to_dict("records"))
-    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name="export" if not run_id else None):
-        info = mlflow.pyfunc.log_model(
-            name="ranker",
-            python_model=str(PYFUNC_FILE),
-            artifacts={"bundle": str(bundle)},
-            signature=infer_signature(example, scores),
-            input_example=example,
-            pip_requirements=_pip_requirements(),
-        )
-        p = manifest.parity
-        mlflow.log_metrics({"parity_max_abs_diff": p.max_abs_diff, "export_holdout_auc": p.auc_bundle, "export_auc_drop": p.auc_drop})
-        card = bundle / "card"
-        if card.is_dir():
-            mlflow.log_artifacts(str(card), "model_card")
-        active_run = mlflow.active_run()
-        assert active_run is not None
-        source_run = active_run.info.run_id
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="adsfm ranking model (ONNX dense graph + embedding tables)")
-    parent = alias_version(client, name, CHAMPION)
-    precisions = sorted({t.precision for t in manifest.tables.values()})
-    mv = mlflow.register_model(
-        info.model_uri,
-        name,
-        tags={
-            "adsfm.git_commit": manifest.git_commit,
-            "adsfm.config_hash": manifest.config_hash,
-            "adsfm.data_fingerprint": manifest.data_fingerprint,
-            "adsfm.train_run_id": manifest.train_run_id or source_run,
-            "adsfm.parent_version": parent or "",
-            "adsfm.precision": "+".join(precisions),
-            "adsfm.table_bytes": str(sum(t.bytes for t in manifest.tables.values())),
-            "adsfm.parity_passed": str(p.passed),
-            "adsfm.parity": p.reason(),
-            "adsfm.holdout_auc": f"{p.auc_bundle:.5f}",
-        },
-    )
-    version = str(mv.version)
-    _wait_ready(client, name, version)
-    client.update_model_version(name, version, description=_card_text(bundle))
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    if parent is None:
-        promote(name, tracking_uri, version, reason="first version of this model")
-    return client.get_model_version(name, version)
-
-
-def _card_text(bundle: Path) -> str:
-    md = bundle / "card" / "model_card.md"
-    return md.read_text()[:4000] if md.exists() else ""
-
-
-def _wait_ready(client: MlflowClient, name: str, version: str, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while client.get_model_version(name, version).status != "READY":
-        if time.time() > deadline:
-            raise TimeoutError(f"model {name} version {version} not READY after {timeout:.0f}s")
-        time.sleep(0.2)
+    def to_tag(self) -> str:
+        return json.dumps(asdict(self))
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
     # search_model_versions returns empty aliases; get_registered_model(...).aliases is right.
     try:
         v = client.get_registered_model(name).aliases.get(alias)
@@ -167,6 +90,8 @@ def promote(
 ) -> str:
     """Move champion to `version` (default: the challenger); record who, when, why (and the gate's verdict
     or that it was forced) on the version and in the model's champion history."""
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri)
     target = version or alias_version(client, name, CHALLENGER)
     if target is None:
@@ -178,6 +103,8 @@ def promote(
 
 def rollback(name: str, tracking_uri: str, reason: str = "") -> tuple[str, str]:
     """Champion back to the version it replaced, in one step: (from, to)."""
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri)
     current = alias_version(client, name, CHAMPION)
     moves = [h for h in champion_history(client, name) if h["kind"] != "rollback" and h["version"] == current]
@@ -190,6 +117,8 @@ def rollback(name: str, tracking_uri: str, reason: str = "") -> tuple[str, str]:
 
 def download_version(name: str, version: str, tracking_uri: str, dst: Path) -> Path:
     """Local bundle directory of models:/name/version, downloaded under `dst` once."""
+    import mlflow
+
     mlflow.set_tracking_uri(tracking_uri)
     target = dst / f"{name}-v{version}"
     if not (target / "MLmodel").exists():
@@ -212,6 +141,8 @@ def _bundle_path(mlmodel: Path) -> str:
 
 def resolve(name: str, alias: str, tracking_uri: str, dst: Path) -> tuple[str, Path]:
     """(version, local bundle directory) of models:/name@alias."""
+    from mlflow.tracking import MlflowClient
+
     ver = alias_version(MlflowClient(tracking_uri), name, alias)
     if ver is None:
         raise LookupError(f"model {name!r} has no alias {alias!r} in {tracking_uri}; run adsfm-export / adsfm-promote")
@@ -220,6 +151,8 @@ def resolve(name: str, alias: str, tracking_uri: str, dst: Path) -> tuple[str, P
 
 def describe(name: str, tracking_uri: str) -> str:
     """Versions with aliases and lineage, then the champion history: what `adsfm-models NAME` prints."""
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri)
     model = client.get_registered_model(name)
     by_version: dict[str, list[str]] = {}
@@ -238,3 +171,27 @@ def describe(name: str, tracking_uri: str) -> str:
     for h in champion_history(client, name):
         lines.append(f"  {h['at']}  {h['previous'] or '-':>4} -> {h['version']:<4} {h['kind']:<8} by {h['by']}: {h['reason']}")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What the registry says a replica should serve."""
+
+    champion: str | None
+    challenger: str | None
+    split: Split
+
+
+def read_traffic(client: Any, name: str, alias: str = "champion") -> Traffic:
+    """One registry read (MlflowClient `client`): the version `alias` points at and, when that is the
+    champion, the challenger and the split (replicas serving another alias follow it alone)."""
+    model = client.get_registered_model(name)
+    main, challenger = model.aliases.get(alias), model.aliases.get(CHALLENGER)
+    if alias != CHAMPION:
+        return Traffic(None if main is None else str(main), None, Split())
+    return Traffic(None if main is None else str(main), None if challenger is None else str(challenger),
+                   Split.from_tag(model.tags.get(TRAFFIC_TAG)))
+
+
+def write_split(client: Any, name: str, split: Split) -> None:
+    client.set_registered_model_tag(name, TRAFFIC_TAG, split.to_tag())

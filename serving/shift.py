@@ -1,0 +1,81 @@
+"""The canary policy: move traffic from the champion to the challenger in steps, each judged on what every
+replica reported of the challenger; roll back at once when a limit is crossed, promote after the last step.
+
+adsfm-shift (launch/shift.py) parses the command line and calls `shift`; the split it writes lives in the
+registry (adsfm.contract.registry), which every replica reads.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from adsfm.contract.registry import CHALLENGER, Split, promote, read_traffic, write_split
+from adsfm.serving.monitor import VersionStats
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_error_rate: float
+    max_p99_ms: float
+    min_requests: int
+
+
+def judge(stats: VersionStats | None, limits: Limits) -> str | None:
+    """Why the challenger must be rolled back on this evidence, or None. Errors count from the first
+    request (one failure in a handful is a failing model); p99 is judged once min_requests make it mean something."""
+    if stats is None or stats.requests == 0:
+        return None
+    if stats.errors and stats.error_rate > limits.max_error_rate:
+        return f"error rate {stats.error_rate:.1%} ({stats.errors}/{stats.requests}) > --max-error-rate {limits.max_error_rate:.1%}"
+    if stats.requests >= limits.min_requests and stats.p99_ms > limits.max_p99_ms:
+        return f"p99 {stats.p99_ms:.1f} ms over {stats.requests} requests > --max-p99-ms {limits.max_p99_ms:g}"
+    return None
+
+
+def shift(client: Any, name: str, tracking_uri: str, steps: list[float], every_s: float, limits: Limits, monitor: Any,
+          promote_at_end: bool = True) -> int:
+    """Run the steps; returns the exit status: 0 promoted (or held at the last step), 1 rolled back, 2 nothing
+    to shift. `client` is an MlflowClient, `monitor` the model's TrafficMonitor actor."""
+    import ray
+
+    t = read_traffic(client, name)
+    challenger = t.challenger
+    if challenger is None or t.champion is None:
+        print(f"[adsfm] {name}: needs both a champion and a {CHALLENGER} alias (now: champion {t.champion}, "
+              f"{CHALLENGER} {challenger})", file=sys.stderr)
+        return 2
+    print(f"[adsfm] {name}: shifting champion v{t.champion} -> challenger v{challenger}: steps {steps} % "
+          f"every {every_s:g}s; limits: error rate {limits.max_error_rate:.1%}, p99 {limits.max_p99_ms:g} ms", flush=True)
+    for pct in steps:
+        write_split(client, name, Split(challenger_pct=pct))
+        start = time.time()
+        while True:
+            time.sleep(min(1.0, every_s))
+            stats = ray.get(monitor.window.remote(start)).get(challenger)
+            reason = judge(stats, limits)
+            if reason is not None:
+                write_split(client, name, Split())
+                print(f"[adsfm] {name}: ROLLED BACK at {pct:g} %: challenger v{challenger} {reason}; "
+                      f"all traffic on champion v{t.champion}", file=sys.stderr, flush=True)
+                return 1
+            seen = 0 if stats is None else stats.requests
+            if time.time() - start >= every_s and seen >= limits.min_requests:
+                break
+            if time.time() - start >= 5 * every_s:
+                write_split(client, name, Split())
+                print(f"[adsfm] {name}: ROLLED BACK at {pct:g} %: only {seen} challenger requests in "
+                      f"{time.time() - start:.0f}s (< --min-requests {limits.min_requests}); nothing to judge it on",
+                      file=sys.stderr, flush=True)
+                return 1
+        assert stats is not None
+        print(f"[adsfm]   {pct:5.1f} % held {every_s:g}s: {stats.requests} challenger requests, "
+              f"{stats.errors} errors, p99 {stats.p99_ms:.1f} ms", flush=True)
+    if not promote_at_end:
+        return 0
+    promote(name, tracking_uri, challenger, reason=f"adsfm-shift {','.join(f'{s:g}' for s in steps)}")
+    write_split(client, name, Split())
+    print(f"[adsfm] {name}: champion -> v{challenger}; split cleared", flush=True)
+    return 0
