@@ -1,9 +1,11 @@
 """The naive baseline of bench/serve.py: FastAPI + uvicorn running the eager PyTorch model as trained.
 
-One request at a time, one forward per request over all its candidates; raw values are mapped to rows with
-the training vocabularies; no cross-request batching, no cache, no export.
+One forward per request over all its candidates; raw values are mapped to rows through the same feature
+contract; no cross-request batching, no cache, no export. It gets the CPU budget adsfm gets: as many
+uvicorn worker processes as the host has cores (each holds the model), uvloop and httptools, and orjson
+for the response.
 
-    python bench/naive_server.py CONFIG.yaml CHECKPOINT PORT
+    python bench/naive_server.py CONFIG.yaml CHECKPOINT PORT [WORKERS]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import uvicorn  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import ORJSONResponse  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
@@ -29,6 +32,13 @@ from adsfm.training.data import load_features  # noqa: E402
 from adsfm.training.models import build_model  # noqa: E402
 
 
+def create_app() -> FastAPI:
+    """The app of one worker process (uvicorn's factory; the paths come from the environment)."""
+    import os
+
+    return build(os.environ["ADSFM_NAIVE_CONFIG"], os.environ["ADSFM_NAIVE_CHECKPOINT"])
+
+
 def build(config: str, checkpoint: str) -> FastAPI:
     cfg = as_config(OmegaConf.load(config))
     fs = load_features(cfg.data)
@@ -36,7 +46,7 @@ def build(config: str, checkpoint: str) -> FastAPI:
     load_into_unsharded(model, Path(checkpoint))
     model.eval()
     torch.set_num_threads(1)
-    app = FastAPI()
+    app = FastAPI(default_response_class=ORJSONResponse)
     if cfg.model.arch == Arch.hstu:
         _sequence_route(app, model, fs.spec, fs.item_store)
     else:
@@ -112,4 +122,10 @@ def _dlrm_route(app: FastAPI, model: Any, spec: FeatureSpec, store: dict[str, di
 
 
 if __name__ == "__main__":
-    uvicorn.run(build(sys.argv[1], sys.argv[2]), host="127.0.0.1", port=int(sys.argv[3]), log_level="warning")
+    import os
+
+    os.environ["ADSFM_NAIVE_CONFIG"], os.environ["ADSFM_NAIVE_CHECKPOINT"] = sys.argv[1], sys.argv[2]
+    workers = int(sys.argv[4]) if len(sys.argv) > 4 else (os.cpu_count() or 1)
+    os.environ["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # the workers import bench.naive_server
+    uvicorn.run("bench.naive_server:create_app", factory=True, host="127.0.0.1", port=int(sys.argv[3]), workers=workers,
+                loop="uvloop", http="httptools", log_level="warning")

@@ -1,27 +1,38 @@
 """Serving under load: adsfm's Ray Serve app against Ray Serve's own floor and a naive FastAPI server.
 
-    python bench/serve.py [--quick] [--out FILE.json] [--seconds 8] [--concurrency 1,8,32] [--qps 200]
+    python bench/serve.py [--quick] [--out FILE.json] [--seconds 8] [--concurrency 1,8,32] [--runs 3]
 
 One run on this machine, 127.0.0.1 only. It trains the MovieLens DLRM (one process, 1 epoch) and the
 MovieLens HSTU (one process, 40 steps, 200-event histories), exports and registers them, then serves each
-three ways, fed the same request stream:
-- adsfm: the Ray Serve app in its shipped configuration (conf/serve/default.yaml);
+three ways, fed the same request streams:
+- adsfm: the Ray Serve app in its shipped configuration (conf/serve/default.yaml, HAProxy ingress);
 - noop: a Ray Serve deployment that answers a constant, in the same configuration (Ray Serve's own cost);
 - naive: bench/naive_server.py, FastAPI + uvicorn running the eager PyTorch model as trained, one forward
-  per request, no cross-request batching, no cache.
-The stream is realistic: users drawn with their MovieLens frequency (a random rating's user), each with the
-real features and history of that moment, candidates drawn from the item catalogue. Workload A: the DLRM,
-100 candidates per request; workload B: the HSTU (split graphs and cached user state in adsfm, the whole
-model per request in the naive server), 500 candidates per request for users with a full 200-event history. Closed loop: C clients, each sending its next request when the
-last is answered, for --seconds per point; --qps adds an open-loop point (fixed arrival rate).
+  per request, no cross-request batching, no cache; as many worker processes as the host has cores,
+  uvloop, httptools and orjson (the CPU budget adsfm's replica, HAProxy and Ray share).
+Streams (every request a real MovieLens moment: the user's features and history then, the item the user
+rated among the candidates, the rest drawn from the catalogue):
+- holdout (the headline): the holdout's ratings in time order, each a distinct (user, moment), so the
+  user state is new unless the user really came back with the same history; every point starts with
+  adsfm's user caches empty (a new cache_generation through Ray Serve's reconfigure) and the hit rate it
+  reached is reported. Workload A: the DLRM, 100 candidates; workload B: the HSTU (split graphs and the
+  cached user state in adsfm, the whole model per request in the naive server), 500 candidates, the
+  holdout moments of users with a full 200-event history.
+- returning (labelled as such, workload A): 64 (user, moment) pairs over and over, to show what the cache
+  is worth when users do come back; its hit rate is reported beside it.
+Load: wrk (a compiled generator, one thread, the same for every server) in a closed loop of C connections
+for --seconds per point, the bodies from a Lua list; each point runs --runs times, servers interleaved; the
+figures are the median, with the spread (min, max) beside them.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
+import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,8 +50,27 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+WRK_LUA = """-- adsfm bench/serve.py: POST each body of the list in order, once per request
+local bodies, i = {}, 0
+for line in io.lines(os.getenv("ADSFM_BODIES")) do bodies[#bodies + 1] = line end
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i + 1
+  return wrk.format(nil, nil, nil, bodies[(i - 1) % #bodies + 1])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('ADSFM {"requests": %d, "duration_us": %d, "socket_errors": %d, "non2xx": %d, '
+    .. '"p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d}\\n', summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, e.status, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max))
+end
+"""
 
-def request_stream(cfg: Any, n_candidates: int, count: int, seed: int, full_history: int = 0) -> list[bytes]:
+
+def requests_at(cfg: Any, rows: list[int], n_candidates: int, seed: int) -> list[bytes]:
+    """A request per row: that user's features and history at that moment, the rated item and n-1 others."""
     import numpy as np
 
     from adsfm.training.data import example_request, load_features, load_frame
@@ -49,84 +79,55 @@ def request_stream(cfg: Any, n_candidates: int, count: int, seed: int, full_hist
     df, _ = load_frame(cfg.data)
     rng = np.random.default_rng(seed)
     catalogue = np.array(sorted(fs.item_store))
-    pool = np.flatnonzero(fs.sparse["history"][1] == full_history) if full_history else np.arange(len(df))
-    rows = rng.choice(pool, size=count)  # a random rating: users weighted by how often they rate
+    key = fs.spec.item_column
     out = []
     for r in rows:
-        cands = rng.choice(catalogue, size=min(n_candidates, len(catalogue)), replace=n_candidates > len(catalogue))
-        out.append(json.dumps(example_request(df, fs.spec, int(r), [str(c) for c in cands])).encode())
+        actual = str(df[key].iloc[r])
+        others = rng.choice(catalogue, size=min(n_candidates, len(catalogue)), replace=n_candidates > len(catalogue))
+        cands = [actual, *[str(c) for c in others if str(c) != actual]][:n_candidates]
+        out.append(json.dumps(example_request(df, fs.spec, int(r), cands)).encode())
     return out
 
 
-async def _post(session: Any, url: str, body: bytes) -> bool:
-    """One request; True when it was answered 200 (an error status or a broken connection counts as an error)."""
-    import aiohttp
-
-    try:
-        async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
-            await r.read()
-            return r.status == 200
-    except aiohttp.ClientError:
-        return False
-
-
-async def closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, float]:
-    import aiohttp
-
-    lat: list[float] = []
-    errors = 0
-    stop = time.perf_counter() + seconds
-
-    async def client(k: int, session: aiohttp.ClientSession) -> None:
-        nonlocal errors
-        i = k
-        while time.perf_counter() < stop:
-            t0 = time.perf_counter()
-            errors += not await _post(session, url, bodies[i % len(bodies)])
-            lat.append(time.perf_counter() - t0)
-            i += concurrency
-
-    conn = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(k, session) for k in range(concurrency)))
-        wall = time.perf_counter() - t0
-    return _summary(lat, errors, wall)
-
-
-async def open_loop(url: str, bodies: list[bytes], qps: float, seconds: float) -> dict[str, float]:
-    """Requests arrive every 1/qps s whatever the server does; latency counts from the scheduled time."""
-    import aiohttp
-
-    lat: list[float] = []
-    errors = 0
-
-    async def one(session: aiohttp.ClientSession, body: bytes, due: float) -> None:
-        nonlocal errors
-        errors += not await _post(session, url, body)
-        lat.append(time.perf_counter() - due)
-
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)) as session:
-        start = time.perf_counter()
-        tasks = []
-        for k in range(int(qps * seconds)):
-            due = start + k / qps
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(session, bodies[k % len(bodies)], due)))
-        await asyncio.gather(*tasks)
-        wall = time.perf_counter() - start
-    return _summary(lat, errors, wall)
-
-
-def _summary(lat: list[float], errors: int, wall: float) -> dict[str, float]:
+def holdout_rows(cfg: Any, full_history: int = 0) -> list[int]:
+    """The holdout's rows in time order (with `full_history`, those whose history is that long)."""
     import numpy as np
 
-    a = np.sort(np.array(lat)) * 1e3 if lat else np.array([float("nan")])
-    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99)),
-            "qps": (len(lat) - errors) / wall, "errors": float(errors), "n": float(len(lat))}
+    from adsfm.training.data import load_features
+
+    fs = load_features(cfg.data)
+    rows = fs.holdout_idx
+    if full_history:
+        rows = rows[fs.sparse["history"][1][rows] == full_history]
+    assert fs.times is not None
+    return [int(r) for r in rows[np.argsort(fs.times[rows], kind="stable")]]
 
 
-def _wait_http(url: str, seconds: float = 120) -> None:
+def wrk_point(url: str, bodies: Path, connections: int, seconds: float) -> dict[str, float]:
+    """One closed-loop point with wrk: p50/p99 ms (wrk's own latency record), requests per second, errors."""
+    script = bodies.with_suffix(".lua")
+    script.write_text(WRK_LUA)
+    proc = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(script), url],
+                          capture_output=True, text=True, env={**os.environ, "ADSFM_BODIES": str(bodies)}, timeout=seconds + 120)
+    m = re.search(r"^ADSFM (\{.*\})$", proc.stdout, re.M)
+    if proc.returncode != 0 or m is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    w = json.loads(m.group(1))
+    errors = w["socket_errors"] + w["non2xx"]
+    return {"p50_ms": w["p50_us"] / 1e3, "p99_ms": w["p99_us"] / 1e3, "qps": (w["requests"] - errors) / (w["duration_us"] / 1e6),
+            "errors": float(errors), "n": float(w["requests"])}
+
+
+def cache_counts(base: str) -> tuple[float, float]:
+    """The replica's user-cache (hits, misses), from its Prometheus text."""
+    import requests
+
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    got = {k: float(v) for k, v in re.findall(r'^adsfm_user_cache\{kind="(hits|misses)"\} ([0-9.e+]+)$', text, re.M)}
+    return got.get("hits", 0.0), got.get("misses", 0.0)
+
+
+def _wait_http(url: str, seconds: float = 180) -> None:
     import requests
 
     deadline = time.time() + seconds
@@ -191,11 +192,21 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from adsfm.contract.cluster import init_ray
     from adsfm.serving import app as serve_app
 
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: `apt-get install wrk` (scripts/setup_venv.sh does as root)")
     root = Path(tempfile.mkdtemp(prefix="adsfm-bench-serve-"))
     models = {"a": setup(root, [], "bench-serve"),
               "b": setup(root, ["experiment=movielens_hstu", "data.history.length=200"], "bench-serve-hstu", max_steps=40)}
-    streams = {"a": request_stream(models["a"][0], 100, 500, seed=1),
-               "b": request_stream(models["b"][0], 500, 200, seed=2, full_history=200)}
+    a_rows, b_rows = holdout_rows(models["a"][0]), holdout_rows(models["b"][0], full_history=200)
+    streams = {"a": requests_at(models["a"][0], a_rows, 100, seed=1),
+               "b": requests_at(models["b"][0], b_rows, 500, seed=2),
+               "a_returning": requests_at(models["a"][0], a_rows[:: max(1, len(a_rows) // 64)][:64], 100, seed=3)}
+    files = {}
+    for name, bodies in streams.items():
+        files[name] = root / f"{name}.bodies"
+        files[name].write_bytes(b"\n".join(bodies) + b"\n")
+    print(f"streams: A {len(streams['a'])} holdout moments in time order, B {len(streams['b'])} (200-event histories), "
+          f"A returning: {len(streams['a_returning'])} moments repeated", flush=True)
 
     init_ray(None)
     cfg = models["a"][0]
@@ -203,65 +214,106 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     deploy_noop(cfg.serve)
     base = f"http://{cfg.serve.host}:{cfg.serve.port}"
     values: dict[str, float] = {}
-    rows = []
+    table: list[tuple[str, str, str, dict[str, Any]]] = []
     naive: subprocess.Popen[bytes] | None = None
+    generation = 0
+    plan = [("a", "a", list(a.concurrency)), ("a", "a_returning", [max(a.concurrency)]), ("b", "b", list(a.concurrency))]
     try:
-        for wl, bodies in streams.items():
+        for wl in ("a", "b"):
             wl_cfg, ckpt, uri = models[wl]
             name_ = wl_cfg.export.model_name
-            serve_app.start(OmegaConf.merge(cfg.serve, {"model_name": name_}), uri, name="adsfm")  # type: ignore[arg-type]
+            serve_cfg = OmegaConf.merge(cfg.serve, {"model_name": name_})
+            serve_app.start(serve_cfg, uri, name="adsfm")  # type: ignore[arg-type]
             naive_port = free_port()
             naive = subprocess.Popen([sys.executable, str(Path(__file__).with_name("naive_server.py")),
-                                      str(root / name_ / "config.yaml"), str(ckpt), str(naive_port)],
+                                      str(root / name_ / "config.yaml"), str(ckpt), str(naive_port), str(os.cpu_count() or 1)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             servers = {"adsfm": f"{base}/v1/rank", "noop": f"{base}/noop/v1/rank", "naive": f"http://127.0.0.1:{naive_port}/v1/rank"}
             _wait_http(f"{base}/healthz")
             _wait_http(f"http://127.0.0.1:{naive_port}/healthz")
-            for name, url in servers.items():
-                asyncio.run(closed_loop(url, bodies, 4, 1.0))  # warm-up: caches, connections, first-call costs
-                points = [("c", c) for c in a.concurrency] + ([("qps", a.qps)] if a.qps else [])
-                for mode, level in points:
-                    r = asyncio.run(closed_loop(url, bodies, int(level), a.seconds) if mode == "c"
-                                    else open_loop(url, bodies, float(level), a.seconds))
-                    tag = f"c{level}" if mode == "c" else f"qps{level:g}"
-                    suffix = "" if wl == "a" else "_b"
-                    for k in ("p50_ms", "p95_ms", "p99_ms", "qps", "errors"):
-                        values[f"{name}_{k.replace('_ms', '')}_ms_{tag}{suffix}" if k.endswith("_ms") else f"{name}_{k}_{tag}{suffix}"] = r[k]
-                    rows.append((wl.upper(), name, tag, r))
-                    print(f"  {wl.upper()} {name:<6} {tag:<7} p50 {r['p50_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms  "
-                          f"{r['qps']:7.1f} req/s  errors {r['errors']:.0f}", flush=True)
+            for url in servers.values():  # warm-up: connections, first-call costs (the caches are emptied below)
+                wrk_point(url, files[wl], 4, 1.0)
+            for wl_, stream, levels in plan:
+                if wl_ != wl:
+                    continue
+                suffix = {"a": "", "b": "_b", "a_returning": "_returning"}[stream]
+                for c in levels:
+                    runs: dict[str, list[dict[str, float]]] = {n: [] for n in servers}
+                    for _ in range(a.runs):
+                        for name, url in servers.items():
+                            if name == "noop" and stream == "a_returning":
+                                continue
+                            if name == "adsfm":  # every point starts as cold as real traffic finds it
+                                generation += 1
+                                serve_app.start(serve_cfg, uri, name="adsfm", knobs={"cache_generation": generation})  # type: ignore[arg-type]
+                                before = cache_counts(base)
+                            r = wrk_point(url, files[stream], c, a.seconds)
+                            if name == "adsfm":
+                                after = cache_counts(base)
+                                hits, misses = after[0] - before[0], after[1] - before[1]
+                                r["cache_hit_rate"] = hits / max(hits + misses, 1.0)
+                            runs[name].append(r)
+                    for name, rs in runs.items():
+                        if not rs:
+                            continue
+                        agg = _aggregate(rs)
+                        for k, v in agg.items():
+                            values[f"{name}_{k}_c{c}{suffix}"] = v
+                        table.append((stream, name, f"c{c}", agg))
+                        hit = f"  cache hits {agg['cache_hit_rate']:.1%}" if "cache_hit_rate" in agg else ""
+                        print(f"  {stream:<12} {name:<6} c{c:<3} p50 {agg['p50_ms']:7.2f}  p99 {agg['p99_ms']:7.2f} "
+                              f"[{agg['p99_ms_min']:.2f}, {agg['p99_ms_max']:.2f}] ms  {agg['qps']:7.1f} "
+                              f"[{agg['qps_min']:.1f}, {agg['qps_max']:.1f}] req/s  errors {agg['errors']:.0f}{hit}", flush=True)
             naive.terminate()
             naive.wait()
+            naive = None
             serve_app.stop("adsfm")
     finally:
         if naive is not None:
             naive.terminate()
         serve.shutdown()
-    ratios = {}
     top = max(a.concurrency)
+    values["cache_hit_rate_a"] = statistics.median(values[f"adsfm_cache_hit_rate_c{c}"] for c in a.concurrency)
+    values["cache_hit_rate_b"] = statistics.median(values[f"adsfm_cache_hit_rate_c{c}_b"] for c in a.concurrency)
+    values["cache_hit_rate_a_returning"] = values[f"adsfm_cache_hit_rate_c{top}_returning"]
+    ratios = {}
+    for suffix in ("", "_b", "_returning"):
+        ratios[f"adsfm_vs_naive_qps_c{top}{suffix}"] = values[f"adsfm_qps_c{top}{suffix}"] / values[f"naive_qps_c{top}{suffix}"]
+        ratios[f"naive_vs_adsfm_p99_c{top}{suffix}"] = values[f"naive_p99_ms_c{top}{suffix}"] / values[f"adsfm_p99_ms_c{top}{suffix}"]
     for suffix in ("", "_b"):
-        if f"naive_qps_c{top}{suffix}" in values:
-            ratios[f"adsfm_vs_naive_qps_c{top}{suffix}"] = values[f"adsfm_qps_c{top}{suffix}"] / values[f"naive_qps_c{top}{suffix}"]
-            ratios[f"naive_vs_adsfm_p99_c{top}{suffix}"] = values[f"naive_p99_ms_c{top}{suffix}"] / values[f"adsfm_p99_ms_c{top}{suffix}"]
-    print(f"\n{'workload':<9} {'server':<7} {'load':<8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>7}")
-    for wl, name, tag, r in rows:
-        print(f"{wl + (' (100)' if wl == 'A' else ' (500)'):<9} {name:<7} {tag:<8} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} "
-              f"{r['p99_ms']:>8.2f} {r['qps']:>8.1f} {r['errors']:>7.0f}")
+        ratios[f"adsfm_vs_noop_qps_c{top}{suffix}"] = values[f"adsfm_qps_c{top}{suffix}"] / values[f"noop_qps_c{top}{suffix}"]
+    print(f"\n{'stream':<12} {'server':<7} {'load':<5} {'p50 ms':>8} {'p99 ms (min-max)':>22} {'req/s (min-max)':>24} {'errors':>7} {'cache hits':>10}")
+    for stream, name, tag, r in table:
+        hit = f"{r['cache_hit_rate']:.1%}" if "cache_hit_rate" in r else "-"
+        print(f"{stream:<12} {name:<7} {tag:<5} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} ({r['p99_ms_min']:>5.2f}-{r['p99_ms_max']:<6.2f}) "
+              f"{r['qps']:>8.1f} ({r['qps_min']:>6.1f}-{r['qps_max']:<6.1f}) {r['errors']:>7.0f} {hit:>10}")
     print()
     for k, v in ratios.items():
-        print(f"{k:<32} {v:.2f}")
-    return result("serve", {"seconds": a.seconds, "concurrency": a.concurrency, "qps": a.qps, "quick": a.quick,
+        print(f"{k:<34} {v:.2f}")
+    return result("serve", {"seconds": a.seconds, "concurrency": a.concurrency, "runs": a.runs, "quick": a.quick,
+                            "load_generator": "wrk -t1 (closed loop), Lua body list",
+                            "streams": {k: len(v) for k, v in streams.items()},
+                            "naive_workers": os.cpu_count(),
                             "serve": {k: getattr(cfg.serve, k) for k in ("num_replicas", "max_ongoing_requests", "batch_max_requests",
                                                                           "batch_wait_ms", "user_cache_size", "intra_op_threads")},
                             "ray_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE")}}, values, ratios)
+
+
+def _aggregate(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The median of each figure over the runs, with the spread (min, max) of p99 and throughput."""
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    for k in ("p99_ms", "qps"):
+        out[f"{k}_min"], out[f"{k}_max"] = min(r[k] for r in runs), max(r[k] for r in runs)
+    out["errors"] = sum(r["errors"] for r in runs)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 s per point")
     ap.add_argument("--seconds", type=float, help="duration of each load point (default 8; --quick 3)")
-    ap.add_argument("--concurrency", default="1,8,32", help="closed-loop client counts")
-    ap.add_argument("--qps", type=float, default=0.0, help="also an open-loop point at this arrival rate")
+    ap.add_argument("--concurrency", default="1,8,32", help="closed-loop connection counts")
+    ap.add_argument("--runs", type=int, default=3, help="runs per point (median and spread reported)")
     ap.add_argument("--out", type=Path, help="write the figures as JSON")
     a = ap.parse_args()
     a.seconds = a.seconds or (3.0 if a.quick else 8.0)

@@ -44,8 +44,40 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # ------------------------------------------------------------------------------------------------ ingress
 
 
-def ingress_env(mode: Ingress | str) -> tuple[Ingress, dict[str, str]]:
-    """(mode in effect, the environment that selects it); `auto` is haproxy when the binary is there."""
+HAPROXY_WRAPPER = """#!/bin/sh
+# Written by adsfm (adsfm.contract.cluster): haproxy, with the front ends that Ray Serve's configuration binds
+# on every interface (stats, prometheus) bound to {host} instead. Each start and reload passes the config
+# file with -f; the bind lines are rewritten in it, then the real binary runs.
+prev=""
+for arg in "$@"; do
+  if [ "$prev" = "-f" ] && [ -f "$arg" ]; then
+    sed -i -E 's/^([[:space:]]*bind )(\\*|):([0-9]+)/\\1{host}:\\3/' "$arg"
+  fi
+  prev="$arg"
+done
+exec {binary} "$@"
+"""
+
+
+def haproxy_on(host: str, binary: str) -> str:
+    """A wrapper of the haproxy binary that binds Ray Serve's stats and prometheus front ends to `host`
+    (Ray 2.60 binds them on every interface, with no setting to change it); returns its path."""
+    import hashlib
+
+    text = HAPROXY_WRAPPER.format(host=host, binary=binary)
+    path = Path(tempfile.gettempdir()) / "adsfm" / f"haproxy-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        tmp.rename(path)
+    return str(path)
+
+
+def ingress_env(mode: Ingress | str, bind: str = "127.0.0.1") -> tuple[Ingress, dict[str, str]]:
+    """(mode in effect, the environment that selects it); `auto` is haproxy when the binary is there. The
+    HAProxy front ends listen on `bind` (the serving host)."""
     try:
         mode = Ingress(mode)
     except ValueError:
@@ -60,7 +92,7 @@ def ingress_env(mode: Ingress | str) -> tuple[Ingress, dict[str, str]]:
     env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if direct else "0",
            "RAY_SERVE_ENABLE_HA_PROXY": "1" if mode == Ingress.haproxy else "0"}
     if mode == Ingress.haproxy:
-        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = binary
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = haproxy_on(bind, binary) if bind not in ("0.0.0.0", "::") else binary
     if direct:
         # Throughput-optimized Serve stops copying replica logs to stderr: a replica that fails to start would
         # then fail `serve.run` with no reason on the console. Errors are rare lines; keep them visible.

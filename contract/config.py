@@ -473,13 +473,20 @@ class ServeConfig:
     batch_wait_ms: float = 1.0
     """How long the first request of a batch waits for others."""
     user_cache_size: int = 10_000
-    """Users whose looked-up user side is kept per replica (LRU, keyed by model version and features)."""
+    """Users whose user side (pooled embeddings; a sequence model's encoded history) is kept per replica and
+    model version, least recently used out, keyed by a 16-byte hash of the user's values."""
+    user_cache_bytes: int = 256 << 20
+    """The same cache bounded in bytes (a sequence model's state grows with the history)."""
     access_log: bool = False
     """Ray Serve's per-request access log (off: it costs more than scoring on small hosts)."""
     max_request_bytes: int = 1 << 20
     """Larger request bodies are refused with 413."""
     auth_token: str | None = None
-    """If set, /v1/ endpoints need `Authorization: Bearer <token>` (401 otherwise)."""
+    """If set, /v1/ endpoints need `Authorization: Bearer <token>` (401 otherwise; compared in constant time)."""
+    protect_metrics: bool = False
+    """With auth_token: /metrics needs the token too."""
+    protect_docs: bool = False
+    """With auth_token: /docs and /openapi.json need the token too."""
     spillover: str | None = None
     """`NAME@ALIAS` of a lighter registered model that scores the requests arriving while this replica already
     has `spillover_queue` in flight, and answers requests the main model cannot answer by their deadline
@@ -493,8 +500,14 @@ class ServeConfig:
     """Default per-request deadline (a request's own `deadline_ms` overrides it): a late model's answer is
     replaced by the fallback's (the champion for the challenger, else `spillover`). None: no deadline."""
     shadow_log: str | None = None
-    """JSON-lines file each replica appends the shadow challenger's answers to (its top 10 and its
-    disagreement with the champion); None: the replica's log, at INFO."""
+    """JSON-lines file each replica writes the shadow challenger's answers to (its top 10 and its
+    disagreement with the champion), from a background thread, rotated at 16 MiB (3 kept); None: the
+    replica's log, at INFO."""
+    shadow_rate: float = 1.0
+    """Share of the champion's requests the shadow challenger scores a copy of."""
+    shadow_max_in_flight: int = 4
+    """Shadow copies scored at once per replica; more are skipped (counted), so a slow challenger cannot
+    hold the champion's latency."""
 
 
 # --------------------------------------------------------------------------------------------- the whole

@@ -344,9 +344,50 @@ class Featurizer:
                               for u in uniques], np.int64)
             rows = np.where(codes < 0, missing, table[np.maximum(codes, 0)] if len(table) else missing)
             return rows.astype(np.int64), np.ones(len(series), np.int32)
-        per = [self.rows(f, v, where) for v in series.tolist()]
-        lengths = np.fromiter((len(p) for p in per), np.int32, len(per))
-        return (np.concatenate(per) if per else np.zeros(0, np.int64)), lengths
+        return self._flat_column(f, series.tolist(), where)
+
+    def _flat_column(self, f: SparseFeatureSpec, cells: list[Any], where: str) -> tuple[np.ndarray, np.ndarray]:
+        """`sparse_column` for lists, joined strings and raw integers: every cell's elements in one flat
+        array, each distinct element canonicalized once (the rules of `rows`, vectorized)."""
+        n = len(cells)
+        flat: list[Any] = []
+        counts = np.zeros(n, np.int64)
+        for i, v in enumerate(cells):
+            if isinstance(v, list | tuple | np.ndarray):
+                if not f.multi and len(v) > 1:
+                    raise FeatureError(where, f"takes one value, got a list of {len(v)}")
+                flat.extend(v)
+                counts[i] = len(v)
+            elif is_missing(v, self.na):
+                continue
+            elif f.multi and isinstance(v, str):
+                parts = v.split(f.sep)
+                flat.extend(parts)
+                counts[i] = len(parts)
+            else:
+                flat.append(v)
+                counts[i] = 1
+        codes, uniques = pd.factorize(np.array(flat, dtype=object), use_na_sentinel=True) if flat else \
+            (np.zeros(0, np.int64), [])
+        if any(isinstance(u, bool | np.bool_) or (isinstance(u, int | float | np.number) and u in (0, 1)) for u in uniques) \
+                and any(isinstance(x, bool | np.bool_) for x in flat):  # factorize merged True with 1: no shortcut
+            per = [self.rows(f, v, where) for v in cells]
+            return (np.concatenate(per) if per else np.zeros(0, np.int64)), np.array([len(p) for p in per], np.int32)
+        gone = np.array([is_missing(u, self.na) for u in uniques], bool)
+        if f.raw:
+            value = np.array([0 if g else integer_of(key_of(u, where), where) for u, g in zip(uniques, gone, strict=True)], np.int64)
+        else:
+            value = np.array([0 if g else self.row_of_key(f.table_name, key_of(u, where)) for u, g in zip(uniques, gone, strict=True)],
+                             np.int64)
+        keep = codes >= 0
+        keep[keep] = ~gone[codes[keep]]
+        cell = np.repeat(np.arange(n), counts)[keep]
+        rows = value[codes[keep]]
+        if f.multi or f.raw:
+            return rows, np.bincount(cell, minlength=n).astype(np.int32)
+        out = np.full(n, self.spec.tables[f.table_name].missing_row, np.int64)  # a single value: missing when absent
+        out[cell] = rows
+        return out, np.ones(n, np.int32)
 
     # ---------------------------------------------------------------------------------------- dense
 

@@ -6,12 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-# HAProxy: Ray Serve's fastest ingress (serving/ingress.py). Installed from Debian's package when we are root;
-# without it serving falls back to the direct ingress, slower but correct.
-if ! command -v haproxy >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "[setup] installing haproxy (Debian package) for Ray Serve's ingress"
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null) \
-    || echo "[setup] haproxy not installed; serving uses cluster.serve_ingress=direct" >&2
+# Debian packages, installed when we are root: haproxy, Ray Serve's fastest ingress (adsfm.contract.cluster;
+# without it serving falls back to the direct ingress, slower but correct), and wrk, the compiled load
+# generator of bench/serve.py.
+missing=""
+command -v haproxy >/dev/null || missing="$missing haproxy"
+command -v wrk >/dev/null || missing="$missing wrk"
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "[setup] installing Debian packages:$missing"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
+    || echo "[setup] could not install$missing; without haproxy serving uses cluster.serve_ingress=direct" >&2
 fi
 stamp="$VENV/.adsfm-lock.sha"
 want=$(sha256sum requirements/lock.txt pyproject.toml | sha256sum | cut -d' ' -f1)

@@ -29,14 +29,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve import Application
 
-from adsfm.contract.config import ServeConfig, typed
+from adsfm.contract.config import ServeConfig, to_plain, typed
 from adsfm.contract.features import FeatureError
 from adsfm.contract.registry import Split, Traffic, download_version, read_traffic, resolve
 from adsfm.contract.request import ErrorResponse, Health, RankResponse
 from adsfm.serving import limits, metrics
 from adsfm.serving.bundle import open_engine
 from adsfm.serving.monitor import Reporter
-from adsfm.serving.router import Router
+from adsfm.serving.router import Router, ShadowLog, answer_now
 from adsfm.serving.service import Prepared, RankService, RequestInvalid, run_grouped
 
 logger = logging.getLogger("ray.serve")
@@ -48,6 +48,30 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Body larger than serve.max_request_bytes."},
     422: {"model": ErrorResponse, "description": "A field the request schema or the feature contract refuses, named in loc."},
 }
+
+
+RUNTIME_KNOBS = frozenset({"batch_max_requests", "batch_wait_ms", "deadline_ms", "spillover_queue", "shadow_rate",
+                           "shadow_max_in_flight", "user_cache_size", "user_cache_bytes", "cache_generation"})
+"""ServeConfig fields a live replica takes through reconfigure (Ray Serve's user_config), and cache_generation."""
+
+
+def bind_internal_servers_to_node_address() -> None:
+    """The replica's inter-deployment gRPC server listens on the node's own address, not on every
+    interface: Ray 2.60 binds it to [::]:0 with no setting to change it, so the replica (this process)
+    rewrites the address its helper is given. On a local cluster the node's address is 127.0.0.1."""
+    import ray
+    from ray.serve._private import replica
+
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "adsfm_node_address", False):
+        return
+    host = ray.util.get_node_ip_address()
+
+    def on_node_address(server: Any, address: str) -> int:
+        return original(server, address.replace("[::]", host, 1) if address.startswith("[::]:") else address)  # type: ignore[no-any-return]
+
+    on_node_address.adsfm_node_address = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = on_node_address
 
 
 def _loc(field: str) -> list[str | int]:
@@ -81,15 +105,23 @@ api.add_middleware(limits.LimitsMiddleware)
 @serve.ingress(api)
 class RankingDeployment:
     def __init__(self, cfg: ServeConfig, tracking_uri: str) -> None:
+        bind_internal_servers_to_node_address()
         self.cfg, self.tracking_uri = cfg, tracking_uri
         self.cache = Path(tempfile.mkdtemp(prefix="adsfm-serve-"))
-        # ONNX Runtime off the event loop: a request past its deadline is answered while a batch still runs.
+        # Work off the event loop, one thread each: featurizing (a user graph on a cache miss), the batched
+        # graphs, and fallbacks, which must not queue behind the batch that made a request late. The loop
+        # only routes, so a request past its deadline is answered while the others still run.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="adsfm-score")
+        self.prep_pool = ThreadPoolExecutor(1, thread_name_prefix="adsfm-prepare")
+        self.fallback_pool = ThreadPoolExecutor(1, thread_name_prefix="adsfm-fallback")
+        self.shadow_pool = ThreadPoolExecutor(1, thread_name_prefix="adsfm-shadow")
         spill = self._load_spillover(cfg.spillover) if cfg.spillover else None
-        self.router = Router(self._load(cfg.model_name), self._score, spillover=spill, sticky_field=cfg.sticky_field,
-                             deadline_ms=cfg.deadline_ms, report=Reporter(cfg.model_name),
-                             shadow_log=cfg.shadow_log)
+        shadow = ShadowLog(cfg.shadow_log, cfg.shadow_rate, cfg.shadow_max_in_flight)
+        self.router = Router(self._load(cfg.model_name), self._score, prepare=self._prepare, answer=self._answer,
+                             shadow_score=self._shadow_score, spillover=spill, sticky_field=cfg.sticky_field, deadline_ms=cfg.deadline_ms,
+                             report=Reporter(cfg.model_name), shadow=shadow)
         self.in_flight = 0
+        self._cache_generation: Any = None
         self._openapi: tuple[RankService, dict[str, Any]] | None = None
         self._score_batch.set_max_batch_size(cfg.batch_max_requests)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)  # type: ignore[attr-defined]
@@ -97,6 +129,28 @@ class RankingDeployment:
 
         if cfg.reload_interval_s > 0:
             threading.Thread(target=self._follow_registry, daemon=True, name="adsfm-registry-watch").start()
+
+    def reconfigure(self, knobs: dict[str, Any]) -> None:
+        """Runtime knobs (Ray Serve's user_config), applied to live replicas without a restart: batching, the
+        deadline, spillover and shadow settings, and the user-state caches (a new `cache_generation` empties
+        them)."""
+        unknown = sorted(set(knobs) - RUNTIME_KNOBS)
+        if unknown:
+            raise ValueError(f"serve knobs {unknown} cannot change at runtime; these can: {sorted(RUNTIME_KNOBS)}")
+        generation = knobs.get("cache_generation")
+        self.cfg = typed(ServeConfig, {**to_plain(self.cfg), **{k: v for k, v in knobs.items() if k != "cache_generation"}})
+        limits.SETTINGS["cfg"] = self.cfg
+        c, r = self.cfg, self.router
+        self._score_batch.set_max_batch_size(c.batch_max_requests)  # type: ignore[attr-defined]
+        self._score_batch.set_batch_wait_timeout_s(c.batch_wait_ms / 1000)  # type: ignore[attr-defined]
+        r.deadline_ms = c.deadline_ms
+        r.shadow.rate, r.shadow.max_in_flight = c.shadow_rate, c.shadow_max_in_flight
+        for service in (r.champion, r.challenger, r.spillover):
+            if service is not None:
+                service.engine.user_cache.resize(c.user_cache_size, c.user_cache_bytes)
+                if generation is not None and generation != self._cache_generation:
+                    service.engine.user_cache.clear()
+        self._cache_generation = generation if generation is not None else self._cache_generation
 
     @property
     def service(self) -> RankService:
@@ -108,7 +162,7 @@ class RankingDeployment:
             version, bundle = resolve(name, alias or self.cfg.alias, self.tracking_uri, self.cache)
         else:
             bundle = download_version(name, version, self.tracking_uri, self.cache)
-        engine = open_engine(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size)
+        engine = open_engine(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size, self.cfg.user_cache_bytes)
         return RankService(engine, name, version, self.cfg.max_candidates, self.cfg.max_values)
 
     def _load_spillover(self, ref: str) -> RankService:
@@ -149,6 +203,16 @@ class RankingDeployment:
                 r.challenger, r.challenger_error = None, wanted
         r.split = t.split if wanted else Split()  # challenger == champion (just promoted): nothing to split
 
+    async def _prepare(self, service: RankService, req: Any, arrived: float) -> Prepared:
+        return await asyncio.get_running_loop().run_in_executor(self.prep_pool, service.prepare, req, arrived)
+
+    async def _answer(self, service: RankService, req: Any, arrived: float) -> RankResponse:
+        return await asyncio.get_running_loop().run_in_executor(self.fallback_pool, answer_now, service, req, arrived)
+
+    async def _shadow_score(self, service: RankService, p: Prepared) -> np.ndarray:
+        out = await asyncio.get_running_loop().run_in_executor(self.shadow_pool, service.engine.run_many, [p.inputs])
+        return out[0]
+
     async def _score(self, service: RankService, p: Prepared) -> np.ndarray:
         item = (service.engine, p.inputs)
         if self.in_flight <= 1:  # alone on the replica: no company to wait batch_wait_ms for
@@ -173,6 +237,7 @@ class RankingDeployment:
     async def rank(self, request: Request) -> Response:
         """Rank the candidates for one user, best first. The body's schema is the served model's: its
         features by name, each optional, and the item id on every candidate (see /openapi.json)."""
+        arrived = time.perf_counter()  # deadlines and reported latency count from here
         req = self.service.parse(await request.body())
         spill = None
         if self.router.spillover is not None and self.in_flight >= self.cfg.spillover_queue:
@@ -181,7 +246,7 @@ class RankingDeployment:
         self.in_flight += 1
         metrics.QUEUE.set(self.in_flight)
         try:
-            res = await self.router.rank(req, main=spill)
+            res = await self.router.rank(req, main=spill, arrived=arrived)
         finally:
             self.in_flight -= 1
             metrics.QUEUE.set(self.in_flight)
@@ -229,6 +294,14 @@ class RankingDeployment:
             components["RankRequest"] = schema
             doc["paths"]["/v1/rank"]["post"]["requestBody"] = {
                 "required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RankRequest"}}}}
+            if self.cfg.auth_token:  # the routes the token guards say so, with their 401
+                doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, ops in doc["paths"].items():
+                    if path.startswith("/v1/") or (path == "/metrics" and self.cfg.protect_metrics):
+                        for op in ops.values():
+                            op["security"] = [{"bearer": []}]
+                            op["responses"].setdefault("401", {"description": ERRORS[401]["description"], "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
             self._openapi = (service, doc)
         return JSONResponse(self._openapi[1])
 
@@ -237,16 +310,18 @@ class RankingDeployment:
         return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{api.title} ({self.service.model_name})")
 
 
-def build_app(cfg: ServeConfig, tracking_uri: str) -> Application:
+def build_app(cfg: ServeConfig, tracking_uri: str, knobs: dict[str, Any] | None = None) -> Application:
     """The typed app builder: one ranker deployment behind Ray Serve's HTTP proxy. min_replicas are
     provisioned capacity; with max_replicas above it, Ray Serve adds replicas on demand when the ongoing
-    requests per replica pass target_ongoing_requests."""
+    requests per replica pass target_ongoing_requests. `knobs` (RUNTIME_KNOBS) reach live replicas through
+    Ray Serve's user_config: deploying the same app with other knobs reconfigures them without a restart."""
     scaling: dict[str, Any] = {"num_replicas": cfg.num_replicas}
     if cfg.max_replicas > max(cfg.min_replicas, 1):
         scaling = {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                                           "target_ongoing_requests": cfg.target_ongoing_requests}}
     return RankingDeployment.options(  # type: ignore[attr-defined]
         max_ongoing_requests=cfg.max_ongoing_requests,
+        user_config=dict(knobs or {}),
         # A log line per request, shipped to the driver, costs a small host more than scoring the request.
         logging_config={"enable_access_log": cfg.access_log, "log_level": "INFO" if cfg.access_log else "WARNING"},
         **scaling,
@@ -269,10 +344,12 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_app(typed(ServeConfig, args), tracking_uri)
 
 
-def start(cfg: ServeConfig, tracking_uri: str, name: str = "adsfm", route_prefix: str = "/") -> str:
-    """Run the app on an initialised Ray; returns the base URL (with the route prefix)."""
+def start(cfg: ServeConfig, tracking_uri: str, name: str = "adsfm", route_prefix: str = "/",
+          knobs: dict[str, Any] | None = None) -> str:
+    """Run the app on an initialised Ray (or, when it runs, reconfigure it with new `knobs`); returns the base
+    URL (with the route prefix)."""
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg, tracking_uri), name=name, route_prefix=route_prefix, blocking=False)
+    serve.run(build_app(cfg, tracking_uri, knobs), name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{cfg.host}:{cfg.port}{route_prefix.rstrip('/')}"
 
 

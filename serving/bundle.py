@@ -9,8 +9,9 @@ from adsfm.serving.engine import DenseGraphEngine
 from adsfm.serving.sequence import SequenceEngine
 
 
-def open_engine(bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000) -> DenseGraphEngine | SequenceEngine:
+def open_engine(bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000,
+                user_cache_bytes: int | None = None) -> DenseGraphEngine | SequenceEngine:
     """A DenseGraphEngine for a dense-graph bundle (DLRM), a SequenceEngine for a split one (HSTU)."""
     if Manifest.read(Path(bundle)).sequence is not None:
-        return SequenceEngine(bundle, intra_op_threads, user_cache_size)
-    return DenseGraphEngine(bundle, intra_op_threads, user_cache_size)
+        return SequenceEngine(bundle, intra_op_threads, user_cache_size, user_cache_bytes)
+    return DenseGraphEngine(bundle, intra_op_threads, user_cache_size, user_cache_bytes)

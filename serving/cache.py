@@ -60,10 +60,23 @@ class LRU(Generic[V]):
                 self._bytes -= old[1]
             self._data[key] = (value, size)
             self._bytes += size
-            while len(self._data) > self.max_entries or (self.max_bytes is not None and self._bytes > self.max_bytes):
-                _, (_, freed) = self._data.popitem(last=False)
-                self._bytes -= freed
+            self._evict()
         return value
+
+    def resize(self, max_entries: int, max_bytes: int | None) -> None:
+        with self._lock:
+            self.max_entries, self.max_bytes = max_entries, max_bytes
+            self._evict()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
+
+    def _evict(self) -> None:
+        while self._data and (len(self._data) > self.max_entries or (self.max_bytes is not None and self._bytes > self.max_bytes)):
+            _, (_, freed) = self._data.popitem(last=False)
+            self._bytes -= freed
 
     def info(self) -> CacheInfo:
         with self._lock:

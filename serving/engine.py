@@ -213,7 +213,8 @@ def _plain(v: Any) -> Any:
 class DenseGraphEngine(TableStore):
     """Scores candidates for a user from a bundle directory (manifest.json, dense.onnx, tables)."""
 
-    def __init__(self, bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000) -> None:
+    def __init__(self, bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000,
+                 user_cache_bytes: int | None = None) -> None:
         super().__init__(bundle)
         m = self.manifest
         self.session = ort.InferenceSession(str(bundle_file(self.bundle, m.dense_graph.file)),
@@ -222,7 +223,7 @@ class DenseGraphEngine(TableStore):
         self._item_j = [j for j, f in enumerate(m.sparse) if f.side == "item"]
         self._user_k = sum(self.featurizer.dense_layout("user"), [])
         self._item_k = sum(self.featurizer.dense_layout("item"), [])
-        self._user_cache: LRU[tuple[np.ndarray, np.ndarray]] = LRU(user_cache_size)
+        self.user_cache: LRU[tuple[np.ndarray, np.ndarray]] = LRU(user_cache_size, user_cache_bytes)
         # The item store's candidates, featurized once: a request naming only item ids gathers rows.
         ids = list(self.item_store)
         key = m.item_column or ""
@@ -279,7 +280,7 @@ class DenseGraphEngine(TableStore):
 
     def user_inputs(self, user: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Pooled user-side embeddings [F_user, D] and user-side dense inputs, from the cache."""
-        return self._user_cache.get_or_compute(cache_key(user), lambda: self._user_inputs(user))
+        return self.user_cache.get_or_compute(cache_key(user), lambda: self._user_inputs(user))
 
     def _user_inputs(self, user: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         m = self.manifest
@@ -307,7 +308,7 @@ class DenseGraphEngine(TableStore):
 
     def user_cache_info(self) -> Any:
         """CacheInfo(hits, misses, maxsize, currsize, bytes) of the user-state cache."""
-        return self._user_cache.info()
+        return self.user_cache.info()
 
     def score_columns(self, columns: dict[str, list[Any]], batch: int = 4096) -> np.ndarray:
         """Probabilities for many (user, item) rows given as raw columns (batch scoring, evaluation)."""

@@ -14,21 +14,42 @@ import hashlib
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 
+from adsfm.contract.features import FeatureError
 from adsfm.contract.registry import Split
 from adsfm.contract.request import RankRequest, RankResponse
 from adsfm.serving import metrics
-from adsfm.serving.engine import FeatureError
 from adsfm.serving.service import Prepared, RankService
 
 logger = logging.getLogger("ray.serve")
 
 Scorer = Callable[[RankService, Prepared], Awaitable[np.ndarray]]
+"""Scores prepared inputs (the app's: batched across requests, in the scoring thread)."""
+Preparer = Callable[[RankService, Any, float], Awaitable[Prepared]]
+"""Validates and featurizes a request that arrived at the given time (the app's: in the preparing thread)."""
+Answerer = Callable[[RankService, Any, float], Awaitable[RankResponse]]
+"""Prepares, scores and answers at once, queued behind nothing (the app's: the fallback thread)."""
+
+
+async def _prepare_here(service: RankService, req: Any, arrived: float) -> Prepared:
+    return service.prepare(req, arrived)
+
+
+async def _answer_here(service: RankService, req: Any, arrived: float) -> RankResponse:
+    return answer_now(service, req, arrived)
+
+
+def answer_now(service: RankService, req: Any, arrived: float) -> RankResponse:
+    """One request prepared, scored and answered by itself: a fallback must not wait behind the work that
+    made the request late (ONNX Runtime sessions take concurrent runs)."""
+    p = service.prepare(req, arrived)
+    return service.respond(p, service.engine.run_many([p.inputs])[0])
 
 
 def bucket(key: str) -> float:
@@ -53,25 +74,33 @@ def top_k_disagreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
 class Router:
     """Answers a request with the champion or the challenger by the current Split; falls back to the champion
     when the challenger fails or misses the deadline, and to the spillover model (or the champion's late answer)
-    when the champion itself misses it."""
+    when the champion itself misses it.
 
-    def __init__(self, champion: RankService, score: Scorer, *, spillover: RankService | None = None,
+    Where the work runs is the caller's: `prepare` (validation and featurization, a user graph on a cache
+    miss), `score` (the batched graphs), `answer` (a fallback's whole request) and `shadow_score` are
+    awaitables; the app runs each in a thread of its own, so the event loop only routes and no shadow copy
+    or fallback waits in the champion's queue. Deadlines count from the request's arrival at the replica."""
+
+    def __init__(self, champion: RankService, score: Scorer, *, prepare: Preparer = _prepare_here,
+                 answer: Answerer = _answer_here, shadow_score: Scorer | None = None, spillover: RankService | None = None,
                  sticky_field: str | None = "user_id", deadline_ms: float | None = None,
                  report: Callable[[str, bool, float], None] | None = None, seed: int | None = None,
-                 shadow_log: str | None = None) -> None:
+                 shadow: ShadowLog | None = None) -> None:
         self.champion = champion
         self.challenger: RankService | None = None
         self.challenger_error: str | None = None
         """The challenger alias's version when it could not be loaded (its share then falls back to the champion)."""
         self.split = Split()
         self.spillover = spillover
-        self.score = score
+        self.score, self.prepare, self.answer = score, prepare, answer
+        self.shadow_score = shadow_score or score
+        """Shadow copies score here: in the app a thread of their own, never queued before the champion's work."""
         self.sticky_field = sticky_field
         self.deadline_ms = deadline_ms
         self.report = report or (lambda version, ok, ms: None)
         self._rng = random.Random(seed)
         self._shadow_tasks: set[asyncio.Task[None]] = set()
-        self.shadow_log = shadow_log
+        self.shadow = shadow or ShadowLog()
 
     def arm(self, req: RankRequest) -> str:
         pct = self.split.challenger_pct
@@ -82,9 +111,10 @@ class Router:
         pos = bucket(user_key(req.user, self.sticky_field)) if self.sticky_field else self._rng.random() * 100.0
         return "challenger" if pos < pct else "champion"
 
-    async def rank(self, req: RankRequest, main: RankService | None = None) -> RankResponse:
-        """`main`: the model chosen by the caller (spillover) instead of the split."""
-        t0 = time.perf_counter()
+    async def rank(self, req: RankRequest, main: RankService | None = None, arrived: float | None = None) -> RankResponse:
+        """`main`: the model chosen by the caller (spillover) instead of the split; `arrived`: when the
+        request reached the replica (time.perf_counter), where its deadline starts."""
+        t0 = time.perf_counter() if arrived is None else arrived
         champion, challenger = self.champion, self.challenger  # this request keeps these even if they move
         arm = "champion" if main is not None else self.arm(req)
         if main is None:
@@ -96,56 +126,65 @@ class Router:
         if arm == "challenger":
             if challenger is None:
                 self.report(self.challenger_error or "challenger", False, 0.0)
-                return self._fallback(req, champion, "challenger_unavailable", t0)
+                return await self._fallback(req, champion, "challenger_unavailable", t0)
             try:
-                p = challenger.prepare(req)
+                p = await self._within(self.prepare(challenger, req, t0), due)
                 scores = await self._within(self.score(challenger, p), due)
             except TimeoutError:
                 self.report(challenger.model_version, False, (time.perf_counter() - t0) * 1e3)
-                return self._fallback(req, champion, "challenger_deadline", t0)
+                return await self._fallback(req, champion, "challenger_deadline", t0)
             except Exception as e:
                 if isinstance(e, FeatureError):
                     champion.validate(req)  # the client's own mistake if the champion refuses it too (422)
                 logger.warning("adsfm: challenger version %s failed (%r); answering with the champion", challenger.model_version, e)
                 self.report(challenger.model_version, False, (time.perf_counter() - t0) * 1e3)
-                return self._fallback(req, champion, "challenger_error", t0)
+                return await self._fallback(req, champion, "challenger_error", t0)
             self.report(challenger.model_version, True, (time.perf_counter() - t0) * 1e3)
             return challenger.respond(p, scores)
 
-        p = main.prepare(req)  # a bad request is the client's (422), whichever model it went to
-        work = asyncio.ensure_future(self.score(main, p))
+        # a bad request is the client's (422), whichever model it went to
+        prepared = asyncio.ensure_future(self.prepare(main, req, t0))
+        work: asyncio.Future[np.ndarray] | None = None
         try:
+            p = await self._within(prepared, due)
+            work = asyncio.ensure_future(self.score(main, p))
             scores = await self._within(work, due)
         except TimeoutError:
             if self.spillover is not None and main is not self.spillover:
                 metrics.FALLBACKS.labels("deadline").inc()
-                lp = self.spillover.prepare(req)
-                res = self.spillover.respond(lp, _now(self.spillover, lp))
+                res = await self.answer(self.spillover, req, t0)
                 return res.model_copy(update={"fallback": "deadline", "latency_ms": (time.perf_counter() - t0) * 1e3})
             metrics.FALLBACKS.labels("deadline_no_fallback").inc()
-            scores = await work  # nothing lighter to answer with: the late answer beats none
+            p = await prepared  # nothing lighter to answer with: the late answer beats none
+            scores = await (work if work is not None else self.score(main, p))
         if self.split.shadow and challenger is not None and main is champion:
             self._shadow(req, scores, challenger)
         return main.respond(p, scores)
 
-    async def _within(self, work: Awaitable[np.ndarray], due: float | None) -> np.ndarray:
+    async def _within(self, work: Awaitable[Any], due: float | None) -> Any:
         if due is None:
             return await work
         # shield: a late request leaves its batch; the batch goes on for the others in it
         return await asyncio.wait_for(asyncio.shield(work), timeout=max(due - time.perf_counter(), 0.0))
 
-    def _fallback(self, req: RankRequest, champion: RankService, reason: str, t0: float) -> RankResponse:
+    async def _fallback(self, req: RankRequest, champion: RankService, reason: str, t0: float) -> RankResponse:
         metrics.FALLBACKS.labels(reason).inc()
-        p = champion.prepare(req)
-        res = champion.respond(p, _now(champion, p))
+        res = await self.answer(champion, req, t0)
         return res.model_copy(update={"fallback": reason, "latency_ms": (time.perf_counter() - t0) * 1e3})
 
     def _shadow(self, req: RankRequest, champion_scores: np.ndarray, challenger: RankService) -> None:
+        """Score a copy with the challenger, in the background: a sampled share of requests (the shadow
+        log's rate), never more than its bound at once (a slow challenger sheds copies, not the champion's
+        latency)."""
+        if self._rng.random() >= self.shadow.rate or len(self._shadow_tasks) >= self.shadow.max_in_flight:
+            metrics.SHADOW.labels("skipped").inc()
+            return
+
         async def run() -> None:
             t0 = time.perf_counter()
             try:
-                p = challenger.prepare(req)
-                scores = await self.score(challenger, p)
+                p = await self.prepare(challenger, req, t0)
+                scores = await self.shadow_score(challenger, p)
             except Exception as e:  # the champion took this request, so any refusal is the challenger's
                 logger.warning("adsfm shadow: version %s failed (%r)", challenger.model_version, e)
                 self.report(challenger.model_version, False, (time.perf_counter() - t0) * 1e3)
@@ -157,21 +196,48 @@ class Router:
             metrics.SHADOW.labels("disagreed" if d > 0 else "agreed").inc()
             key = challenger.engine.manifest.item_column or ""
             top = [req.candidates[int(i)].get(key, int(i)) for i in np.argsort(-scores, kind="stable")[:10]]
-            line = {"at": time.time(), "version": challenger.model_version, "champion": self.champion.model_version,
-                    "user": user_key(req.user, self.sticky_field or "user_id"), "top": top, "disagreement": d}
-            if self.shadow_log:
-                with open(self.shadow_log, "a") as f:  # one short append per line: replicas may share the file
-                    f.write(json.dumps(line, default=str) + "\n")
-            else:
-                logger.info("adsfm shadow: %s", json.dumps(line, default=str))
+            self.shadow.write({"at": time.time(), "version": challenger.model_version, "champion": self.champion.model_version,
+                               "user": user_key(req.user, self.sticky_field or "user_id"), "top": top, "disagreement": d})
 
         task = asyncio.ensure_future(run())
         self._shadow_tasks.add(task)  # a reference, or the loop may collect the task mid-flight
         task.add_done_callback(self._shadow_tasks.discard)
 
 
+class ShadowLog:
+    """Where shadow answers go: JSON lines through a bounded queue to a background thread that writes a
+    rotated file (`path`, `max_bytes` per file, `backups` kept), or to the replica's log at INFO without a
+    path; and how many requests are shadowed (`rate`, at most `max_in_flight` at once)."""
 
-def _now(service: RankService, p: Prepared) -> np.ndarray:
-    """Scored here and now, not through the batch queue: a fallback must not wait behind the work that made
-    the request late (ONNX Runtime sessions take concurrent runs)."""
-    return service.engine.run_many([p.inputs])[0]
+    def __init__(self, path: str | None = None, rate: float = 1.0, max_in_flight: int = 4, max_bytes: int = 16 << 20,
+                 backups: int = 3) -> None:
+        import logging.handlers
+        import queue
+
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"serve.shadow_rate={rate}: a share of requests, within 0..1")
+        self.rate, self.max_in_flight = rate, max_in_flight
+        self._queue: queue.Queue[str] | None = None
+        self._thread: threading.Thread | None = None
+        if path is not None:
+            self._queue = queue.Queue(maxsize=10_000)
+            self._file = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups)
+            self._file.setFormatter(logging.Formatter("%(message)s"))
+            self._thread = threading.Thread(target=self._drain, daemon=True, name="adsfm-shadow-log")
+            self._thread.start()
+
+    def write(self, line: dict[str, Any]) -> None:
+        text = json.dumps(line, default=str)
+        if self._queue is None:
+            logger.info("adsfm shadow: %s", text)
+            return
+        try:
+            self._queue.put_nowait(text)
+        except Exception:  # a full queue drops a line rather than stall the replica
+            metrics.SHADOW.labels("unlogged").inc()
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while True:
+            text = self._queue.get()
+            self._file.emit(logging.LogRecord("adsfm.shadow", logging.INFO, "", 0, text, None, None))

@@ -40,7 +40,8 @@ class SequenceInputs:
 class SequenceEngine(TableStore):
     """Scores candidates for a user from a split bundle (manifest.json, user.onnx, candidate.onnx, tables)."""
 
-    def __init__(self, bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000) -> None:
+    def __init__(self, bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000,
+                 user_cache_bytes: int | None = None) -> None:
         super().__init__(bundle)
         if self.manifest.sequence is None:
             raise ValueError(f"{bundle}: manifest has no 'sequence' section: not a sequence-model bundle")
@@ -51,7 +52,7 @@ class SequenceEngine(TableStore):
         self.candidate_session = ort.InferenceSession(str(bundle_file(self.bundle, self.seq.candidate_graph)), opts,
                                                       providers=providers)
         self.features = {f.name: f for f in self.manifest.sparse}
-        self._state: LRU[UserState] = LRU(user_cache_size)
+        self.user_cache: LRU[UserState] = LRU(user_cache_size, user_cache_bytes)
         # Every item of the store as a candidate token, computed once: requests naming ids gather rows.
         ids = list(self.item_store)
         key = self.manifest.item_column or ""
@@ -109,7 +110,7 @@ class SequenceEngine(TableStore):
         # keeps its key, since only the start token's time of an empty history depends on the request.
         empty = not history_fields[s.history]
         depends = {"history": history_fields, "context": context, "time": request_time if empty else None}
-        state = self._state.get_or_compute(cache_key(depends), lambda: self._encode(history_fields, context, request_time))
+        state = self.user_cache.get_or_compute(cache_key(depends), lambda: self._encode(history_fields, context, request_time))
         return SequenceInputs(self._candidate_tokens(items), request_time, state)
 
     def _request_time(self, user: dict[str, Any]) -> int:
@@ -171,4 +172,4 @@ class SequenceEngine(TableStore):
         return out
 
     def user_cache_info(self) -> Any:
-        return self._state.info()
+        return self.user_cache.info()

@@ -76,9 +76,10 @@ class RankService:
             if key and c.get(key) is None:
                 raise FeatureError(f"candidates[{i}].{key}", "is required")
 
-    def prepare(self, req: RankRequest) -> Prepared:
-        """Validate and featurize: the dense graph's inputs for this request, ready to batch with others."""
-        t0 = time.perf_counter()
+    def prepare(self, req: RankRequest, arrived: float | None = None) -> Prepared:
+        """Validate and featurize: the engine's inputs for this request, ready to batch with others.
+        `arrived` (time.perf_counter) is when the request reached the replica: its latency counts from there."""
+        t0 = time.perf_counter() if arrived is None else arrived
         self.validate(req)
         return Prepared(req, self.engine.inputs(dict(req.user), [dict(c) for c in req.candidates]), t0)
 

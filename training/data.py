@@ -232,10 +232,15 @@ def _column(f: SparseFeature | DenseFeature) -> str:
 
 def user_keys(df: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
     """Each row's user key; a row whose user is missing is a user of its own (no history, no holdout)."""
-    assert cfg.user_column
-    na = frozenset(cfg.na_values)
-    return np.array([f"\x00row{i}" if is_missing(v, na) else key_of(v, f"data.user_column={cfg.user_column!r}")
-                     for i, v in enumerate(df[cfg.user_column].tolist())], dtype=object)
+    column = cfg.user_column
+    assert column
+    na, where = frozenset(cfg.na_values), f"data.user_column={column!r}"
+    codes, uniques = pd.factorize(df[column], use_na_sentinel=True)
+    keys = np.array([None if is_missing(u, na) else key_of(u, where) for u in uniques], dtype=object)
+    out = keys[np.maximum(codes, 0)] if len(keys) else np.full(len(df), None, dtype=object)
+    for i in np.flatnonzero((codes < 0) | (out == None)):  # noqa: E711 - an element-wise test for None
+        out[i] = f"\x00row{i}"
+    return out
 
 
 def _labels(df: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
@@ -277,26 +282,29 @@ def add_history(df: pd.DataFrame, cfg: DataConfig, keep: np.ndarray | None = Non
         actions_all = np.array([f"{v:g}" for v in raw], dtype=object)
     names = [n for n in (h.name, h.positive_name, h.actions_name, h.times_name) if n]
     columns: dict[str, list[list[Any]]] = {n: [[] for _ in range(len(df))] for n in names}
-    order = slice(None) if h.chronological else slice(None, None, -1)
+    step = 1 if h.chronological else -1
     for rows in pd.Series(np.arange(len(df))).groupby(user_col, sort=False).indices.values():
         times = times_all[rows]
-        present = np.array([i is not None for i in items_all[rows]], bool)
-        items, liked = items_all[rows], liked_all[rows]
         # rows are time-sorted: events before index `first` of a timestamp are strictly earlier.
         first = np.searchsorted(times, times, side="left")
+        present = np.flatnonzero(np.array([i is not None for i in items_all[rows]], bool))  # events with an item
+        before = np.searchsorted(present, first)  # how many of them are strictly earlier than each row
+        seqs = {h.name: items_all[rows][present].tolist()}
+        if h.actions_name and actions_all is not None:
+            seqs[h.actions_name] = actions_all[rows][present].tolist()
+        if h.times_name:
+            seqs[h.times_name] = times[present].tolist()
+        good = present[liked_all[rows][present]]
+        liked_items, liked_before = items_all[rows][good].tolist(), np.searchsorted(good, first)
         for k, r in enumerate(rows):
             if not kept[r]:
                 continue
-            earlier = np.flatnonzero(present[: first[k]])
-            recent = earlier[-h.length :][order]
-            columns[h.name][r] = items[recent].tolist()
+            c = int(before[k])
+            for name, seq in seqs.items():
+                columns[name][r] = seq[max(0, c - h.length) : c][::step]
             if h.positive_name:
-                good = earlier[liked[earlier]][-h.length :][order]
-                columns[h.positive_name][r] = items[good].tolist()
-            if actions_all is not None and h.actions_name:
-                columns[h.actions_name][r] = actions_all[rows][recent].tolist()
-            if h.times_name:
-                columns[h.times_name][r] = times[recent].tolist()
+                c = int(liked_before[k])
+                columns[h.positive_name][r] = liked_items[max(0, c - h.length) : c][::step]
     for name, col in columns.items():
         df[name] = pd.Series(col, index=df.index, dtype=object)
     return df if keep is None else df[kept].reset_index(drop=True)
@@ -412,12 +420,12 @@ def _item_store(df: pd.DataFrame, cfg: DataConfig) -> dict[str, dict[str, Any]]:
     cols = {f.name: _column(f) for f in declared if f.side == "item"}
     if not cols:
         return {}
-    na = frozenset(cfg.na_values)
+    na, key, where = frozenset(cfg.na_values), cfg.item_column, f"data.item_column={cfg.item_column!r}"
     out: dict[str, dict[str, Any]] = {}
-    for rec in df[list(dict.fromkeys([cfg.item_column, *cols.values()]))].to_dict("records"):
-        item = rec[cfg.item_column]
-        if not is_missing(item, na):
-            out[key_of(item, f"data.item_column={cfg.item_column!r}")] = {name: _jsonable(rec[col], na) for name, col in cols.items()}
+    ids = pd.Series([None if is_missing(v, na) else key_of(v, where) for v in df[key].tolist()], index=df.index, dtype=object)
+    latest = df.loc[ids.notna() & ~ids.duplicated(keep="last")]  # the item's latest row
+    for item, rec in zip(ids[latest.index], latest[list(dict.fromkeys(cols.values()))].to_dict("records"), strict=True):
+        out[item] = {name: _jsonable(rec[col], na) for name, col in cols.items()}
     return out
 
 

@@ -11,6 +11,9 @@ import requests
 import torch
 
 pytestmark = pytest.mark.integration
+TOKEN = "test-token-3f9a"
+HTTP = requests.Session()
+HTTP.headers["Authorization"] = f"Bearer {TOKEN}"
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,8 @@ def server(ray_cluster: None, serve_port: int, trained: dict[str, Any], tmp_path
     uri = f"sqlite:///{root / 'mlflow.db'}"
     exp = ensure_experiment(uri, "serve-test", str(root))
     log_and_register(trained["bundle"], "served", uri, run_id=None, experiment_id=exp)
-    cfg = ServeConfig(port=serve_port, model_name="served", max_candidates=100, batch_wait_ms=20, max_request_bytes=200_000)
+    cfg = ServeConfig(port=serve_port, model_name="served", max_candidates=100, batch_wait_ms=20, max_request_bytes=200_000,
+                      auth_token=TOKEN)
     url = app.start(cfg, uri, name="serve-test")
     REGISTRY["uri"] = uri
     yield url
@@ -46,7 +50,7 @@ def test_ranks_over_http_like_the_eager_model(server: str, trained: dict[str, An
     row = int(features.holdout_idx[123])
     items = [str(i) for i in range(1, 31)]
     req = example_request(df, features.spec, row, items)
-    r = requests.post(f"{server}/v1/rank", json=req, timeout=30)
+    r = HTTP.post(f"{server}/v1/rank", json=req, timeout=30)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model_name"] == "served" and body["model_version"] == "1"
@@ -95,7 +99,7 @@ def test_ranks_over_http_like_the_eager_model(server: str, trained: dict[str, An
 )
 def test_bad_input_gets_a_422_naming_the_field(server: str, payload: Any, loc: list[Any]) -> None:
     """422 bodies have the documented shape (FastAPI's: loc, msg, type for each refused field)."""
-    r = requests.post(f"{server}/v1/rank", json=payload, timeout=30)
+    r = HTTP.post(f"{server}/v1/rank", json=payload, timeout=30)
     assert r.status_code == 422, (r.status_code, r.text)
     detail = r.json()["detail"]
     assert all({"loc", "msg", "type"} <= set(d) for d in detail), detail
@@ -105,11 +109,11 @@ def test_bad_input_gets_a_422_naming_the_field(server: str, payload: Any, loc: l
 def test_every_feature_may_be_left_out(server: str) -> None:
     """The item id alone is a request: the user's features are missing (their missing rows, the training
     means), the items' come from the bundle's item store; an unknown item id scores too."""
-    r = requests.post(f"{server}/v1/rank", json={"candidates": [{"item_id": "50"}, {"item_id": 181}, {"item_id": "no-such-item"}]},
+    r = HTTP.post(f"{server}/v1/rank", json={"candidates": [{"item_id": "50"}, {"item_id": 181}, {"item_id": "no-such-item"}]},
                       timeout=30)
     assert r.status_code == 200, r.text
     assert len(r.json()["candidates"]) == 3 and all(0 < c["score"] < 1 for c in r.json()["candidates"])
-    r = requests.post(f"{server}/v1/rank", json={"user": {"user_id": None, "history": []}, "candidates": [{"item_id": "50"}]},
+    r = HTTP.post(f"{server}/v1/rank", json={"user": {"user_id": None, "history": []}, "candidates": [{"item_id": "50"}]},
                       timeout=30)
     assert r.status_code == 200, r.text
 
@@ -117,7 +121,7 @@ def test_every_feature_may_be_left_out(server: str) -> None:
 def test_the_served_schema_is_the_bundles(server: str, trained: dict[str, Any]) -> None:
     """/openapi.json names the bundle's features with their shapes, the item id required on each candidate;
     /metrics is declared and served as text."""
-    doc = requests.get(f"{server}/openapi.json", timeout=10).json()
+    doc = HTTP.get(f"{server}/openapi.json", timeout=10).json()
     schemas = doc["components"]["schemas"]
     req = schemas["RankRequest"]
     assert req["required"] == ["candidates"] and req["additionalProperties"] is False
@@ -127,7 +131,7 @@ def test_the_served_schema_is_the_bundles(server: str, trained: dict[str, Any]) 
     assert history == {"array", "string", "null"}
     assert schemas["Candidate"]["required"] == ["item_id"]
     assert doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"] == {"text/plain": {"schema": {"type": "string"}}}
-    m = requests.get(f"{server}/metrics", timeout=10)
+    m = HTTP.get(f"{server}/metrics", timeout=10)
     assert m.headers["content-type"].startswith("text/plain")
 
 
@@ -141,11 +145,12 @@ def test_schemathesis_finds_nothing(server: str) -> None:
 
     cli = Path(sys.executable).parent / "schemathesis"
     proc = subprocess.run([str(cli), "run", f"{server}/openapi.json", "--checks", "all", "--max-examples", "300",
-                           "--seed", "7", "--workers", "1"], capture_output=True, text=True, timeout=600)
+                           "--seed", "7", "--workers", "1", "-H", f"Authorization: Bearer {TOKEN}"],
+                          capture_output=True, text=True, timeout=600)
     tail = proc.stdout[-4000:]
     print(tail)
     assert proc.returncode == 0 and "No issues found" in proc.stdout, tail
-    assert requests.get(f"{server}/healthz", timeout=10).status_code == 200
+    assert HTTP.get(f"{server}/healthz", timeout=10).status_code == 200
 
 
 def test_the_pyfunc_scores_a_request_body_like_http(server: str, trained: dict[str, Any], registry_uri: str) -> None:
@@ -158,7 +163,7 @@ def test_the_pyfunc_scores_a_request_body_like_http(server: str, trained: dict[s
 
     body = {"user": {"user_id": "196", "gender": "M", "age": 49, "history": ["242", "302", 377], "liked_history": []},
             "candidates": [{"item_id": "1"}, {"item_id": 50}, {"item_id": "181"}, {"item_id": "no-such-item"}]}
-    answer = requests.post(f"{server}/v1/rank", json=body, timeout=30).json()
+    answer = HTTP.post(f"{server}/v1/rank", json=body, timeout=30).json()
     http = {str(c["item"]["item_id"]): c["score"] for c in answer["candidates"]}
     mlflow.set_tracking_uri(registry_uri)
     model = mlflow.pyfunc.load_model("models:/served@champion")
@@ -168,9 +173,9 @@ def test_the_pyfunc_scores_a_request_body_like_http(server: str, trained: dict[s
 
 
 def test_malformed_json_is_a_4xx_and_the_replica_survives(server: str) -> None:
-    r = requests.post(f"{server}/v1/rank", data=b"{not json", headers={"content-type": "application/json"}, timeout=30)
+    r = HTTP.post(f"{server}/v1/rank", data=b"{not json", headers={"content-type": "application/json"}, timeout=30)
     assert 400 <= r.status_code < 500
-    h = requests.get(f"{server}/healthz", timeout=30)
+    h = HTTP.get(f"{server}/healthz", timeout=30)
     assert h.status_code == 200 and h.json()["status"] == "ok"
 
 
@@ -183,13 +188,13 @@ def test_concurrent_requests_are_batched_and_score_as_alone(server: str) -> None
 
     from adsfm.serving.client import RankClient
 
-    client = RankClient(server)
+    client = RankClient(server, token=TOKEN)
     users = [{"user_id": str(u), "history": [str(u + 1), str(u + 2)]} for u in range(1, 17)]
     items = [{"item_id": str(i)} for i in range(1, 51)]
     alone = [{c.item["item_id"]: c.score for c in client.rank(u, items).candidates} for u in users]
 
     def batches() -> tuple[float, float]:
-        text = requests.get(f"{server}/metrics", timeout=30).text
+        text = HTTP.get(f"{server}/metrics", timeout=30).text
         count = float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("adsfm_batch_requests_count")))
         total = float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("adsfm_batch_requests_sum")))
         return count, total
@@ -200,7 +205,7 @@ def test_concurrent_requests_are_batched_and_score_as_alone(server: str) -> None
 
     def call(k: int) -> None:
         start.wait()
-        got[k] = {c.item["item_id"]: c.score for c in RankClient(server).rank(users[k], items).candidates}
+        got[k] = {c.item["item_id"]: c.score for c in RankClient(server, token=TOKEN).rank(users[k], items).candidates}
 
     threads = [threading.Thread(target=call, args=(k,)) for k in range(len(users))]
     for t in threads:
@@ -215,13 +220,30 @@ def test_concurrent_requests_are_batched_and_score_as_alone(server: str) -> None
     assert requests_scored == len(users) and runs < len(users), f"{requests_scored} requests in {runs} dense-graph runs"
 
 
-def test_oversized_body_is_413_and_client_names_the_field(server: str) -> None:
+def test_limits_hold_over_http(server: str) -> None:
+    """401 without the token or with a wrong one; 413 for a body over serve.max_request_bytes, declared
+    (Content-Length) or chunked (no length: the bytes received are counted); the client names the field of
+    a 422; the replica answers afterwards."""
     from adsfm.serving.client import RankClient, RankError
 
-    r = requests.post(f"{server}/v1/rank", data=b"x" * 300_000, headers={"content-type": "application/json"}, timeout=30)
+    body = {"candidates": [{"item_id": "1"}]}
+    assert requests.post(f"{server}/v1/rank", json=body, timeout=30).status_code == 401
+    wrong = requests.post(f"{server}/v1/rank", json=body, headers={"Authorization": f"Bearer {TOKEN}x"}, timeout=30)
+    assert wrong.status_code == 401 and wrong.headers.get("www-authenticate") == "Bearer"
+    r = HTTP.post(f"{server}/v1/rank", data=b"x" * 300_000, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 413 and "max_request_bytes" in r.text
+
+    def chunks() -> Any:
+        yield b'{"candidates": [{"item_id": "1"}], "user": {"history": ['
+        for _ in range(30_000):
+            yield b'"123456789",'
+        yield b'"1"]}}'
+
+    r = HTTP.post(f"{server}/v1/rank", data=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413, (r.status_code, r.text[:300])
+    assert HTTP.get(f"{server}/healthz", timeout=30).status_code == 200
     with pytest.raises(RankError) as e:
-        RankClient(server).rank({"user_id": "1"}, [{"item_id": "1", "colour": "red"}])
+        RankClient(server, token=TOKEN).rank({"user_id": "1"}, [{"item_id": "1", "colour": "red"}])
     assert e.value.status == 422 and "colour" in str(e.value.detail)
 
 
@@ -232,7 +254,7 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server: str) ->
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    spec = requests.get(f"{server}/openapi.json", timeout=10).json()
+    spec = HTTP.get(f"{server}/openapi.json", timeout=10).json()
     schema = spec["components"]["schemas"]["RankRequest"]
     assert set(schema["required"]) == {"candidates"}
     user_names = ["user_id", "gender", "occupation", "age", "zip_prefix", "history", "liked_history"]
@@ -251,11 +273,57 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server: str) ->
     @settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(st.one_of(shaped, shaped, wild, anything))
     def post(body: Any) -> None:
-        r = requests.post(f"{server}/v1/rank", json=body, timeout=30)
+        r = HTTP.post(f"{server}/v1/rank", json=body, timeout=30)
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         assert r.status_code < 500, (body, r.status_code, r.text[:300])
 
     post()
     print(f"fuzzed /v1/rank: status counts {dict(sorted(seen.items()))}")
     assert seen.get(200, 0) > 0 and seen.get(422, 0) > 0  # both kinds were drawn
-    assert requests.get(f"{server}/healthz", timeout=10).status_code == 200
+    assert HTTP.get(f"{server}/healthz", timeout=10).status_code == 200
+
+
+def _listening() -> list[tuple[str, int, str]]:
+    """Every listening TCP socket on this machine: (address, port, the owning process's command line)."""
+    import os
+    import re
+    import socket
+    import struct
+    from pathlib import Path
+
+    inodes: dict[str, tuple[str, int]] = {}
+    for proto, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{proto}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            addr, port = fields[1].split(":")
+            raw = bytes.fromhex(addr)
+            packed = struct.pack("<I", int(addr, 16)) if family == socket.AF_INET else \
+                b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+            inodes[fields[9]] = (socket.inet_ntop(family, packed), int(port, 16))
+    out = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        for link in links:
+            m = re.fullmatch(r"socket:\[(\d+)\]", link)
+            if m and m.group(1) in inodes:
+                out.append((*inodes[m.group(1)], cmd))
+    return out
+
+
+def test_every_socket_serving_opens_is_on_loopback(server: str) -> None:
+    """HAProxy's front ends (the API, stats, prometheus), the proxy and the replica's ports (its HTTP
+    server, its inter-deployment gRPC server) listen on 127.0.0.1 only."""
+    serving = ("haproxy", "ray::ServeReplica", "ray::ProxyActor", "ray::HAProxyManager", "ray::ServeController")
+    mine = [s for s in _listening() if any(k in s[2] for k in serving)]
+    replica = [s for s in mine if "ray::ServeReplica:serve-test" in s[2]]
+    assert len(replica) >= 3 and any("haproxy" in s[2] for s in mine), mine  # the sockets were found at all
+    loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+    wide = [s for s in mine if s[0] not in loopback]
+    print(f"serving listens on {sorted({(a, p) for a, p, _ in mine})}")
+    assert not wide, f"listening beyond loopback: {wide}"

@@ -30,7 +30,8 @@ def test_alias_move_and_killed_replica_fail_no_request(ray_cluster: None, serve_
     log_and_register(trained["bundle"], "zd", uri, run_id=None, experiment_id=exp)  # version 1: champion
     url = app.start(ServeConfig(port=serve_port, model_name="zd", num_replicas=2, reload_interval_s=0.5), uri, name="zd")
     df, _ = load_frame(small_cfg.data)
-    requests_ = [example_request(df, features.spec, int(r), [str(i) for i in range(1, 51)]) for r in features.holdout_idx[:20]]
+    # 400 candidates a request: each takes long enough that the killed replica has requests in flight
+    requests_ = [example_request(df, features.spec, int(r), [str(i) for i in range(1, 401)]) for r in features.holdout_idx[:20]]
     try:
         with SteadyLoad(url, requests_, clients=4, retries=3) as load:
             time.sleep(3)
@@ -48,6 +49,7 @@ def test_alias_move_and_killed_replica_fail_no_request(ray_cluster: None, serve_
     print(f"zero downtime: {load.ok} requests answered, {load.failed} failed, {load.retried} retried "
           f"by the client; versions served {versions}")
     assert load.failed == 0, load.errors[:5]
+    assert load.retried > 0  # the kill hit requests in flight, and retries answered them
     assert versions.get("1", 0) > 0 and versions.get(v2, 0) > 0
     assert load.ok > 100
 

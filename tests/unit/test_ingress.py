@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from adsfm.contract.cluster import ingress_env
@@ -12,7 +14,10 @@ def test_modes_set_the_variables_ray_serve_reads(monkeypatch: pytest.MonkeyPatch
     mode, env = ingress_env("auto")
     assert mode == "haproxy"
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
-    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/opt/haproxy"
+    # a wrapper that binds HAProxy's stats and prometheus front ends to the serving host, then runs the binary
+    wrapper = Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"]).read_text()
+    assert "exec /opt/haproxy" in wrapper and "127.0.0.1" in wrapper
+    assert ingress_env("auto", bind="0.0.0.0")[1]["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/opt/haproxy"  # configured: all interfaces
     mode, env = ingress_env("direct")
     assert (mode, env["RAY_SERVE_THROUGHPUT_OPTIMIZED"], env["RAY_SERVE_ENABLE_HA_PROXY"]) == ("direct", "1", "0")
     mode, env = ingress_env("proxy")

@@ -126,20 +126,49 @@ def test_the_user_cache_is_bounded_and_keyed_by_a_hash() -> None:
     assert small.info().currsize == 2 and small.info().bytes <= 2000  # bounded in bytes, whatever the entries
 
 
-def test_limits_and_auth_are_refused_with_4xx() -> None:
-    from starlette.requests import Request
+def test_limits_and_auth_are_refused_at_the_door() -> None:
+    """The middleware over a stub app: the token (constant-time; /metrics and /docs when protected), a
+    Content-Length over the limit, and a chunked body (no length) cut off once the bytes received pass it."""
+    import asyncio
 
     from adsfm.contract.config import ServeConfig
-    from adsfm.serving.limits import refusal as _refusal
+    from adsfm.serving import limits
 
-    def request(path: str, headers: dict[str, str]) -> Request:
-        raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        return Request({"type": "http", "method": "POST", "path": path, "headers": raw, "query_string": b""})
+    async def app(scope: dict, receive: Any, send: Any) -> None:  # reads the whole body, answers 200
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
 
-    cfg = ServeConfig(auth_token="s3cret", max_request_bytes=1000)
-    assert _refusal(request("/v1/rank", {}), cfg).status_code == 401  # type: ignore[union-attr]
-    assert _refusal(request("/v1/rank", {"authorization": "Bearer nope"}), cfg).status_code == 401  # type: ignore[union-attr]
-    ok = {"authorization": "Bearer s3cret"}
-    assert _refusal(request("/v1/rank", ok), cfg) is None
-    assert _refusal(request("/v1/rank", {**ok, "content-length": "5000"}), cfg).status_code == 413  # type: ignore[union-attr]
-    assert _refusal(request("/healthz", {}), cfg) is None  # probes need no token
+    def call(cfg: ServeConfig, path: str, headers: dict[str, str], chunks: list[bytes]) -> int:
+        limits.SETTINGS["cfg"] = cfg
+        scope = {"type": "http", "method": "POST", "path": path, "query_string": b"",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+        messages = [{"type": "http.request", "body": c, "more_body": k < len(chunks) - 1} for k, c in enumerate(chunks)]
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(m: dict) -> None:
+            sent.append(m)
+
+        asyncio.run(limits.LimitsMiddleware(app)(scope, receive, send))
+        return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+    try:
+        cfg = ServeConfig(auth_token="s3cret", max_request_bytes=1000)
+        ok = {"authorization": "Bearer s3cret"}
+        assert call(cfg, "/v1/rank", {}, [b"{}"]) == 401
+        assert call(cfg, "/v1/rank", {"authorization": "Bearer nope"}, [b"{}"]) == 401
+        assert call(cfg, "/v1/rank", ok, [b"{}"]) == 200
+        assert call(cfg, "/v1/rank", {**ok, "content-length": "5000"}, [b"x" * 5000]) == 413
+        assert call(cfg, "/v1/rank", ok, [b"x" * 400] * 2) == 200  # 800 bytes in chunks: within the limit
+        assert call(cfg, "/v1/rank", ok, [b"x" * 400] * 3) == 413  # chunked, no length: cut off at 1,200
+        assert call(cfg, "/healthz", {}, [b""]) == 200  # probes need no token
+        assert call(cfg, "/metrics", {}, [b""]) == 200 and call(cfg, "/docs", {}, [b""]) == 200
+        guarded = ServeConfig(auth_token="s3cret", protect_metrics=True, protect_docs=True)
+        assert call(guarded, "/metrics", {}, [b""]) == 401 and call(guarded, "/openapi.json", {}, [b""]) == 401
+        assert call(guarded, "/metrics", ok, [b""]) == 200
+    finally:
+        limits.SETTINGS.clear()

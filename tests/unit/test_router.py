@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from adsfm.contract.request import RankRequest
 from adsfm.serving import metrics
 from adsfm.serving.engine import DenseGraphEngine, FeatureError
 from adsfm.serving.monitor import VersionStats, summarize
-from adsfm.serving.router import Router, bucket, top_k_disagreement
+from adsfm.serving.router import Router, ShadowLog, bucket, top_k_disagreement
 from adsfm.serving.service import Prepared, RankService
 from adsfm.serving.shift import Limits, judge
 
@@ -113,7 +115,7 @@ def test_shadow_challenger_scores_but_never_answers(services: dict[str, RankServ
         scored.append(svc.model_version)
         return await engine(svc, p)
 
-    r = Router(services["1"], tracking, shadow_log=str(tmp_path / "shadow.jsonl"), sticky_field="user")
+    r = Router(services["1"], tracking, shadow=ShadowLog(str(tmp_path / "shadow.jsonl")), sticky_field="user")
     r.challenger, r.split = services["2"], Split(challenger_pct=100, shadow=True)
     agreed = counter(metrics.SHADOW, "agreed")
 
@@ -125,10 +127,64 @@ def test_shadow_challenger_scores_but_never_answers(services: dict[str, RankServ
     assert asyncio.run(go()) == ["1"] * 5
     assert scored.count("2") == 5
     assert counter(metrics.SHADOW, "agreed") == agreed + 5  # the same weights: the same top 10
+    deadline = time.time() + 10  # the log is written by a background thread
+    while len((tmp_path / "shadow.jsonl").read_text().splitlines()) < 5 and time.time() < deadline:
+        time.sleep(0.01)
     logged = [json.loads(line) for line in (tmp_path / "shadow.jsonl").read_text().splitlines()]
     assert [(x["version"], x["user"], x["disagreement"]) for x in logged] == [("2", str(u), 0.0) for u in range(5)]
     alone = services["2"].rank(RankRequest(user={**USER, "user": "0"}, candidates=ITEMS))
     assert logged[0]["top"] == [c.item["ad"] for c in alone.candidates[:10]]  # the answer it would have given
+
+
+def test_a_flood_on_a_shadowed_replica_keeps_the_champions_latency(services: dict[str, RankService]) -> None:
+    """A replica's threads: the champion's work in one (2 ms a request), shadow copies in another (20 ms
+    each), at most 4 copies at once. Flooded with 8 clients, the champion's p99 stays near its p99 without
+    a shadow; the same flood with the copies in the champion's queue (the behaviour before) is several
+    times slower, so the test sees the difference it guards."""
+    main_pool, shadow_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+
+    def busy(svc: RankService, p: Prepared) -> np.ndarray:
+        time.sleep(0.020 if svc.model_version == "2" else 0.002)
+        return svc.engine.run_many([p.inputs])[0]
+
+    async def score(svc: RankService, p: Prepared) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(main_pool, busy, svc, p)
+
+    async def shadow_score(svc: RankService, p: Prepared) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(shadow_pool, busy, svc, p)
+
+    def flood(shadow: bool, isolated: bool = True) -> tuple[float, int]:
+        r = Router(services["1"], score, shadow_score=shadow_score if isolated else None, sticky_field="user",
+                   shadow=ShadowLog(rate=1.0, max_in_flight=4))
+        if shadow:
+            r.challenger, r.split = services["2"], Split(shadow=True)
+        most = 0
+
+        async def go() -> list[float]:
+            nonlocal most
+            gate = asyncio.Semaphore(8)
+
+            async def one(u: int) -> float:
+                nonlocal most
+                async with gate:
+                    res = await r.rank(RankRequest(user={**USER, "user": str(u)}, candidates=ITEMS[:10]))
+                    most = max(most, len(r._shadow_tasks))
+                    assert res.model_version == "1"
+                    return res.latency_ms
+            out = await asyncio.gather(*(one(u) for u in range(120)))
+            await asyncio.gather(*r._shadow_tasks)
+            return list(out)
+
+        return float(np.percentile(asyncio.run(go()), 99)), most
+
+    plain, _ = flood(shadow=False)
+    skipped = counter(metrics.SHADOW, "skipped")
+    shadowed, most = flood(shadow=True)
+    assert most <= 4 and counter(metrics.SHADOW, "skipped") > skipped  # bounded: copies beyond 4 were shed
+    queued, _ = flood(shadow=True, isolated=False)
+    print(f"champion p99 ms under a flood: no shadow {plain:.1f}, shadowed {shadowed:.1f}, copies in its queue {queued:.1f}")
+    assert shadowed <= 1.5 * plain + 10
+    assert queued > 2 * shadowed
 
 
 def test_disagreement_and_split_validation() -> None:
