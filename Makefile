@@ -25,7 +25,7 @@ lint: venv
 	$(VENV)/bin/lint-imports
 
 test: venv lint
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 test-fast: venv
 	$(PY) -m pytest -q tests/unit

@@ -14,8 +14,8 @@ Streams (every request a real MovieLens moment: the user's features and history 
 rated among the candidates, the rest drawn from the catalogue):
 - holdout (the headline): the holdout's ratings in time order, each a distinct (user, moment), so the
   user state is new unless the user really came back with the same history; every point starts with
-  adsfm's user caches empty (a new cache_generation through Ray Serve's reconfigure) and the hit rate it
-  reached is reported. Workload A: the DLRM, 100 candidates; workload B: the HSTU (split graphs and the
+  adsfm's user caches empty (a new cache_generation through the replica's reconfigure, called on its
+  handle: a redeploy would restart the replica) and the hit rate it reached is reported. Workload A: the DLRM, 100 candidates; workload B: the HSTU (split graphs and the
   cached user state in adsfm, the whole model per request in the naive server), 500 candidates, the
   holdout moments of users with a full 200-event history.
 - returning (labelled as such, workload A): 64 (user, moment) pairs over and over, to show what the cache
@@ -245,7 +245,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                                 continue
                             if name == "adsfm":  # every point starts as cold as real traffic finds it
                                 generation += 1
-                                serve_app.start(serve_cfg, uri, name="adsfm", knobs={"cache_generation": generation})  # type: ignore[arg-type]
+                                serve.get_app_handle("adsfm").reconfigure.remote({"cache_generation": generation}).result()
                                 before = cache_counts(base)
                             r = wrk_point(url, files[stream], c, a.seconds)
                             if name == "adsfm":

@@ -127,13 +127,23 @@ def value_keys(raw: Any, multi: bool, sep: str, na_values: frozenset[str], where
         if not multi and len(raw) > 1:
             raise FeatureError(where, f"takes one value, got a list of {len(raw)}")
         items: Iterable[Any] = raw
+    elif isinstance(raw, str):
+        if raw == "" or raw in na_values:
+            return None
+        if not multi:
+            return [raw]
+        items = raw.split(sep)
     elif is_missing(raw, na_values):
         return None
-    elif multi and isinstance(raw, str):
-        items = raw.split(sep)
     else:
         items = (raw,)
-    out = [key_of(v, where) for v in items if not is_missing(v, na_values)]
+    out = []
+    for v in items:
+        if type(v) is str:  # the common case, a string key, without the general checks
+            if v and v not in na_values:
+                out.append(v)
+        elif not is_missing(v, na_values):
+            out.append(key_of(v, where))
     return out if out or multi else None
 
 
@@ -329,6 +339,9 @@ class Featurizer:
             return np.array([self.spec.tables[f.table_name].missing_row], np.int64)
         if f.raw:
             return np.array([integer_of(k, where) for k in keys], np.int64)
+        index = self._index.get(f.table_name)
+        if index is not None:
+            return np.array([index.get(k, OOV_ROW) for k in keys], np.int64)
         return np.array([self.row_of_key(f.table_name, k) for k in keys], np.int64)
 
     def sparse_column(self, f: SparseFeatureSpec, values: Sequence[Any] | pd.Series, where: str | None = None

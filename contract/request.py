@@ -56,7 +56,9 @@ class RankRequest(BaseModel):
     )
 
 
-class ScoredCandidate(BaseModel):
+class ScoredCandidate(TypedDict):
+    """One ranked candidate (a TypedDict, not a model: a response holds hundreds, built on the hot path)."""
+
     item: dict[str, Any]
     score: float
     rank: int

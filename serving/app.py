@@ -1,8 +1,9 @@
 """Thin Ray Serve wrapper: an HTTP ingress deployment around RankService, loading models:/NAME@ALIAS.
 
 Per request: parse and validate the body against the served bundle's own request schema (the one
-/openapi.json publishes), featurize (the user side from the replica's cache), then the dense graph runs on
-the candidates of several concurrent requests at once (@serve.batch), then the response. Each replica
+/openapi.json publishes) on the event loop; then, batched with concurrent requests (@serve.batch) in one
+hop to the scoring thread, featurize (the user side from the replica's cache) and run the dense graph on
+all their candidates at once; then the response. Each replica
 exposes Prometheus metrics at /metrics.
 """
 
@@ -20,7 +21,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
@@ -37,7 +37,7 @@ from adsfm.serving import limits, metrics
 from adsfm.serving.bundle import open_engine
 from adsfm.serving.monitor import Reporter
 from adsfm.serving.router import Router, ShadowLog, answer_now
-from adsfm.serving.service import Prepared, RankService, RequestInvalid, run_grouped
+from adsfm.serving.service import RankService, RequestInvalid, Scored, score_one, score_together
 
 logger = logging.getLogger("ray.serve")
 # The OpenAPI document and its page are the replica's own (`openapi` below): the request schema is the
@@ -108,24 +108,25 @@ class RankingDeployment:
         bind_internal_servers_to_node_address()
         self.cfg, self.tracking_uri = cfg, tracking_uri
         self.cache = Path(tempfile.mkdtemp(prefix="adsfm-serve-"))
-        # Work off the event loop, one thread each: featurizing (a user graph on a cache miss), the batched
-        # graphs, and fallbacks, which must not queue behind the batch that made a request late. The loop
-        # only routes, so a request past its deadline is answered while the others still run.
+        # Work off the event loop, one thread each: the batched requests (featurizing, a user graph on a
+        # cache miss, the graphs: one hop per request), fallbacks, which must not queue behind the batch
+        # that made a request late, and shadow copies. The loop only routes, so a request past its deadline
+        # is answered while the others still run.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="adsfm-score")
-        self.prep_pool = ThreadPoolExecutor(1, thread_name_prefix="adsfm-prepare")
         self.fallback_pool = ThreadPoolExecutor(1, thread_name_prefix="adsfm-fallback")
         self.shadow_pool = ThreadPoolExecutor(1, thread_name_prefix="adsfm-shadow")
         spill = self._load_spillover(cfg.spillover) if cfg.spillover else None
         shadow = ShadowLog(cfg.shadow_log, cfg.shadow_rate, cfg.shadow_max_in_flight)
-        self.router = Router(self._load(cfg.model_name), self._score, prepare=self._prepare, answer=self._answer,
+        self.router = Router(self._load(cfg.model_name), self._score, answer=self._answer,
                              shadow_score=self._shadow_score, spillover=spill, sticky_field=cfg.sticky_field, deadline_ms=cfg.deadline_ms,
                              report=Reporter(cfg.model_name), shadow=shadow)
         self.in_flight = 0
+        metrics.QUEUE.set_function(lambda: self.in_flight)  # read at scrape time, not set per request
         self._cache_generation: Any = None
         self._openapi: tuple[RankService, dict[str, Any]] | None = None
         self._score_batch.set_max_batch_size(cfg.batch_max_requests)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)  # type: ignore[attr-defined]
-        limits.SETTINGS["cfg"] = cfg  # for the middleware; one replica per process
+        limits.SETTINGS["limits"] = limits.Limits.of(cfg)  # for the middleware; one replica per process
 
         if cfg.reload_interval_s > 0:
             threading.Thread(target=self._follow_registry, daemon=True, name="adsfm-registry-watch").start()
@@ -139,7 +140,7 @@ class RankingDeployment:
             raise ValueError(f"serve knobs {unknown} cannot change at runtime; these can: {sorted(RUNTIME_KNOBS)}")
         generation = knobs.get("cache_generation")
         self.cfg = typed(ServeConfig, {**to_plain(self.cfg), **{k: v for k, v in knobs.items() if k != "cache_generation"}})
-        limits.SETTINGS["cfg"] = self.cfg
+        limits.SETTINGS["limits"] = limits.Limits.of(self.cfg)
         c, r = self.cfg, self.router
         self._score_batch.set_max_batch_size(c.batch_max_requests)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(c.batch_wait_ms / 1000)  # type: ignore[attr-defined]
@@ -203,18 +204,14 @@ class RankingDeployment:
                 r.challenger, r.challenger_error = None, wanted
         r.split = t.split if wanted else Split()  # challenger == champion (just promoted): nothing to split
 
-    async def _prepare(self, service: RankService, req: Any, arrived: float) -> Prepared:
-        return await asyncio.get_running_loop().run_in_executor(self.prep_pool, service.prepare, req, arrived)
-
     async def _answer(self, service: RankService, req: Any, arrived: float) -> RankResponse:
         return await asyncio.get_running_loop().run_in_executor(self.fallback_pool, answer_now, service, req, arrived)
 
-    async def _shadow_score(self, service: RankService, p: Prepared) -> np.ndarray:
-        out = await asyncio.get_running_loop().run_in_executor(self.shadow_pool, service.engine.run_many, [p.inputs])
-        return out[0]
+    async def _shadow_score(self, service: RankService, req: Any, arrived: float) -> Scored:
+        return await asyncio.get_running_loop().run_in_executor(self.shadow_pool, score_one, service, req, arrived)
 
-    async def _score(self, service: RankService, p: Prepared) -> np.ndarray:
-        item = (service.engine, p.inputs)
+    async def _score(self, service: RankService, req: Any, arrived: float) -> Scored:
+        item = (service, req, arrived)
         if self.in_flight <= 1:  # alone on the replica: no company to wait batch_wait_ms for
             out = (await self._run([item]))[0]
         else:
@@ -224,14 +221,14 @@ class RankingDeployment:
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
-    async def _score_batch(self, items: list[tuple[Any, Any]]) -> list[np.ndarray | Exception]:
-        """Concurrent requests' candidates through one engine call per model version (one dense-graph run
-        for DLRM)."""
+    async def _score_batch(self, items: list[tuple[RankService, Any, float]]) -> list[Scored | Exception]:
+        """Concurrent requests prepared and scored together, in one hop to the scoring thread (one
+        dense-graph run for DLRM)."""
         return await self._run(items)
 
-    async def _run(self, items: list[tuple[Any, Any]]) -> list[np.ndarray | Exception]:
+    async def _run(self, items: list[tuple[RankService, Any, float]]) -> list[Scored | Exception]:
         metrics.BATCH.observe(len(items))
-        return await asyncio.get_running_loop().run_in_executor(self.pool, run_grouped, items)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, score_together, items)
 
     @api.post("/v1/rank", response_model=RankResponse, responses=ERRORS)
     async def rank(self, request: Request) -> Response:
@@ -244,12 +241,10 @@ class RankingDeployment:
             spill = self.router.spillover
             metrics.SPILLOVER.inc()
         self.in_flight += 1
-        metrics.QUEUE.set(self.in_flight)
         try:
             res = await self.router.rank(req, main=spill, arrived=arrived)
         finally:
             self.in_flight -= 1
-            metrics.QUEUE.set(self.in_flight)
         metrics.LATENCY.labels(res.model_version).observe(res.latency_ms / 1e3)
         metrics.CANDIDATES.observe(len(req.candidates))
         metrics.REQUESTS.labels("200").inc()

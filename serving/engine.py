@@ -58,7 +58,10 @@ def mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
         if end == begin:
             out[key] = np.zeros(shape, dtype)
             continue
-        out[key] = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r", offset=8 + size + begin, shape=shape)
+        # a plain ndarray over the map (it keeps the map open): np.memmap's subclass hooks cost more than
+        # the lookup itself on every indexing of a small table
+        out[key] = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r", offset=8 + size + begin,
+                             shape=shape).view(np.ndarray)
     return out
 
 
@@ -128,18 +131,33 @@ class TableStore:
         """Candidates that send only an item id of the item store (positions, and their precomputed rows),
         and the rest (positions), which are featurized from the fields they send."""
         key = self.manifest.item_column or ""
-        stored, rows = [], []
+        known = self._item_row
+        try:  # the common request: every candidate a bare string id of the store
+            fast = [known.get(it[key]) if len(it) == 1 and key in it else None for it in items]
+        except TypeError:  # an unhashable id (a list): the general path names it
+            fast = [None]
+        if None not in fast:
+            return list(range(len(items))), fast, []  # type: ignore[return-value]
+        stored, rows, rest = [], [], []
         for i, it in enumerate(items):
+            r = None
             if len(it) == 1 and key in it:
-                r = self._item_row.get(self.item_key(it, f"candidates[{i}].{key}") or "")
-                if r is not None:
-                    stored.append(i)
-                    rows.append(r)
-        return stored, rows, sorted(set(range(len(items))) - set(stored))
+                v = it[key]
+                # a string is its own key (the common case); anything else is canonicalized first
+                r = known.get(v) if type(v) is str else known.get(self.item_key(it, f"candidates[{i}].{key}") or "")
+            if r is None:
+                rest.append(i)
+            else:
+                stored.append(i)
+                rows.append(r)
+        return stored, rows, rest
 
     def pool(self, table: str, bag: Bag) -> np.ndarray:
         """Sum or mean of the bag's rows, per row of the batch; an empty bag pools to zeros."""
         n = len(bag.lengths)
+        if n == 1 and len(bag.values):  # one bag (a user's feature): no scatter needed
+            v = dequantize(self.tables[table], bag.values).sum(axis=0, keepdims=True)
+            return v / np.float32(len(bag.values)) if self.manifest.features.tables[table].pooling == "mean" else v
         out = np.zeros((n, self.manifest.tables[table].dim), dtype=np.float32)
         if len(bag.values):
             seg = np.repeat(np.arange(n), bag.lengths)
@@ -269,7 +287,10 @@ class DenseGraphEngine(TableStore):
         emb[:, self._user_j] = user_emb
         dense[:, self._user_k] = user_dense
         stored, rows, rest = self.split_stored(items)
-        if stored:
+        if not rest:  # every candidate an id of the item store (the common request): whole-column writes
+            emb[:, self._item_j] = self._item_emb[rows]
+            dense[:, self._item_k] = self._item_dense[rows]
+        elif stored:
             emb[np.ix_(stored, self._item_j)] = self._item_emb[rows]
             dense[np.ix_(stored, self._item_k)] = self._item_dense[rows]
         if rest:

@@ -12,6 +12,7 @@ ingress app Ray pickles by value: the middleware and the replica's constructor t
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -19,40 +20,64 @@ from fastapi.responses import JSONResponse
 from adsfm.contract.config import ServeConfig
 from adsfm.serving import metrics
 
-SETTINGS: dict[str, ServeConfig] = {}
+
+@dataclass(frozen=True)
+class Limits:
+    """What the door checks, as plain values: read on every request, where a config object's attribute
+    access would cost more than the check."""
+
+    bearer: bytes | None
+    """b"Bearer <token>", or None when no token is configured."""
+    max_request_bytes: int
+    protect_metrics: bool
+    protect_docs: bool
+
+    @classmethod
+    def of(cls, cfg: ServeConfig) -> Limits:
+        return cls(f"Bearer {cfg.auth_token}".encode() if cfg.auth_token else None, int(cfg.max_request_bytes),
+                   bool(cfg.protect_metrics), bool(cfg.protect_docs))
 
 
-def _needs_token(path: str, cfg: ServeConfig) -> bool:
+SETTINGS: dict[str, Limits] = {}
+"""The replica's limits under "limits" (set by its constructor and reconfigure())."""
+
+
+def _needs_token(path: str, lim: Limits) -> bool:
     if path.startswith("/v1/"):
         return True
     if path == "/metrics":
-        return cfg.protect_metrics
-    return cfg.protect_docs and (path in ("/docs", "/openapi.json") or path.startswith("/docs/"))
+        return lim.protect_metrics
+    return lim.protect_docs and (path in ("/docs", "/openapi.json") or path.startswith("/docs/"))
 
 
-def refusal(scope: dict[str, Any], cfg: ServeConfig | None = None) -> JSONResponse | None:
-    """401 without the configured bearer token, 413 for a declared body over the limit; None lets it in."""
-    cfg = cfg or SETTINGS.get("cfg")
-    if cfg is None:
-        return None
-    path = scope.get("path", "")
-    headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
-    if cfg.auth_token and _needs_token(path, cfg):
-        sent = headers.get("authorization", b"")
-        if not hmac.compare_digest(sent, f"Bearer {cfg.auth_token}".encode()):
-            metrics.REQUESTS.labels("401").inc()
-            return JSONResponse(status_code=401, content={"detail": "missing or wrong bearer token (Authorization: Bearer <token>)"},
-                                headers={"WWW-Authenticate": "Bearer"})
-    size = headers.get("content-length", b"").decode("latin-1")
-    if path.startswith("/v1/") and size.isdigit() and int(size) > cfg.max_request_bytes:
-        return too_large(cfg, int(size))
+def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
+    for k, v in scope.get("headers", ()):
+        if k.lower() == name:
+            return v  # type: ignore[no-any-return]
     return None
 
 
-def too_large(cfg: ServeConfig, size: int | None = None) -> JSONResponse:
+def refusal(scope: dict[str, Any], lim: Limits | None = None) -> JSONResponse | None:
+    """401 without the configured bearer token, 413 for a declared body over the limit; None lets it in."""
+    lim = lim or SETTINGS.get("limits")
+    if lim is None:
+        return None
+    path = scope.get("path", "")
+    if (lim.bearer is not None and _needs_token(path, lim)
+            and not hmac.compare_digest(_header(scope, b"authorization") or b"", lim.bearer)):
+        metrics.REQUESTS.labels("401").inc()
+        return JSONResponse(status_code=401, content={"detail": "missing or wrong bearer token (Authorization: Bearer <token>)"},
+                            headers={"WWW-Authenticate": "Bearer"})
+    size = (_header(scope, b"content-length") or b"").decode("latin-1")
+    if path.startswith("/v1/") and size.isdigit() and int(size) > lim.max_request_bytes:
+        return too_large(lim, int(size))
+    return None
+
+
+def too_large(lim: Limits, size: int | None = None) -> JSONResponse:
     metrics.REQUESTS.labels("413").inc()
     what = f"body of {size} bytes" if size is not None else "body"
-    return JSONResponse(status_code=413, content={"detail": f"{what} > serve.max_request_bytes ({cfg.max_request_bytes})"})
+    return JSONResponse(status_code=413, content={"detail": f"{what} > serve.max_request_bytes ({lim.max_request_bytes})"})
 
 
 class BodyTooLarge(Exception):
@@ -67,15 +92,15 @@ class LimitsMiddleware:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        cfg = SETTINGS.get("cfg")
-        if scope["type"] != "http" or cfg is None:
+        lim = SETTINGS.get("limits")
+        if scope["type"] != "http" or lim is None:
             await self.app(scope, receive, send)
             return
-        refused = refusal(scope, cfg)
+        refused = refusal(scope, lim)
         if refused is not None:
             await refused(scope, receive, send)
             return
-        limit, received = cfg.max_request_bytes, 0
+        limit, received = lim.max_request_bytes, 0
 
         async def counted() -> dict[str, Any]:
             nonlocal received
@@ -97,4 +122,4 @@ class LimitsMiddleware:
             await self.app(scope, counted, tracked)
         except BodyTooLarge:
             if not started:
-                await too_large(cfg)(scope, receive, send)
+                await too_large(lim)(scope, receive, send)

@@ -25,20 +25,19 @@ from adsfm.contract.features import FeatureError
 from adsfm.contract.registry import Split
 from adsfm.contract.request import RankRequest, RankResponse
 from adsfm.serving import metrics
-from adsfm.serving.service import Prepared, RankService
+from adsfm.serving.service import RankService, Scored, score_one
 
 logger = logging.getLogger("ray.serve")
 
-Scorer = Callable[[RankService, Prepared], Awaitable[np.ndarray]]
-"""Scores prepared inputs (the app's: batched across requests, in the scoring thread)."""
-Preparer = Callable[[RankService, Any, float], Awaitable[Prepared]]
-"""Validates and featurizes a request that arrived at the given time (the app's: in the preparing thread)."""
+Scorer = Callable[[RankService, Any, float], Awaitable[Scored]]
+"""Prepares and scores a request that arrived at the given time (the app's: batched with concurrent
+requests, validation, featurization, a user graph on a cache miss and the graphs in one scoring thread)."""
 Answerer = Callable[[RankService, Any, float], Awaitable[RankResponse]]
 """Prepares, scores and answers at once, queued behind nothing (the app's: the fallback thread)."""
 
 
-async def _prepare_here(service: RankService, req: Any, arrived: float) -> Prepared:
-    return service.prepare(req, arrived)
+async def _score_here(service: RankService, req: Any, arrived: float) -> Scored:
+    return score_one(service, req, arrived)
 
 
 async def _answer_here(service: RankService, req: Any, arrived: float) -> RankResponse:
@@ -48,8 +47,7 @@ async def _answer_here(service: RankService, req: Any, arrived: float) -> RankRe
 def answer_now(service: RankService, req: Any, arrived: float) -> RankResponse:
     """One request prepared, scored and answered by itself: a fallback must not wait behind the work that
     made the request late (ONNX Runtime sessions take concurrent runs)."""
-    p = service.prepare(req, arrived)
-    return service.respond(p, service.engine.run_many([p.inputs])[0])
+    return service.respond(*score_one(service, req, arrived))
 
 
 def bucket(key: str) -> float:
@@ -76,13 +74,12 @@ class Router:
     when the challenger fails or misses the deadline, and to the spillover model (or the champion's late answer)
     when the champion itself misses it.
 
-    Where the work runs is the caller's: `prepare` (validation and featurization, a user graph on a cache
-    miss), `score` (the batched graphs), `answer` (a fallback's whole request) and `shadow_score` are
-    awaitables; the app runs each in a thread of its own, so the event loop only routes and no shadow copy
-    or fallback waits in the champion's queue. Deadlines count from the request's arrival at the replica."""
+    Where the work runs is the caller's: `score` (validation, featurization, a user graph on a cache miss,
+    the batched graphs), `answer` (a fallback's whole request) and `shadow_score` are awaitables; the app
+    runs each in a thread of its own, so the event loop only routes and no shadow copy or fallback waits in
+    the champion's queue. Deadlines count from the request's arrival at the replica."""
 
-    def __init__(self, champion: RankService, score: Scorer, *, prepare: Preparer = _prepare_here,
-                 answer: Answerer = _answer_here, shadow_score: Scorer | None = None, spillover: RankService | None = None,
+    def __init__(self, champion: RankService, score: Scorer = _score_here, *, answer: Answerer = _answer_here, shadow_score: Scorer | None = None, spillover: RankService | None = None,
                  sticky_field: str | None = "user_id", deadline_ms: float | None = None,
                  report: Callable[[str, bool, float], None] | None = None, seed: int | None = None,
                  shadow: ShadowLog | None = None) -> None:
@@ -92,7 +89,7 @@ class Router:
         """The challenger alias's version when it could not be loaded (its share then falls back to the champion)."""
         self.split = Split()
         self.spillover = spillover
-        self.score, self.prepare, self.answer = score, prepare, answer
+        self.score, self.answer = score, answer
         self.shadow_score = shadow_score or score
         """Shadow copies score here: in the app a thread of their own, never queued before the champion's work."""
         self.sticky_field = sticky_field
@@ -128,8 +125,7 @@ class Router:
                 self.report(self.challenger_error or "challenger", False, 0.0)
                 return await self._fallback(req, champion, "challenger_unavailable", t0)
             try:
-                p = await self._within(self.prepare(challenger, req, t0), due)
-                scores = await self._within(self.score(challenger, p), due)
+                p, scores = await self._within(self.score(challenger, req, t0), due)
             except TimeoutError:
                 self.report(challenger.model_version, False, (time.perf_counter() - t0) * 1e3)
                 return await self._fallback(req, champion, "challenger_deadline", t0)
@@ -143,20 +139,16 @@ class Router:
             return challenger.respond(p, scores)
 
         # a bad request is the client's (422), whichever model it went to
-        prepared = asyncio.ensure_future(self.prepare(main, req, t0))
-        work: asyncio.Future[np.ndarray] | None = None
+        work = asyncio.ensure_future(self.score(main, req, t0))
         try:
-            p = await self._within(prepared, due)
-            work = asyncio.ensure_future(self.score(main, p))
-            scores = await self._within(work, due)
+            p, scores = await self._within(work, due)
         except TimeoutError:
             if self.spillover is not None and main is not self.spillover:
                 metrics.FALLBACKS.labels("deadline").inc()
                 res = await self.answer(self.spillover, req, t0)
                 return res.model_copy(update={"fallback": "deadline", "latency_ms": (time.perf_counter() - t0) * 1e3})
             metrics.FALLBACKS.labels("deadline_no_fallback").inc()
-            p = await prepared  # nothing lighter to answer with: the late answer beats none
-            scores = await (work if work is not None else self.score(main, p))
+            p, scores = await work  # nothing lighter to answer with: the late answer beats none
         if self.split.shadow and challenger is not None and main is champion:
             self._shadow(req, scores, challenger)
         return main.respond(p, scores)
@@ -183,8 +175,7 @@ class Router:
         async def run() -> None:
             t0 = time.perf_counter()
             try:
-                p = await self.prepare(challenger, req, t0)
-                scores = await self.shadow_score(challenger, p)
+                _, scores = await self.shadow_score(challenger, req, t0)
             except Exception as e:  # the champion took this request, so any refusal is the challenger's
                 logger.warning("adsfm shadow: version %s failed (%r)", challenger.model_version, e)
                 self.report(challenger.model_version, False, (time.perf_counter() - t0) * 1e3)

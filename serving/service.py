@@ -80,39 +80,57 @@ class RankService:
         """Validate and featurize: the engine's inputs for this request, ready to batch with others.
         `arrived` (time.perf_counter) is when the request reached the replica: its latency counts from there."""
         t0 = time.perf_counter() if arrived is None else arrived
-        self.validate(req)
-        return Prepared(req, self.engine.inputs(dict(req.user), [dict(c) for c in req.candidates]), t0)
+        if type(req) is not self.request_model:  # parse() already held a body to this bundle's schema
+            self.validate(req)
+        return Prepared(req, self.engine.inputs(req.user, req.candidates), t0)
 
     def respond(self, p: Prepared, scores: np.ndarray) -> RankResponse:
         order = np.argsort(-scores, kind="stable")
-        out = [ScoredCandidate(item=p.req.candidates[i], score=float(scores[i]), rank=r + 1) for r, i in enumerate(order)]
-        return RankResponse(
-            model_name=self.model_name,
-            model_version=self.model_version,
-            candidates=out,
-            latency_ms=(time.perf_counter() - p.t0) * 1e3,
-        )
+        cands, ranked = p.req.candidates, scores[order].tolist()
+        # Built without validation: every field is ours and of its declared type (a response of 100
+        # candidates would otherwise spend more time validating than scoring).
+        out: list[ScoredCandidate] = [{"item": cands[i], "score": s, "rank": r}
+                                      for r, (i, s) in enumerate(zip(order.tolist(), ranked, strict=True), 1)]
+        return RankResponse.model_construct(model_name=self.model_name, model_version=self.model_version, candidates=out,
+                                            latency_ms=(time.perf_counter() - p.t0) * 1e3, fallback=None)
 
     def rank(self, req: RankRequest) -> RankResponse:
         """One request on its own (no cross-request batching)."""
-        p = self.prepare(req)
-        return self.respond(p, self.engine.run_many([p.inputs])[0])
+        return self.respond(*score_one(self, req, time.perf_counter()))
 
     def health(self) -> Health:
         return Health(status="ok", model_name=self.model_name, model_version=self.model_version)
 
 
-def run_grouped(items: list[tuple[Any, Any]]) -> list[np.ndarray | Exception]:
-    """One engine call per model version in the batch; a version that fails fails only its own requests."""
-    out: list[np.ndarray | Exception | None] = [None] * len(items)
-    by_ranker: dict[int, list[int]] = {}
-    for i, (engine, _) in enumerate(items):
-        by_ranker.setdefault(id(engine), []).append(i)  # a reload mid-batch: each request keeps its version
-    for idx in by_ranker.values():
+Scored = tuple[Prepared, np.ndarray]
+"""A request's prepared inputs and its candidates' scores."""
+
+
+def score_together(items: list[tuple[RankService, Any, float]]) -> list[Scored | Exception]:
+    """(service, request, arrival) items prepared and scored in one pass, in one thread: each request
+    prepared (a refusal or a user graph failure is that request's alone), then one engine call per model
+    version for all of them (one dense-graph run for DLRM). A version that fails fails only its own requests."""
+    out: list[Scored | Exception | None] = [None] * len(items)
+    by_engine: dict[int, list[tuple[int, RankService, Prepared]]] = {}
+    for i, (service, req, arrived) in enumerate(items):
         try:
-            results: list[np.ndarray | Exception] = list(items[idx[0]][0].run_many([items[i][1] for i in idx]))
+            # by engine: a reload mid-batch leaves each request with the version it was routed to
+            by_engine.setdefault(id(service.engine), []).append((i, service, service.prepare(req, arrived)))
         except Exception as e:
-            results = [e] * len(idx)
-        for i, r in zip(idx, results, strict=True):
-            out[i] = r
+            out[i] = e
+    for group in by_engine.values():
+        try:
+            results: list[np.ndarray | Exception] = list(group[0][1].engine.run_many([p.inputs for _, _, p in group]))
+        except Exception as e:
+            results = [e] * len(group)
+        for (i, _, p), r in zip(group, results, strict=True):
+            out[i] = r if isinstance(r, Exception) else (p, r)
     return out  # type: ignore[return-value]
+
+
+def score_one(service: RankService, req: Any, arrived: float) -> Scored:
+    """One request prepared and scored by itself."""
+    got = score_together([(service, req, arrived)])[0]
+    if isinstance(got, Exception):
+        raise got
+    return got

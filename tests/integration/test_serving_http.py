@@ -191,7 +191,7 @@ def test_concurrent_requests_are_batched_and_score_as_alone(server: str) -> None
     client = RankClient(server, token=TOKEN)
     users = [{"user_id": str(u), "history": [str(u + 1), str(u + 2)]} for u in range(1, 17)]
     items = [{"item_id": str(i)} for i in range(1, 51)]
-    alone = [{c.item["item_id"]: c.score for c in client.rank(u, items).candidates} for u in users]
+    alone = [{c["item"]["item_id"]: c["score"] for c in client.rank(u, items).candidates} for u in users]
 
     def batches() -> tuple[float, float]:
         text = HTTP.get(f"{server}/metrics", timeout=30).text
@@ -205,7 +205,7 @@ def test_concurrent_requests_are_batched_and_score_as_alone(server: str) -> None
 
     def call(k: int) -> None:
         start.wait()
-        got[k] = {c.item["item_id"]: c.score for c in RankClient(server, token=TOKEN).rank(users[k], items).candidates}
+        got[k] = {c["item"]["item_id"]: c["score"] for c in RankClient(server, token=TOKEN).rank(users[k], items).candidates}
 
     threads = [threading.Thread(target=call, args=(k,)) for k in range(len(users))]
     for t in threads:

@@ -256,3 +256,19 @@ def test_serve_run_config() -> None:
     broken["applications"][0]["args"]["max_replica"] = 2
     with pytest.raises(ManifestError, match=r"unknown keys \['max_replica'\]"):
         check_serve_config(broken)
+
+
+def test_serve_yaml_and_hydra_read_the_same_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ADSFM_SERVE_TOKEN reaches the replica's config both ways: `serve run launch/serve.yaml` (the app
+    builder) and the Hydra path (conf/serve); without it neither requires one."""
+    from adsfm.contract.config import as_config, compose
+
+    doc, _ = _load(SERVE_YAML)
+    for token in ("s3cret", None):
+        if token is None:
+            monkeypatch.delenv("ADSFM_SERVE_TOKEN", raising=False)
+        else:
+            monkeypatch.setenv("ADSFM_SERVE_TOKEN", token)
+        built = check_serve_config(doc)._bound_deployment.init_args[0]
+        assert built.auth_token == token
+        assert as_config(compose([])).serve.auth_token == token

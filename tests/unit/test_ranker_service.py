@@ -26,12 +26,12 @@ USER = {"user": "u7", "country": "fr", "age": 49, "recent_ads": ["3", "5", "8"]}
 def test_ranking_is_sorted_and_independent_of_batching(service: RankService) -> None:
     items = [{"ad": str(i)} for i in range(0, 40)]
     resp = service.rank(RankRequest(user=USER, candidates=items))
-    scores = [c.score for c in resp.candidates]
+    scores = [c["score"] for c in resp.candidates]
     assert scores == sorted(scores, reverse=True)
-    assert [c.rank for c in resp.candidates] == list(range(1, 41))
+    assert [c["rank"] for c in resp.candidates] == list(range(1, 41))
     alone = {it["ad"]: service.engine.score(USER, [it])[0] for it in items}
     for c in resp.candidates:
-        assert abs(c.score - alone[c.item["ad"]]) <= 1e-6
+        assert abs(c["score"] - alone[c["item"]["ad"]]) <= 1e-6
 
 
 def test_a_list_or_a_joined_string_and_a_number_or_its_string_are_the_same(service: RankService) -> None:
@@ -47,8 +47,8 @@ def test_every_feature_may_be_left_out(service: RankService) -> None:
     the training means; a null is the same as leaving the field out."""
     bare = service.rank(service.parse(b'{"candidates": [{"ad": 3}, {"ad": "no-such-ad"}]}'))
     nulls = service.rank(service.parse(json.dumps({"user": {k: None for k in USER}, "candidates": [{"ad": 3}, {"ad": "no-such-ad"}]}).encode()))
-    assert [c.score for c in bare.candidates] == [c.score for c in nulls.candidates]
-    assert all(np.isfinite(c.score) for c in bare.candidates)
+    assert [c["score"] for c in bare.candidates] == [c["score"] for c in nulls.candidates]
+    assert all(np.isfinite(c["score"]) for c in bare.candidates)
 
 
 @pytest.mark.parametrize(
@@ -141,7 +141,7 @@ def test_limits_and_auth_are_refused_at_the_door() -> None:
         await send({"type": "http.response.body", "body": b"ok"})
 
     def call(cfg: ServeConfig, path: str, headers: dict[str, str], chunks: list[bytes]) -> int:
-        limits.SETTINGS["cfg"] = cfg
+        limits.SETTINGS["limits"] = limits.Limits.of(cfg)
         scope = {"type": "http", "method": "POST", "path": path, "query_string": b"",
                  "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
         messages = [{"type": "http.request", "body": c, "more_body": k < len(chunks) - 1} for k, c in enumerate(chunks)]

@@ -19,7 +19,7 @@ from adsfm.serving import metrics
 from adsfm.serving.engine import DenseGraphEngine, FeatureError
 from adsfm.serving.monitor import VersionStats, summarize
 from adsfm.serving.router import Router, ShadowLog, bucket, top_k_disagreement
-from adsfm.serving.service import Prepared, RankService
+from adsfm.serving.service import RankService, Scored, score_one
 from adsfm.serving.shift import Limits, judge
 
 USER = {"user": "u7", "country": "fr", "age": 49, "recent_ads": ["3", "5", "8"]}
@@ -31,8 +31,8 @@ def services(messy_bundle: dict[str, Any]) -> dict[str, RankService]:
     return {v: RankService(DenseGraphEngine(messy_bundle["bundle"]), "m", v, max_candidates=100) for v in ("1", "2", "light")}
 
 
-async def engine(svc: RankService, p: Prepared) -> np.ndarray:
-    return svc.engine.run_many([p.inputs])[0]
+async def engine(svc: RankService, req: Any, arrived: float) -> Scored:
+    return score_one(svc, req, arrived)
 
 
 def counter(c: Any, label: str) -> float:
@@ -61,10 +61,10 @@ def test_router_follows_the_split_and_is_sticky_per_user(services: dict[str, Ran
 
 
 def test_a_failing_challenger_is_answered_by_the_champion(services: dict[str, RankService]) -> None:
-    async def broken(svc: RankService, p: Prepared) -> np.ndarray:
+    async def broken(svc: RankService, req: Any, arrived: float) -> Scored:
         if svc.model_version == "2":
             raise RuntimeError("challenger engine down")
-        return await engine(svc, p)
+        return await engine(svc, req, arrived)
 
     seen: list[tuple[str, bool]] = []
     r = Router(services["1"], broken, report=lambda v, ok, ms: seen.append((v, ok)), sticky_field="user")
@@ -73,7 +73,7 @@ def test_a_failing_challenger_is_answered_by_the_champion(services: dict[str, Ra
     res = asyncio.run(r.rank(RankRequest(user=USER, candidates=ITEMS)))
     assert (res.model_version, res.fallback) == ("1", "challenger_error")
     alone = services["1"].rank(RankRequest(user=USER, candidates=ITEMS))
-    assert [c.score for c in res.candidates] == [c.score for c in alone.candidates]
+    assert [c["score"] for c in res.candidates] == [c["score"] for c in alone.candidates]
     assert counter(metrics.FALLBACKS, "challenger_error") == before + 1
     assert ("2", False) in seen  # the shift sees the challenger's failure though the client did not
     with pytest.raises(FeatureError):  # a request the champion refuses too is the client's (422)
@@ -81,10 +81,10 @@ def test_a_failing_challenger_is_answered_by_the_champion(services: dict[str, Ra
 
 
 def test_a_late_model_is_replaced_by_the_fallback_by_the_deadline(services: dict[str, RankService]) -> None:
-    async def slow_main(svc: RankService, p: Prepared) -> np.ndarray:
+    async def slow_main(svc: RankService, req: Any, arrived: float) -> Scored:
         if svc.model_version != "light":
             await asyncio.sleep(0.5)
-        return await engine(svc, p)
+        return await engine(svc, req, arrived)
 
     r = Router(services["1"], slow_main, spillover=services["light"], deadline_ms=300)
     r.challenger, r.split = services["2"], Split(challenger_pct=0)
@@ -98,10 +98,10 @@ def test_a_late_model_is_replaced_by_the_fallback_by_the_deadline(services: dict
     r.split = Split(challenger_pct=100)  # a late challenger: the champion answers
     r.spillover = None
 
-    async def slow_challenger(svc: RankService, p: Prepared) -> np.ndarray:
+    async def slow_challenger(svc: RankService, req: Any, arrived: float) -> Scored:
         if svc.model_version == "2":
             await asyncio.sleep(0.5)
-        return await engine(svc, p)
+        return await engine(svc, req, arrived)
 
     r.score = slow_challenger
     res = asyncio.run(r.rank(req))
@@ -111,9 +111,9 @@ def test_a_late_model_is_replaced_by_the_fallback_by_the_deadline(services: dict
 def test_shadow_challenger_scores_but_never_answers(services: dict[str, RankService], tmp_path: Path) -> None:
     scored: list[str] = []
 
-    async def tracking(svc: RankService, p: Prepared) -> np.ndarray:
+    async def tracking(svc: RankService, req: Any, arrived: float) -> Scored:
         scored.append(svc.model_version)
-        return await engine(svc, p)
+        return await engine(svc, req, arrived)
 
     r = Router(services["1"], tracking, shadow=ShadowLog(str(tmp_path / "shadow.jsonl")), sticky_field="user")
     r.challenger, r.split = services["2"], Split(challenger_pct=100, shadow=True)
@@ -133,7 +133,7 @@ def test_shadow_challenger_scores_but_never_answers(services: dict[str, RankServ
     logged = [json.loads(line) for line in (tmp_path / "shadow.jsonl").read_text().splitlines()]
     assert [(x["version"], x["user"], x["disagreement"]) for x in logged] == [("2", str(u), 0.0) for u in range(5)]
     alone = services["2"].rank(RankRequest(user={**USER, "user": "0"}, candidates=ITEMS))
-    assert logged[0]["top"] == [c.item["ad"] for c in alone.candidates[:10]]  # the answer it would have given
+    assert logged[0]["top"] == [c["item"]["ad"] for c in alone.candidates[:10]]  # the answer it would have given
 
 
 def test_a_flood_on_a_shadowed_replica_keeps_the_champions_latency(services: dict[str, RankService]) -> None:
@@ -143,15 +143,15 @@ def test_a_flood_on_a_shadowed_replica_keeps_the_champions_latency(services: dic
     times slower, so the test sees the difference it guards."""
     main_pool, shadow_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
 
-    def busy(svc: RankService, p: Prepared) -> np.ndarray:
+    def busy(svc: RankService, req: Any, arrived: float) -> Scored:
         time.sleep(0.020 if svc.model_version == "2" else 0.002)
-        return svc.engine.run_many([p.inputs])[0]
+        return score_one(svc, req, arrived)
 
-    async def score(svc: RankService, p: Prepared) -> np.ndarray:
-        return await asyncio.get_running_loop().run_in_executor(main_pool, busy, svc, p)
+    async def score(svc: RankService, req: Any, arrived: float) -> Scored:
+        return await asyncio.get_running_loop().run_in_executor(main_pool, busy, svc, req, arrived)
 
-    async def shadow_score(svc: RankService, p: Prepared) -> np.ndarray:
-        return await asyncio.get_running_loop().run_in_executor(shadow_pool, busy, svc, p)
+    async def shadow_score(svc: RankService, req: Any, arrived: float) -> Scored:
+        return await asyncio.get_running_loop().run_in_executor(shadow_pool, busy, svc, req, arrived)
 
     def flood(shadow: bool, isolated: bool = True) -> tuple[float, int]:
         r = Router(services["1"], score, shadow_score=shadow_score if isolated else None, sticky_field="user",
