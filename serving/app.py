@@ -10,6 +10,8 @@ exposes Prometheus metrics at /metrics.
 # No `from __future__ import annotations` here: FastAPI must see real types on the ingress methods.
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import re
@@ -309,12 +311,22 @@ def build_app(cfg: ServeConfig, tracking_uri: str, knobs: dict[str, Any] | None 
     """The typed app builder: one ranker deployment behind Ray Serve's HTTP proxy. min_replicas are
     provisioned capacity; with max_replicas above it, Ray Serve adds replicas on demand when the ongoing
     requests per replica pass target_ongoing_requests. `knobs` (RUNTIME_KNOBS) reach live replicas through
-    Ray Serve's user_config: deploying the same app with other knobs reconfigures them without a restart."""
+    Ray Serve's user_config: deploying the same app with other knobs reconfigures them without a restart;
+    a knob that cannot change at runtime is refused here, before any replica sees it."""
+    unknown = sorted(set(knobs or {}) - RUNTIME_KNOBS)
+    if unknown:
+        raise ValueError(f"serve knobs {unknown} cannot change at runtime; these can: {sorted(RUNTIME_KNOBS)}")
     scaling: dict[str, Any] = {"num_replicas": cfg.num_replicas}
     if cfg.max_replicas > max(cfg.min_replicas, 1):
         scaling = {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                                           "target_ongoing_requests": cfg.target_ongoing_requests}}
+    # A version fixed by what the replicas are built from: deploying again with other knobs is then Ray Serve's
+    # lightweight update (reconfigure on the live replicas), where a Python deploy would get a random version,
+    # i.e. new replicas. What `serve deploy` does for a config file (its code version), done for `start`.
+    built_from = json.dumps([to_plain(cfg), tracking_uri], sort_keys=True)
+    version = hashlib.sha256(built_from.encode()).hexdigest()[:16]
     return RankingDeployment.options(  # type: ignore[attr-defined]
+        _internal=True, version=version,
         max_ongoing_requests=cfg.max_ongoing_requests,
         user_config=dict(knobs or {}),
         # A log line per request, shipped to the driver, costs a small host more than scoring the request.
@@ -341,8 +353,8 @@ def app_builder(args: dict[str, Any]) -> Application:
 
 def start(cfg: ServeConfig, tracking_uri: str, name: str = "adsfm", route_prefix: str = "/",
           knobs: dict[str, Any] | None = None) -> str:
-    """Run the app on an initialised Ray (or, when it runs, reconfigure it with new `knobs`); returns the base
-    URL (with the route prefix)."""
+    """Run the app on an initialised Ray; returns the base URL (with the route prefix). When it already runs
+    with the same `cfg`, other `knobs` reconfigure its live replicas without a restart (see build_app)."""
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg, tracking_uri, knobs), name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{cfg.host}:{cfg.port}{route_prefix.rstrip('/')}"

@@ -30,17 +30,17 @@ def server(ray_cluster: None, serve_port: int, trained: dict[str, Any], tmp_path
     cfg = ServeConfig(port=serve_port, model_name="served", max_candidates=100, batch_wait_ms=20, max_request_bytes=200_000,
                       auth_token=TOKEN)
     url = app.start(cfg, uri, name="serve-test")
-    REGISTRY["uri"] = uri
+    REGISTRY.update(uri=uri, cfg=cfg)
     yield url
     app.stop("serve-test")
 
 
-REGISTRY: dict[str, str] = {}
+REGISTRY: dict[str, Any] = {}
 
 
 @pytest.fixture()
 def registry_uri(server: str) -> str:
-    return REGISTRY["uri"]
+    return str(REGISTRY["uri"])
 
 
 def test_ranks_over_http_like_the_eager_model(server: str, trained: dict[str, Any], features: Any, small_cfg: Any) -> None:
@@ -144,7 +144,8 @@ def test_schemathesis_finds_nothing(server: str) -> None:
     from pathlib import Path
 
     cli = Path(sys.executable).parent / "schemathesis"
-    proc = subprocess.run([str(cli), "run", f"{server}/openapi.json", "--checks", "all", "--max-examples", "300",
+    config = Path(__file__).with_name("schemathesis.toml")
+    proc = subprocess.run([str(cli), "--config-file", str(config), "run", f"{server}/openapi.json", "--checks", "all", "--max-examples", "300",
                            "--seed", "7", "--workers", "1", "-H", f"Authorization: Bearer {TOKEN}"],
                           capture_output=True, text=True, timeout=600)
     tail = proc.stdout[-4000:]
@@ -179,6 +180,29 @@ def test_malformed_json_is_a_4xx_and_the_replica_survives(server: str) -> None:
     assert h.status_code == 200 and h.json()["status"] == "ok"
 
 
+def _metric(server: str, name: str) -> float:
+    text = HTTP.get(f"{server}/metrics", timeout=30).text
+    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith(name)))
+
+
+def test_runtime_knobs_reach_the_live_replica(server: str) -> None:
+    """Deploying the running app again with knobs (Ray Serve's user_config, what reconfigure() receives):
+    a new cache_generation empties the user cache of the replica that is serving, without a restart (its
+    request counter goes on); a setting that cannot change at runtime is refused before any replica sees it,
+    with the list of those that can, and the app keeps serving."""
+    from adsfm.serving import app
+
+    body = {"user": {"user_id": "7", "history": ["1", "2"]}, "candidates": [{"item_id": "3"}]}
+    assert HTTP.post(f"{server}/v1/rank", json=body, timeout=30).status_code == 200
+    served = _metric(server, 'adsfm_rank_requests_total{status="200"}')
+    assert served >= 1 and _metric(server, 'adsfm_user_cache{kind="size"}') >= 1
+    cfg = REGISTRY["cfg"]  # the fixture's: other init arguments would be a new deployment, not a reconfigure
+    app.start(cfg, REGISTRY["uri"], name="serve-test", knobs={"cache_generation": "knobs-test", "batch_wait_ms": 20})
+    assert _metric(server, 'adsfm_user_cache{kind="size"}') == 0
+    assert _metric(server, 'adsfm_rank_requests_total{status="200"}') >= served  # the same process, not a new one
+    with pytest.raises(ValueError, match=r"\['max_candidates'\] cannot change at runtime; these can: .*batch_wait_ms"):
+        app.start(cfg, REGISTRY["uri"], name="serve-test", knobs={"max_candidates": 5})
+    assert HTTP.post(f"{server}/v1/rank", json=body, timeout=30).status_code == 200
 
 
 def test_concurrent_requests_are_batched_and_score_as_alone(server: str) -> None:
@@ -194,10 +218,7 @@ def test_concurrent_requests_are_batched_and_score_as_alone(server: str) -> None
     alone = [{c["item"]["item_id"]: c["score"] for c in client.rank(u, items).candidates} for u in users]
 
     def batches() -> tuple[float, float]:
-        text = HTTP.get(f"{server}/metrics", timeout=30).text
-        count = float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("adsfm_batch_requests_count")))
-        total = float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("adsfm_batch_requests_sum")))
-        return count, total
+        return _metric(server, "adsfm_batch_requests_count"), _metric(server, "adsfm_batch_requests_sum")
 
     before = batches()
     got: list[dict[str, float]] = [{} for _ in users]

@@ -213,3 +213,26 @@ def test_traffic_summary_per_version() -> None:
     assert s["1"] == VersionStats(1, 0, 5.0)
     assert s["2"].requests == 2 and s["2"].errors == 1 and s["2"].error_rate == 0.5
     assert s["2"].p99_ms == pytest.approx(np.percentile([7.0, 9.0], 99))
+
+
+def test_the_shadow_log_rotates_and_the_rate_samples(services: dict[str, RankService], tmp_path: Path) -> None:
+    """Lines go to files of at most max_bytes, `backups` of them kept; shadow_rate=0 shadows nothing."""
+    log = ShadowLog(str(tmp_path / "shadow.jsonl"), max_bytes=2_000, backups=2)
+    for k in range(200):
+        log.write({"k": k, "pad": "x" * 50})
+    deadline = time.time() + 10
+    while not (tmp_path / "shadow.jsonl.2").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["shadow.jsonl", "shadow.jsonl.1", "shadow.jsonl.2"]
+    assert all((tmp_path / f).stat().st_size <= 2_000 for f in files)
+
+    r = Router(services["1"], engine, shadow=ShadowLog(rate=0.0), sticky_field="user")
+    r.challenger, r.split = services["2"], Split(shadow=True)
+    skipped = counter(metrics.SHADOW, "skipped")
+    for u in range(5):
+        asyncio.run(r.rank(RankRequest(user={**USER, "user": str(u)}, candidates=ITEMS[:3])))
+    assert counter(metrics.SHADOW, "skipped") == skipped + 5
+    with pytest.raises(ValueError, match="shadow_rate"):
+        ShadowLog(rate=1.5)
