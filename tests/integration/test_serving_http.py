@@ -270,8 +270,9 @@ def test_limits_hold_over_http(server: str) -> None:
 
 def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server: str) -> None:
     """Hypothesis draws requests shaped by the app's own OpenAPI schema (its fields, the known feature names)
-    with arbitrary JSON values, plus arbitrary JSON documents: every answer is 200 or a 4xx, and the replica
-    still answers afterwards."""
+    with arbitrary JSON values, plus arbitrary JSON documents: every answer is 200 or a 4xx; bodies of the
+    right JSON types (unknown values, nulls, empty lists, joined strings) all get 200; the replica still
+    answers afterwards."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
@@ -286,17 +287,29 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server: str) ->
     candidate = st.fixed_dictionaries({"item_id": scalar}, optional={"genres": value, "release_year": value})
     shaped = st.fixed_dictionaries({"user": st.dictionaries(st.sampled_from(user_names), value, max_size=5),
                                     "candidates": st.lists(candidate, min_size=1, max_size=5)})
+    # Conforming bodies too (any value of the right JSON type, known or not): they must all score.
+    one = st.none() | st.integers(0, 99) | st.text(max_size=6)
+    many = st.none() | st.lists(st.none() | st.text(max_size=6) | st.integers(0, 99), max_size=4) | st.text(max_size=8)
+    number = st.none() | st.integers(0, 99) | st.floats(0, 100)
+    kinds = {"age": number, "history": many, "liked_history": many}
+    user = st.fixed_dictionaries({}, optional={n: kinds.get(n, one) for n in user_names})
+    conforming = st.fixed_dictionaries({"user": user, "candidates": st.lists(st.fixed_dictionaries(
+        {"item_id": st.integers(0, 2000) | st.text(max_size=6)}, optional={"genres": many, "release_year": number}),
+        min_size=1, max_size=5)})
     features = st.dictionaries(st.sampled_from([*user_names, "item_id"]) | st.text(max_size=8), value, max_size=6)
     wild = st.fixed_dictionaries({"user": features, "candidates": st.lists(features, max_size=5)})
     anything = st.dictionaries(st.text(max_size=10), value, max_size=4) | value
     seen: dict[int, int] = {}
 
     @settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-    @given(st.one_of(shaped, shaped, wild, anything))
-    def post(body: Any) -> None:
+    @given(st.one_of(shaped, shaped, wild, anything), conforming)
+    def post(body: Any, good: Any) -> None:
         r = HTTP.post(f"{server}/v1/rank", json=body, timeout=30)
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         assert r.status_code < 500, (body, r.status_code, r.text[:300])
+        r = HTTP.post(f"{server}/v1/rank", json=good, timeout=30)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code == 200, (good, r.status_code, r.text[:300])
 
     post()
     print(f"fuzzed /v1/rank: status counts {dict(sorted(seen.items()))}")
