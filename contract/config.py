@@ -411,9 +411,17 @@ class GateConfig:
     auc_margin: float = 0.002
     """The candidate's holdout AUC may be at most this much below the champion's (both measured now)."""
     latency_budget_ms: float = 25.0
-    """p99 of scoring 1 user x `latency_candidates` in-process must stay under this."""
+    """p99 of scoring 1 user x `latency_candidates` in-process must stay under this; each request is another
+    holdout user, so no user-state cache answers it."""
     latency_candidates: int = 100
     latency_requests: int = 200
+    min_calibration: float = 0.9
+    """Bundles with quantized tables: their calibration (mean predicted / mean observed, on the parity rows)
+    must lie within [min_calibration, max_calibration]."""
+    max_calibration: float = 1.1
+    max_score_shift: float = 0.01
+    """Bundles with quantized tables: the mean absolute difference of their probabilities from the fp32 eager
+    model's, on the parity rows."""
 
 
 @dataclass

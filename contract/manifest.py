@@ -90,6 +90,9 @@ class ParitySpec(BaseModel):
     featurization: str = "identical"
     """Raw holdout values through the bundle's featurization against training's rows: identical, or the
     first difference."""
+    reference: str = ""
+    """The bundle's file of the parity rows (indices into the data) and the eager model's probabilities for
+    them, from which the promotion gate judges the bundle again rather than trusting `passed`."""
     passed: bool
 
     def reason(self) -> str:

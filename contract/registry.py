@@ -11,6 +11,7 @@ import getpass
 import json
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,9 @@ if TYPE_CHECKING:  # mlflow costs seconds to import: the functions that talk to 
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "adsfm.champion_history"
-HISTORY_KEEP = 30  # entries kept in the tag (MLflow caps tag values at a few KB)
+"""Prefix of the champion history's registered-model tags: one tag per move, `<prefix>.<ns>.<random>`,
+written once and never rewritten, so concurrent moves cannot lose each other's entries and there is no
+cap. (A tag named exactly the prefix is the JSON list older versions kept; it is read first.)"""
 TRAFFIC_TAG = "adsfm.traffic"
 """Registered-model tag holding the champion/challenger split as JSON (Split)."""
 
@@ -34,10 +37,17 @@ class Split:
     """Share of users (sticky) or requests answered by the challenger, 0-100."""
     shadow: bool = False
     """The challenger scores a copy of every request; its answer is logged and compared, never returned."""
+    lease_until: float | None = None
+    """Unix time until which the controller that wrote the split (adsfm-shift) vouches for it; it renews it
+    while it watches. Past it (the controller was killed, its machine is gone) replicas serve the champion
+    alone. None: no controller (a split set by hand, shadow mode)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.challenger_pct <= 100.0:
             raise ValueError(f"challenger_pct={self.challenger_pct}: must be within 0..100")
+
+    def lapsed(self, now: float | None = None) -> bool:
+        return self.lease_until is not None and (time.time() if now is None else now) > self.lease_until
 
     @classmethod
     def from_tag(cls, raw: str | None) -> Split:
@@ -60,8 +70,25 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
 
 def champion_history(client: MlflowClient, name: str) -> list[dict[str, Any]]:
     """Champion moves, oldest first: version, previous, at, by, reason, kind (promote/force/rollback)."""
-    raw = client.get_registered_model(name).tags.get(HISTORY_TAG)
-    return json.loads(raw) if raw else []
+    tags = client.get_registered_model(name).tags
+    legacy: list[dict[str, Any]] = json.loads(tags[HISTORY_TAG]) if tags.get(HISTORY_TAG) else []
+    keys = sorted(k for k in tags if k.startswith(HISTORY_TAG + "."))  # zero-padded ns first: time order
+    return legacy + [json.loads(tags[k]) for k in keys]
+
+
+def _set_alias(client: MlflowClient, name: str, alias: str, version: str, tries: int = 5) -> None:
+    """MLflow's SQL store reads, then inserts or updates an alias: two moves at once can collide on the
+    insert (IntegrityError). The later one is retried, as it would be by hand."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(tries):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def _who() -> str:
@@ -73,12 +100,14 @@ def _who() -> str:
 
 def _move_champion(client: MlflowClient, name: str, target: str, kind: str, reason: str, extra: dict[str, str]) -> None:
     previous = alias_version(client, name, CHAMPION)
-    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    moved = previous != target  # re-promoting the champion is not a move: tag it, keep the history clean
+    if moved:
+        _set_alias(client, name, CHAMPION, target)
+    now = time.time_ns()  # after the move: the history's order is the order the alias took its values
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now / 1e9))
     entry = {"version": target, "previous": previous, "at": at, "by": _who(), "reason": reason or kind, "kind": kind}
-    if previous != target:  # re-promoting the champion is not a move: tag it, keep the history clean
-        client.set_registered_model_alias(name, CHAMPION, target)
-        history = (champion_history(client, name) + [entry])[-HISTORY_KEEP:]
-        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    if moved:  # a tag of its own, written once: concurrent moves cannot overwrite each other's entries
+        client.set_registered_model_tag(name, f"{HISTORY_TAG}.{now:020d}.{uuid.uuid4().hex[:8]}", json.dumps(entry))
     tags = {"adsfm.promoted_by": entry["by"], "adsfm.promoted_at": at, "adsfm.promote_reason": entry["reason"],
             "adsfm.promote_kind": kind, "adsfm.previous_champion": previous or "", **extra}
     for k, v in tags.items():
@@ -180,6 +209,9 @@ class Traffic:
     champion: str | None
     challenger: str | None
     split: Split
+    """The split in force: the one written, or no split where its lease has lapsed."""
+    lapsed: Split | None = None
+    """The split written, when its controller's lease lapsed (so `split` is the champion alone)."""
 
 
 def read_traffic(client: Any, name: str, alias: str = "champion") -> Traffic:
@@ -189,8 +221,11 @@ def read_traffic(client: Any, name: str, alias: str = "champion") -> Traffic:
     main, challenger = model.aliases.get(alias), model.aliases.get(CHALLENGER)
     if alias != CHAMPION:
         return Traffic(None if main is None else str(main), None, Split())
-    return Traffic(None if main is None else str(main), None if challenger is None else str(challenger),
-                   Split.from_tag(model.tags.get(TRAFFIC_TAG)))
+    split = Split.from_tag(model.tags.get(TRAFFIC_TAG))
+    champion, challenger = None if main is None else str(main), None if challenger is None else str(challenger)
+    if split.lapsed():
+        return Traffic(champion, challenger, Split(), lapsed=split)
+    return Traffic(champion, challenger, split)
 
 
 def write_split(client: Any, name: str, split: Split) -> None:

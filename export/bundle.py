@@ -22,7 +22,13 @@ from adsfm.contract.config import AdsfmConfig, Arch, Precision, to_plain, typed
 from adsfm.contract.manifest import Manifest, TableFile
 from adsfm.export.card import write_card
 from adsfm.export.onnx import export_dense
-from adsfm.export.parity import check_parity, featurization_parity, parity_rows, require_parity
+from adsfm.export.parity import (
+    check_parity,
+    featurization_parity,
+    parity_rows,
+    require_parity,
+    write_reference,
+)
 from adsfm.export.sparse import export_table, load_table
 from adsfm.serving.engine import DenseGraphEngine
 from adsfm.training.checkpoint import load_into_unsharded
@@ -106,11 +112,13 @@ def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: s
     manifest = write_dense_bundle(fs, out, streamed, dense, table_precisions(cfg, [c.name for c in configs]),
                                   cfg.model.embedding_dim, cfg.export.opset, provenance(cfg, checkpoint, fs, train_run_id))
     rows = parity_rows(fs, cfg.export.parity_rows)
+    eager = streamed_eager_probs(cfg, checkpoint, fs, dense, rows)
     manifest.parity, probs = check_parity(
-        streamed_eager_probs(cfg, checkpoint, fs, dense, rows), DenseGraphEngine(out), fs, rows, cfg.export.parity_tolerance,
+        eager, DenseGraphEngine(out), fs, rows, cfg.export.parity_tolerance,
         cfg.export.auc_margin, quantized=any(t.precision != "fp32" for t in manifest.tables.values()),
         features=featurization_parity(DenseGraphEngine(out), fs, load_frame(cfg.data)[0], rows),
     )
+    manifest.parity.reference = write_reference(out, rows, eager)
     manifest.write(out)
     write_card(manifest, probs, fs.labels[rows], out / "card", loss_curve=checkpoint.parent.parent / "loss_curve.png")
     require_parity(manifest.parity)

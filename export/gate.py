@@ -1,7 +1,11 @@
 """The promotion gate: parity, quality against the champion measured now on the same holdout, latency.
 
-Both models are scored through their own featurization (raw values → their own vocabularies), so a
-champion trained on other data or another vocabulary is compared fairly on the candidate's holdout.
+Parity is judged again here, from the bundle's files: the raw values of the parity rows export recorded
+go through the bundle's own featurization and graph, against the eager model's probabilities recorded
+with them (the manifest's `passed` is not taken on trust). Bundles with quantized tables are also held to
+a calibration band and a bound on their mean score shift from the fp32 eager model. Both models are scored
+through their own featurization (raw values → their own vocabularies), so a champion trained on other
+data or another vocabulary is compared fairly on the candidate's holdout.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from adsfm.contract.config import DataConfig, GateConfig, typed
 from adsfm.contract.features import DenseFeatureSpec, SparseFeatureSpec
 from adsfm.contract.manifest import Manifest
 from adsfm.contract.registry import CHAMPION, alias_version, download_version
+from adsfm.export.parity import judge, read_reference
 from adsfm.serving.bundle import open_engine
 from adsfm.serving.engine import DenseGraphEngine
 from adsfm.serving.sequence import SequenceEngine
@@ -58,19 +63,49 @@ class GateReport:
         return "\n".join(lines)
 
 
-def holdout_columns(manifest: Manifest) -> tuple[dict[str, list[Any]], np.ndarray]:
-    """The holdout of the data the candidate was trained on, as raw columns by feature name, and labels."""
+def holdout_columns(manifest: Manifest, idx: np.ndarray | None = None) -> tuple[dict[str, list[Any]], np.ndarray]:
+    """Rows `idx` (default: the holdout) of the data the candidate was trained on, as raw columns by
+    feature name, and their labels."""
     if not manifest.data_config:
         raise ValueError("the bundle's manifest has no data_config; re-export it with this version of adsfm")
     cfg = typed(DataConfig, manifest.data_config)
     fs = load_features(cfg)
     df, _ = load_frame(cfg)
-    rows = df.iloc[fs.holdout_idx]
+    idx = fs.holdout_idx if idx is None else idx
+    rows = df.iloc[idx]
     features: list[SparseFeatureSpec | DenseFeatureSpec] = [*fs.spec.sparse, *fs.spec.dense]
     cols: dict[str, list[Any]] = {f.name: rows[f.source].tolist() for f in features}
     if manifest.item_column:
         cols[manifest.item_column] = rows[manifest.item_column].tolist()
-    return cols, fs.labels[fs.holdout_idx]
+    return cols, fs.labels[idx]
+
+
+def verify_parity(engine: DenseGraphEngine | SequenceEngine, bundle: Path, gate: GateConfig) -> list[Check]:
+    """Parity judged now from the bundle's files (see the module docstring); for quantized tables, also
+    calibration and score shift."""
+    m = engine.manifest
+    if m.parity is None:
+        return [Check("parity", False, "no parity check recorded; re-export the bundle")]
+    try:
+        idx, eager = read_reference(bundle, m.parity)
+    except FileNotFoundError as e:
+        return [Check("parity", False, str(e))]
+    columns, labels = holdout_columns(m, idx)
+    fields = m.request_fields()
+    got = engine.score_columns({k: v for k, v in columns.items() if k in fields})
+    p = judge(eager, got, labels, m.parity.tolerance, m.parity.auc_margin, m.parity.quantized)
+    checks = [Check("parity", p.passed, f"recomputed: {p.reason()}")]
+    if p.quantized:
+        calibration = float(got.mean() / max(labels.mean(), 1e-12))
+        shift = float(np.abs(got - eager).mean())
+        checks += [
+            Check("calibration", gate.min_calibration <= calibration <= gate.max_calibration,
+                  f"{calibration:.4f} (mean predicted / observed over {len(labels)} rows) vs band "
+                  f"[{gate.min_calibration}, {gate.max_calibration}]"),
+            Check("shift", shift <= gate.max_score_shift,
+                  f"mean |quantized - fp32 eager| {shift:.2e} vs bound {gate.max_score_shift}"),
+        ]
+    return checks
 
 
 def holdout_auc(engine: DenseGraphEngine | SequenceEngine, columns: dict[str, list[Any]], labels: np.ndarray) -> float:
@@ -80,13 +115,23 @@ def holdout_auc(engine: DenseGraphEngine | SequenceEngine, columns: dict[str, li
 
 
 def scoring_latency(engine: DenseGraphEngine | SequenceEngine, columns: dict[str, list[Any]], candidates: int, requests: int) -> tuple[float, float]:
-    """(p50, p99) ms of scoring 1 user x `candidates` items in-process (the replica's work per request)."""
+    """(p50, p99) ms of scoring 1 user x `candidates` items in-process (the replica's work per request),
+    each request for another user of the holdout (distinct user-side values), so that no user-state cache
+    answers it, as real traffic would find it."""
     m = engine.manifest
-    user = {k: columns[k][0] for k in m.request_fields("user") if k in columns}
+    fields = [k for k in m.request_fields("user") if k in columns]
+    users: dict[str, dict[str, Any]] = {}
+    for i in range(len(next(iter(columns.values()))) if columns else 0):
+        user = {k: columns[k][i] for k in fields}
+        users.setdefault(repr(sorted(user.items())), user)
+        if len(users) > requests:
+            break
+    distinct = list(users.values())
     items = [{m.item_column: i} for i in list(engine.item_store)[:candidates]] if m.item_column else [{}] * candidates
-    engine.score(user, items)
+    engine.score(distinct[-1], items)  # first-call costs, on a user that is not measured
     times = []
-    for _ in range(requests):
+    for k in range(requests):
+        user = distinct[k % max(len(distinct) - 1, 1)]
         t0 = time.perf_counter()
         engine.score(user, items)
         times.append((time.perf_counter() - t0) * 1e3)
@@ -100,9 +145,8 @@ def run_gate(name: str, version: str, tracking_uri: str, gate: GateConfig, workd
     report = GateReport(name, version, champion)
     bundle = download_version(name, version, tracking_uri, workdir)
     manifest = Manifest.read(bundle)
-    p = manifest.parity
-    report.checks.append(Check("parity", bool(p and p.passed), p.reason() if p else "no parity check recorded"))
     candidate = open_engine(bundle)
+    report.checks += verify_parity(candidate, bundle, gate)
     columns, labels = holdout_columns(manifest)
     auc = holdout_auc(candidate, columns, labels)
     report.metrics["candidate_auc"] = auc

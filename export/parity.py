@@ -9,9 +9,12 @@ the eager fp32 model.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
+from safetensors.numpy import load_file, save_file
 from torch import nn
 
 from adsfm.contract.features import DenseFeatureSpec, SparseFeatureSpec
@@ -24,6 +27,25 @@ from adsfm.training.metrics import ranking_metrics
 
 class ParityError(RuntimeError):
     pass
+
+
+REFERENCE_FILE = "parity_reference.safetensors"
+
+
+def write_reference(out: Path, rows: np.ndarray, eager: np.ndarray) -> str:
+    """The parity rows (indices into the data's frame) and the eager probabilities for them, in the bundle:
+    what the promotion gate judges the bundle against. Returns the file's name (ParitySpec.reference)."""
+    save_file({"rows": np.ascontiguousarray(rows, dtype=np.int64), "eager": np.ascontiguousarray(eager, dtype=np.float64)},
+              str(out / REFERENCE_FILE))
+    return REFERENCE_FILE
+
+
+def read_reference(bundle: Path, spec: ParitySpec) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, eager probabilities) that export recorded; FileNotFoundError for a bundle without them."""
+    if not spec.reference or not (bundle / spec.reference).is_file():
+        raise FileNotFoundError(f"{bundle}: no parity reference recorded (exported before adsfm kept one); re-export it")
+    ref = load_file(str(bundle / spec.reference))
+    return ref["rows"], ref["eager"]
 
 
 def bundle_probs(engine: DenseGraphEngine, fs: FeatureSet, idx: np.ndarray, batch: int = 4096) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch
 
 from adsfm.contract.config import Precision
 from adsfm.contract.manifest import Manifest, ParitySpec, SequenceSpec, TableFile
-from adsfm.export.parity import eager_probs, featurization_parity, judge
+from adsfm.export.parity import eager_probs, featurization_parity, judge, write_reference
 from adsfm.export.sparse import export_table
 from adsfm.export.split import export_split
 from adsfm.serving.sequence import SequenceEngine, SequenceInputs
@@ -91,4 +91,7 @@ def sequence_parity(model: HSTU, out: Path, fs: FeatureSet, raw: pd.DataFrame, r
     split = split_probs(engine, model, fs, rows)
     many = many_candidates_diff(engine, model, fs, rows[:users], candidates)
     features = featurization_parity(engine, fs, raw, rows)
-    return judge(eager_probs(model, fs, rows), split, fs.labels[rows], tolerance, auc_margin, quantized, many, features), split
+    eager = eager_probs(model, fs, rows)
+    verdict = judge(eager, split, fs.labels[rows], tolerance, auc_margin, quantized, many, features)
+    verdict.reference = write_reference(out, rows, eager)
+    return verdict, split

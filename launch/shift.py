@@ -7,12 +7,16 @@
 Each step writes the challenger's share to the registry (replicas follow within serve.reload_interval_s),
 then watches the challenger's error rate and p99 over the step, as every replica reports them. A limit
 crossed puts all traffic back on the champion at once and exits 1. After the last step (100) holds, the
-challenger becomes champion (recorded in the champion history) and the split is cleared.
+challenger becomes champion (recorded in the champion history) and the split is cleared. The split is
+written with a lease (--lease) that this process renews while it watches: if it is killed, or its machine
+goes, replicas put all traffic back on the champion once the lease lapses (adsfm_split_lease_lapsed in
+/metrics says so); Ctrl-C or SIGTERM puts it back at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
@@ -40,12 +44,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-error-rate", type=float, default=0.01, help="challenger error rate that rolls back (default 0.01)")
     ap.add_argument("--max-p99-ms", type=float, default=100.0, help="challenger p99 that rolls back (default 100)")
     ap.add_argument("--min-requests", type=int, default=20, help="challenger requests a step needs before it may pass (default 20)")
+    ap.add_argument("--lease", type=_seconds, default=30.0,
+                    help="how long a split outlives this process if it is killed: 30s (default), 2m")
     ap.add_argument("--rollback", action="store_true", help="all traffic to the champion now, and stop")
     ap.add_argument("--shadow", action="store_true", help="shadow mode: the challenger scores copies, answers nothing")
     ap.add_argument("--no-promote", action="store_true", help="after the last step, leave the split as it is")
     ap.add_argument("--address", help="Ray cluster the app runs on (default: RAY_ADDRESS, else auto)")
     ap.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     args = ap.parse_args(argv)
+    if args.lease <= 0:
+        ap.error(f"--lease {args.lease:g}: must be positive")
     sys.exit(run(args))
 
 
@@ -74,7 +82,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"[adsfm] {args.name}: challenger in shadow mode (scores copies; see adsfm_shadow_* in /metrics)")
         return 0
     limits = Limits(args.max_error_rate, args.max_p99_ms, args.min_requests)
-    return shift(client, args.name, uri, args.steps, args.every, limits, _monitor(args), promote_at_end=not args.no_promote)
+    monitor = _monitor(args)
+    # SIGTERM (a stopped job, a killed pod) unwinds like Ctrl-C: shift() puts the champion back on the way out.
+    # Installed after ray.init, which replaces the handler with its own.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    return shift(client, args.name, uri, args.steps, args.every, limits, monitor, promote_at_end=not args.no_promote,
+                 lease_s=args.lease)
 
 
 def _monitor(args: argparse.Namespace) -> Any:

@@ -14,8 +14,9 @@ With parallel.sparse_group = k, step 1 shards tables within groups of k ranks an
 the groups (parallel/sparse2d.py), the optimizer syncing the replicas after every step.
 
 Gradient scale: DDP averages dense gradients over ranks, and TorchRec's output dist averages the
-gradients of sharded tables the same way (tests/distributed/test_equivalence.py compares every layout
-with one process), so N ranks train like one process on the global batch with no correction.
+gradients of sharded tables the same way, so N ranks train like one process on the global batch with no
+correction. tests/distributed/test_equivalence.py checks it for every layout under plain SGD on tables
+and dense layers (Adagrad and Adam would not see a constant factor), with a planted x2 that must fail.
 """
 
 from __future__ import annotations

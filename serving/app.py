@@ -52,6 +52,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+REGISTRY_BACKOFF_MAX_S = 30.0
+"""The longest wait between registry reads while the registry is unreachable."""
+
+
+def poll_delay(interval_s: float, failures: int) -> float:
+    """The wait before the next registry read: the interval, doubled per failed read in a row, capped."""
+    return min(interval_s * 2 ** min(failures, 30), max(REGISTRY_BACKOFF_MAX_S, interval_s))
+
 RUNTIME_KNOBS = frozenset({"batch_max_requests", "batch_wait_ms", "deadline_ms", "spillover_queue", "shadow_rate",
                            "shadow_max_in_flight", "user_cache_size", "user_cache_bytes", "cache_generation"})
 """ServeConfig fields a live replica takes through reconfigure (Ray Serve's user_config), and cache_generation."""
@@ -125,6 +133,7 @@ class RankingDeployment:
         self.in_flight = 0
         metrics.QUEUE.set_function(lambda: self.in_flight)  # read at scrape time, not set per request
         self._cache_generation: Any = None
+        self._lease_lapsed = False
         self._openapi: tuple[RankService, dict[str, Any]] | None = None
         self._score_batch.set_max_batch_size(cfg.batch_max_requests)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)  # type: ignore[attr-defined]
@@ -180,13 +189,34 @@ class RankingDeployment:
         reference is swapped: requests in flight finish on the old object, so a move fails none of them."""
         from mlflow.tracking import MlflowClient
 
+        # MLflow's HTTP client retries a refused connection 7 times, backing off for minutes; this poll backs
+        # off on its own (poll_delay) and must see the registry come back within one of its waits.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         client = MlflowClient(self.tracking_uri)
+        failures = 0
         while True:
-            time.sleep(self.cfg.reload_interval_s)
+            # While the registry is unreachable the poll backs off (doubling, up to REGISTRY_BACKOFF_MAX_S)
+            # and the replica serves what it has loaded; the first read that succeeds applies what moved.
+            time.sleep(poll_delay(self.cfg.reload_interval_s, failures))
             try:
-                self._apply(read_traffic(client, self.cfg.model_name, self.cfg.alias))
-            except Exception:  # a registry hiccup must not kill the replica; keep serving what we have
-                logger.exception("adsfm: registry check failed; still serving version %s", self.service.model_version)
+                traffic = read_traffic(client, self.cfg.model_name, self.cfg.alias)
+            except Exception as e:  # a registry outage must not kill the replica; keep serving what we have
+                failures += 1
+                metrics.REGISTRY_ERRORS.inc()
+                metrics.REGISTRY_UP.set(0)
+                logger.warning("adsfm: registry %s unreachable (%d in a row: %s); still serving version %s, next try in %.1fs",
+                               self.tracking_uri, failures, type(e).__name__, self.service.model_version,
+                               poll_delay(self.cfg.reload_interval_s, failures))
+                continue
+            if failures:
+                logger.warning("adsfm: registry reachable again after %d failed reads", failures)
+            failures = 0
+            metrics.REGISTRY_UP.set(1)
+            try:
+                self._apply(traffic)
+            except Exception:  # a version that fails to load must not kill the replica either
+                logger.exception("adsfm: applying the registry's aliases failed; still serving version %s", self.service.model_version)
 
     def _apply(self, t: Traffic) -> None:
         r = self.router
@@ -205,6 +235,13 @@ class RankingDeployment:
                 logger.exception("adsfm: challenger version %s failed to load; its share goes to the champion", wanted)
                 r.challenger, r.challenger_error = None, wanted
         r.split = t.split if wanted else Split()  # challenger == champion (just promoted): nothing to split
+        if (t.lapsed is not None) != self._lease_lapsed:
+            self._lease_lapsed = t.lapsed is not None
+            if t.lapsed is not None:
+                logger.warning("adsfm: the split %s%% to challenger %s outlived its controller's lease (until %s); "
+                               "all traffic on the champion", t.lapsed.challenger_pct, t.challenger, t.lapsed.lease_until)
+            metrics.LEASE_LAPSED.set(int(self._lease_lapsed))
+        metrics.SPLIT_PCT.set(r.split.challenger_pct)
 
     async def _answer(self, service: RankService, req: Any, arrived: float) -> RankResponse:
         return await asyncio.get_running_loop().run_in_executor(self.fallback_pool, answer_now, service, req, arrived)

@@ -22,3 +22,8 @@ SHADOW = Counter("adsfm_shadow_requests", "Shadow challenger scorings by outcome
 SHADOW_DISAGREEMENT = Histogram("adsfm_shadow_disagreement", "Share of the champion's top 10 missing from the shadow challenger's",
                                 buckets=(0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0))
 QUEUE = Gauge("adsfm_queue_depth", "Requests in flight on this replica")
+SPLIT_PCT = Gauge("adsfm_challenger_share_pct", "Challenger's share of requests in force on this replica, percent")
+LEASE_LAPSED = Gauge("adsfm_split_lease_lapsed",
+                     "1 while the split's controller (adsfm-shift) has let its lease lapse: its share is back on the champion")
+REGISTRY_UP = Gauge("adsfm_registry_up", "1 when the last registry read succeeded, 0 while the registry is unreachable")
+REGISTRY_ERRORS = Counter("adsfm_registry_errors", "Registry reads that failed (the replica kept serving what it had)")

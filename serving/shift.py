@@ -36,11 +36,11 @@ def judge(stats: VersionStats | None, limits: Limits) -> str | None:
 
 
 def shift(client: Any, name: str, tracking_uri: str, steps: list[float], every_s: float, limits: Limits, monitor: Any,
-          promote_at_end: bool = True) -> int:
+          promote_at_end: bool = True, lease_s: float = 30.0) -> int:
     """Run the steps; returns the exit status: 0 promoted (or held at the last step), 1 rolled back, 2 nothing
-    to shift. `client` is an MlflowClient, `monitor` the model's TrafficMonitor actor."""
-    import ray
-
+    to shift. `client` is an MlflowClient, `monitor` the model's TrafficMonitor actor. Each split is written
+    with a lease of `lease_s`, renewed while this process watches: killed, it leaves a split that replicas
+    drop when the lease lapses. Interrupted (SIGINT, SIGTERM), it puts all traffic on the champion at once."""
     t = read_traffic(client, name)
     challenger = t.challenger
     if challenger is None or t.champion is None:
@@ -48,18 +48,40 @@ def shift(client: Any, name: str, tracking_uri: str, steps: list[float], every_s
               f"{CHALLENGER} {challenger})", file=sys.stderr)
         return 2
     print(f"[adsfm] {name}: shifting champion v{t.champion} -> challenger v{challenger}: steps {steps} % "
-          f"every {every_s:g}s; limits: error rate {limits.max_error_rate:.1%}, p99 {limits.max_p99_ms:g} ms", flush=True)
+          f"every {every_s:g}s; limits: error rate {limits.max_error_rate:.1%}, p99 {limits.max_p99_ms:g} ms; "
+          f"lease {lease_s:g}s", flush=True)
+    try:
+        status = _steps(client, name, challenger, t.champion, steps, every_s, limits, monitor, lease_s)
+    except BaseException:  # KeyboardInterrupt, SystemExit from SIGTERM, a registry or cluster error
+        write_split(client, name, Split())
+        print(f"[adsfm] {name}: interrupted; all traffic on champion v{t.champion}", file=sys.stderr, flush=True)
+        raise
+    if status != 0 or not promote_at_end:
+        return status
+    promote(name, tracking_uri, challenger, reason=f"adsfm-shift {','.join(f'{s:g}' for s in steps)}")
+    write_split(client, name, Split())
+    print(f"[adsfm] {name}: champion -> v{challenger}; split cleared", flush=True)
+    return 0
+
+
+def _steps(client: Any, name: str, challenger: str, champion: str, steps: list[float], every_s: float, limits: Limits,
+           monitor: Any, lease_s: float) -> int:
+    import ray
+
     for pct in steps:
-        write_split(client, name, Split(challenger_pct=pct))
-        start = time.time()
+        start = renewed = time.time()
+        write_split(client, name, Split(challenger_pct=pct, lease_until=start + lease_s))
         while True:
-            time.sleep(min(1.0, every_s))
+            time.sleep(min(1.0, every_s, lease_s / 3))
+            if time.time() - renewed >= lease_s / 3:  # renewed well before it lapses, a registry hiccup or two
+                renewed = time.time()
+                write_split(client, name, Split(challenger_pct=pct, lease_until=renewed + lease_s))
             stats = ray.get(monitor.window.remote(start)).get(challenger)
             reason = judge(stats, limits)
             if reason is not None:
                 write_split(client, name, Split())
                 print(f"[adsfm] {name}: ROLLED BACK at {pct:g} %: challenger v{challenger} {reason}; "
-                      f"all traffic on champion v{t.champion}", file=sys.stderr, flush=True)
+                      f"all traffic on champion v{champion}", file=sys.stderr, flush=True)
                 return 1
             seen = 0 if stats is None else stats.requests
             if time.time() - start >= every_s and seen >= limits.min_requests:
@@ -73,9 +95,4 @@ def shift(client: Any, name: str, tracking_uri: str, steps: list[float], every_s
         assert stats is not None
         print(f"[adsfm]   {pct:5.1f} % held {every_s:g}s: {stats.requests} challenger requests, "
               f"{stats.errors} errors, p99 {stats.p99_ms:.1f} ms", flush=True)
-    if not promote_at_end:
-        return 0
-    promote(name, tracking_uri, challenger, reason=f"adsfm-shift {','.join(f'{s:g}' for s in steps)}")
-    write_split(client, name, Split())
-    print(f"[adsfm] {name}: champion -> v{challenger}; split cleared", flush=True)
     return 0

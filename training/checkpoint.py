@@ -1,14 +1,19 @@
 """Distributed checkpoints (torch.distributed.checkpoint) that are visible only once complete.
 
-Every rank writes its shards into `<dir>.partial`; rank 0 adds `state.json` (step, data position, loss
-history, RNG seed) and, after a barrier, renames the directory to `<dir>`. A crash mid-save leaves only a
-`.partial` directory, which `latest_checkpoint` never returns. Loading does not need the world that wrote
-it: DCP reshards on load, into another number of ranks or into a plain single-process model.
+Every rank writes its shards into `<dir>.partial` (DCP fsyncs each file it writes); rank 0 adds
+`state.json` (step, data position, loss history, RNG seed), fsyncs every file and directory of the tree
+and, after a barrier, renames the directory to `<dir>` and fsyncs the parent: on a crash, at any point,
+the published name holds a complete checkpoint. A crash mid-save leaves only a `.partial` directory, which
+`latest_checkpoint` never returns. Older checkpoints are removed only after the new one is published (a
+checkpoint of the same step is first moved aside to `<dir>.old`, which `latest_checkpoint` returns if a
+crash came before the new one took its name). Loading does not need the world that wrote it: DCP reshards
+on load, into another number of ranks or into a plain single-process model.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -52,40 +57,41 @@ class AsyncCheckpointer:
 
     `save` copies the state into fresh CPU tensors (so later steps do not change what is written) and
     returns; a thread writes it with DCP over a process group of its own, so its collectives never
-    interleave with training's. A checkpoint is published -- `state.json` added, `.partial` renamed -- by
-    the next `save` or by `wait`, once every rank's writes are done: the same guarantee as
-    `save_checkpoint`, that only complete checkpoints are visible. (DCP's own async_save cannot stage
-    TorchRec's ShardedTensors.)
+    interleave with training's, and publishes it -- `state.json` added, `.partial` renamed -- as soon as
+    every rank's writes are done, not at the next save: a crash after that resumes from it. The same
+    guarantee as `save_checkpoint`, that only complete checkpoints are visible. `wait` blocks until the
+    checkpoint in flight is published. (DCP's own async_save cannot stage TorchRec's ShardedTensors.)
     """
 
     def __init__(self) -> None:
         self.pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adsfm-ckpt")
-        self.pending: tuple[Future[Any], Path, Path, str, int] | None = None
+        self.pending: Future[Path] | None = None
 
     def save(self, model: nn.Module, directory: Path, optimizer: torch.optim.Optimizer | None = None,
              state: dict[str, Any] | None = None, keep: int = 0) -> None:
         self.wait()
         partial, payload = _begin(model, directory, optimizer)
-        staged = _stage(payload)
-        future = self.pool.submit(
-            dcp.save, staged, checkpoint_id=str(partial), process_group=self.pg, no_dist=not dist.is_initialized()
-        )
-        self.pending = (future, partial, directory, json.dumps(state or {}), keep)
+        self.pending = self.pool.submit(self._write, _stage(payload), partial, directory, json.dumps(state or {}), keep)
 
-    def wait(self) -> Path | None:
-        """Finish and publish the checkpoint in flight; returns its directory."""
-        if self.pending is None:
-            return None
-        future, partial, directory, state, keep = self.pending
-        self.pending = None
-        future.result()
-        _barrier()
+    def _write(self, staged: dict[str, Any], partial: Path, directory: Path, state: str, keep: int) -> Path:
+        """In the writer thread: every rank's shards, then (rank 0, once all have written) the publishing."""
+        dcp.save(staged, checkpoint_id=str(partial), process_group=self.pg, no_dist=self.pg is None)
+        if self.pg is not None:
+            dist.barrier(group=self.pg)
         if _rank() == 0:
             (partial / STATE_FILE).write_text(state)
             _publish(partial, directory, keep)
-        _barrier()
+        if self.pg is not None:  # no rank's wait() returns before the checkpoint is published
+            dist.barrier(group=self.pg)
         return directory
+
+    def wait(self) -> Path | None:
+        """Block until the checkpoint in flight is published (re-raising its error); returns its directory."""
+        if self.pending is None:
+            return None
+        future, self.pending = self.pending, None
+        return future.result()
 
 
 def _stage(obj: Any) -> Any:
@@ -118,19 +124,58 @@ def _begin(model: nn.Module, directory: Path, optimizer: torch.optim.Optimizer |
     return partial, payload
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file under root, then every directory bottom-up (their entries), on disk."""
+    for parent, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(parent) / name)
+        _fsync(Path(parent))
+
+
 def _publish(partial: Path, directory: Path, keep: int) -> None:
-    if directory.exists():
-        shutil.rmtree(directory)
+    """Rename a complete `.partial` to its name, durably; only then remove what it replaces or outlives."""
+    _fsync_tree(partial)
+    aside = directory.with_name(directory.name + ".old")
+    if directory.exists():  # the same step again (a resumed run): moved aside, not deleted, until replaced
+        if aside.exists():
+            shutil.rmtree(aside)
+        directory.rename(aside)
     partial.rename(directory)
+    _fsync(directory.parent)
+    _cleanup(directory, keep)
+
+
+def _cleanup(directory: Path, keep: int) -> None:
+    aside = directory.with_name(directory.name + ".old")
+    if aside.exists():
+        shutil.rmtree(aside)
     if keep > 0:
         for old in complete_checkpoints(directory.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _step(p: Path) -> int | None:
+    digits = p.name.removeprefix("step_").removesuffix(".old")
+    return int(digits) if p.name.startswith("step_") and digits.isdigit() and p.is_dir() else None
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Published checkpoints under root, oldest first."""
-    done = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial") and p.name[5:].isdigit()]
-    return sorted(done, key=lambda p: int(p.name[5:]))
+    """Published checkpoints under root, oldest first: `step_N`, or `step_N.old` where a crash came between
+    moving it aside and publishing its replacement."""
+    done: dict[int, Path] = {}
+    for p in root.glob("step_*"):
+        step = _step(p)
+        if step is not None and (step not in done or not p.name.endswith(".old")):
+            done[step] = p
+    return [done[k] for k in sorted(done)]
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -46,47 +46,57 @@ def serve_port() -> int:
     return free_port()
 
 
+class MlflowServer:
+    """A real `mlflow server` (sqlite backend, proxied artifacts) on 127.0.0.1:`port`, its store under `root`:
+    stopped and started again, it serves the same store."""
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root, self.port = root, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> MlflowServer:
+        import requests
+
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}", "--artifacts-destination", str(self.root / "artifacts")]
+        log = open(self.root / "server.log", "a")  # noqa: SIM115 - the child holds it; closed here once started
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+        log.close()
+        deadline = time.time() + 120
+        while True:
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not come up:\n{(self.root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` (sqlite backend, proxied artifacts) on 127.0.0.1."""
-    import os
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    import requests
-
     from tests.conftest import free_port
 
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-    ]
-    log = open(root / "server.log", "w")  # noqa: SIM115 - held open for the server's lifetime
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), free_port()).start()
     try:
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not come up:\n{Path(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
 
 
 @dataclass

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import requests
 
@@ -17,7 +18,11 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def bundles(trained: dict[str, Any], small_cfg: Any, features: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """good: the 1-epoch fixture; weak: 5 steps of training; broken: good with its parity marked failed."""
+    """good: the 1-epoch fixture; weak: 5 steps of training; broken: good with one embedding table perturbed
+    after export (its manifest still says parity passed); int8: good's checkpoint with int8 tables."""
+    from omegaconf import OmegaConf
+    from safetensors.numpy import load_file, save_file
+
     from adsfm.contract.manifest import Manifest
     from adsfm.export.bundle import export_bundle
     from adsfm.training.checkpoint import save_checkpoint
@@ -30,10 +35,12 @@ def bundles(trained: dict[str, Any], small_cfg: Any, features: Any, tmp_path_fac
     broken = root / "broken"
     shutil.copytree(trained["bundle"], broken)
     m = Manifest.read(broken)
-    assert m.parity is not None
-    m.parity.passed, m.parity.max_abs_diff = False, 0.05
-    m.write(broken)
-    return {"good": trained["bundle"], "weak": root / "weak" / "bundle", "broken": broken}
+    assert m.parity is not None and m.parity.passed
+    table = m.tables["user_id"]
+    weights = load_file(str(broken / table.file))
+    save_file({k: v + np.float32(0.05) for k, v in weights.items()}, str(broken / table.file))  # every user row moved
+    export_bundle(OmegaConf.merge(small_cfg, {"export": {"precision": "int8"}}), trained["checkpoint"], root / "int8")
+    return {"good": trained["bundle"], "weak": root / "weak" / "bundle", "broken": broken, "int8": root / "int8"}
 
 
 def _register_bypassing_checks(bundle: Path, name: str, uri: str) -> str:
@@ -48,7 +55,25 @@ def _register_bypassing_checks(bundle: Path, name: str, uri: str) -> str:
     return str(mlflow.register_model(info.model_uri, name).version)
 
 
-def governance_flow(uri: str, bundles: dict[str, Path], workdir: Path, served: Callable[[], str] | None = None) -> None:
+def _quantized_checks(name: str, uri: str, bundle: Path, workdir: Path) -> None:
+    from adsfm.contract.config import GateConfig
+    from adsfm.export.gate import GateRefused, gated_promote
+    from adsfm.export.register import log_and_register
+
+    v_int8 = str(log_and_register(bundle, name, uri, run_id=None).version)
+    with pytest.raises(GateRefused, match=r"shift: mean \|quantized - fp32 eager\| \S+ vs bound 1e-09") as refused:
+        gated_promote(name, uri, v_int8, GateConfig(latency_budget_ms=1000.0, max_score_shift=1e-9), workdir)
+    checks = {c.name: c for c in refused.value.report.checks}
+    assert checks["parity"].passed and checks["calibration"].passed, refused.value.report.table()
+    print(refused.value.report.table())
+    with pytest.raises(GateRefused, match=r"calibration: \S+ \(mean predicted / observed"):
+        gated_promote(name, uri, v_int8, GateConfig(latency_budget_ms=1000.0, min_calibration=1.5, max_calibration=2.0), workdir)
+
+
+def governance_flow(uri: str, bundles: dict[str, Path], workdir: Path, served: Callable[[], str] | None = None,
+                    quantized: bool = False) -> None:
+    """The flow; with `quantized`, also the int8 bundle's calibration and score-shift checks (store-independent,
+    so run on one store only)."""
     from mlflow.tracking import MlflowClient
 
     from adsfm.contract.config import GateConfig
@@ -89,8 +114,14 @@ def governance_flow(uri: str, bundles: dict[str, Path], workdir: Path, served: C
     assert champion() == v_good
 
     v_broken = _register_bypassing_checks(bundles["broken"], name, uri)
-    with pytest.raises(GateRefused, match=r"parity: max \|eager - exported\| 0\.05"):
+    with pytest.raises(GateRefused, match=r"parity: recomputed: max \|eager - exported\| \S+ vs tolerance 1e-05") as refused:
         gated_promote(name, uri, v_broken, gate, workdir)
+    print(f"perturbed table: {refused.value.report.failures()}")
+    assert champion() == v_good
+
+    # int8 tables: judged again on AUC, and on calibration and score shift against the fp32 eager model
+    if quantized:
+        _quantized_checks(name, uri, bundles["int8"], workdir)
     assert champion() == v_good
 
     with pytest.raises(GateRefused, match="latency: p99"):
@@ -140,7 +171,7 @@ def test_governance_on_local_store_with_serving(
         return str(requests.get(f"{url}/healthz", timeout=10).json()["model_version"])
 
     try:
-        governance_flow(uri, bundles, tmp_path / "work", served)
+        governance_flow(uri, bundles, tmp_path / "work", served, quantized=True)
     finally:
         if started:
             app.stop("gov")

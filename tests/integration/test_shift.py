@@ -2,10 +2,13 @@
 artifacts corrupted in the artifact store after registration) and one deliberately slow (a dense graph
 hundreds of times heavier) are each rolled back by the shift itself, on their error rate and on their
 p99, with every request still answered; a healthy one, a different bundle (the int8 export of the
-champion's checkpoint), then goes 50 → 100 % and becomes champion."""
+champion's checkpoint), then goes 50 → 100 % and becomes champion. Then a controller that dies mid-shift:
+SIGKILLed at 25 %, its split is dropped by the replicas once its lease lapses; SIGTERMed, it puts the
+champion back at once. No request fails throughout."""
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -76,7 +79,9 @@ def test_shift_rolls_back_failing_and_slow_challengers_then_promotes_a_healthy_o
 
     url = app.start(ServeConfig(port=serve_port, model_name="shift", reload_interval_s=0.5), uri, name="shift")
     df, _ = load_frame(small_cfg.data)
-    requests_ = [example_request(df, features.spec, int(r), [str(i) for i in range(1, 31)]) for r in features.holdout_idx[:40]]
+    spread = features.holdout_idx[:: max(1, len(features.holdout_idx) // 40)][:40]  # many users: the split is by user
+    requests_ = [example_request(df, features.spec, int(r), [str(i) for i in range(1, 31)]) for r in spread]
+    assert len({str(r["user"]["user_id"]) for r in requests_}) >= 20
     args = ["shift", "--steps", "50,100", "--every", "2s", "--min-requests", "5", "--max-error-rate", "0.05",
             "--max-p99-ms", "25", "--tracking-uri", uri]
     client = MlflowClient(uri)
@@ -104,6 +109,10 @@ def test_shift_rolls_back_failing_and_slow_challengers_then_promotes_a_healthy_o
             v4 = register(tmp_path / "int8")  # healthy, and a different bundle from the champion's
             run_shift(0, "healthy")
             time.sleep(2)  # the replica follows the new champion within reload_interval_s
+
+            v5 = register(trained["bundle"])
+            lapsed = _controller_killed(url, uri, v5, load, signal.SIGKILL, lease_s=2.0, reload_s=0.5)
+            interrupted = _controller_killed(url, uri, v5, load, signal.SIGTERM, lease_s=60.0, reload_s=0.5)
     finally:
         app.stop("shift")
     seen = load.answers
@@ -114,4 +123,53 @@ def test_shift_rolls_back_failing_and_slow_challengers_then_promotes_a_healthy_o
     assert not any(v == v2 and fb is None for v, fb in seen)  # the broken version answered nothing
     assert after_slow.get((v3, None), 0) > 0  # the slow one answered: it was judged on its p99, not on errors
     assert seen.get((v4, None), 0) > 0
-    assert alias_version(client, "shift", CHAMPION) == v4 and read_traffic(client, "shift").split.challenger_pct == 0
+    assert alias_version(client, "shift", CHAMPION) == v4
+    print(f"controller SIGKILLed at 25 % (lease 2 s, reload 0.5 s): last challenger answer {lapsed:.2f} s later; "
+          f"SIGTERM (lease 60 s): {interrupted:.2f} s later; failed requests {load.failed}")
+    assert lapsed <= 2.0 + 2 * 0.5 + 0.5  # the lease, two reload intervals, a request in flight
+    assert interrupted <= 2 * 0.5 + 0.5  # at once: no waiting for the lease
+    assert read_traffic(client, "shift").split.challenger_pct == 0
+
+
+def _controller_killed(url: str, uri: str, challenger: str, load: SteadyLoad, sig: int, lease_s: float, reload_s: float) -> float:
+    """adsfm-shift in its own process at 25 % (steps that would hold a minute); once the challenger answers,
+    the process gets `sig`. Returns how long the challenger went on answering afterwards. SIGKILL leaves the
+    split in the registry, which the replicas drop when its lease lapses, and /metrics says why; SIGTERM
+    puts the champion back itself (exit 143)."""
+    import subprocess
+    import sys
+
+    import ray
+    import requests
+
+    from adsfm.contract.registry import Split, write_split
+
+    cmd = [sys.executable, "-c", "from adsfm.launch.shift import main; main()", "shift", "--steps", "25,100",
+           "--every", "60s", "--lease", f"{lease_s:g}s", "--min-requests", "1000", "--tracking-uri", uri,
+           "--address", ray.get_runtime_context().gcs_address]
+    before = load.versions().get(challenger, 0)  # answers from an earlier call do not count
+    proc = subprocess.Popen(cmd)
+    try:
+        deadline = time.time() + 90
+        while load.versions().get(challenger, 0) == before:
+            assert time.time() < deadline and proc.poll() is None, "the challenger never answered"
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        killed, code = time.time(), proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig), code
+    last, seen = killed, load.versions().get(challenger, 0)
+    quiet = (lease_s if sig == signal.SIGKILL else 0.0) + 4 * reload_s + 1  # how long the challenger must stay quiet
+    while time.time() - last < quiet:
+        time.sleep(0.1)
+        now = load.versions().get(challenger, 0)
+        if now != seen:
+            last, seen = time.time(), now
+    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    lapsed = next(float(ln.split()[-1]) for ln in metrics.splitlines() if ln.startswith("adsfm_split_lease_lapsed"))
+    assert lapsed == (1.0 if sig == signal.SIGKILL else 0.0), metrics
+    from mlflow.tracking import MlflowClient
+
+    write_split(MlflowClient(uri), "shift", Split())  # what an operator does after a lapse: clear the split
+    return last - killed
