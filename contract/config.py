@@ -513,6 +513,9 @@ class ServeConfig:
     replica's log, at INFO."""
     shadow_rate: float = 1.0
     """Share of the champion's requests the shadow challenger scores a copy of."""
+    compare_rate: float = 0.1
+    """Share of the requests a challenger answers that the champion scores too, off the request path (within
+    shadow_max_in_flight), for adsfm-shift's quality figures: score shift and top-10 disagreement."""
     shadow_max_in_flight: int = 4
     """Shadow copies scored at once per replica; more are skipped (counted), so a slow challenger cannot
     hold the champion's latency."""

@@ -5,7 +5,10 @@
     adsfm-shift adsfm-movielens-dlrm --shadow            # the challenger scores a copy of each request, unseen
 
 Each step writes the challenger's share to the registry (replicas follow within serve.reload_interval_s),
-then watches the challenger's error rate and p99 over the step, as every replica reports them. A limit
+then watches the challenger's error rate and p99 over the step, as every replica reports them, and, with
+--max-score-shift / --max-disagreement, how far its scores are from the champion's on a sample of the
+requests it answered (the replicas score those with the champion too, at serve.shadow_rate, off the
+request path). A limit
 crossed puts all traffic back on the champion at once and exits 1. After the last step (100) holds, the
 challenger becomes champion (recorded in the champion history) and the split is cleared. The split is
 written with a lease (--lease) that this process renews while it watches: if it is killed, or its machine
@@ -44,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-error-rate", type=float, default=0.01, help="challenger error rate that rolls back (default 0.01)")
     ap.add_argument("--max-p99-ms", type=float, default=100.0, help="challenger p99 that rolls back (default 100)")
     ap.add_argument("--min-requests", type=int, default=20, help="challenger requests a step needs before it may pass (default 20)")
+    ap.add_argument("--max-score-shift", type=float, default=None,
+                    help="mean |challenger - champion| probability, on requests the replicas score with both, that rolls back (default: not judged)")
+    ap.add_argument("--max-disagreement", type=float, default=None,
+                    help="share of the champion's top 10 missing from the challenger's, on those requests, that rolls back (default: not judged)")
     ap.add_argument("--lease", type=_seconds, default=30.0,
                     help="how long a split outlives this process if it is killed: 30s (default), 2m")
     ap.add_argument("--rollback", action="store_true", help="all traffic to the champion now, and stop")
@@ -81,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         write_split(client, args.name, Split(shadow=True))
         print(f"[adsfm] {args.name}: challenger in shadow mode (scores copies; see adsfm_shadow_* in /metrics)")
         return 0
-    limits = Limits(args.max_error_rate, args.max_p99_ms, args.min_requests)
+    limits = Limits(args.max_error_rate, args.max_p99_ms, args.min_requests, args.max_score_shift, args.max_disagreement)
     monitor = _monitor(args)
     # SIGTERM (a stopped job, a killed pod) unwinds like Ctrl-C: shift() puts the champion back on the way out.
     # Installed after ray.init, which replaces the handler with its own.

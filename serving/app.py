@@ -60,7 +60,7 @@ def poll_delay(interval_s: float, failures: int) -> float:
     """The wait before the next registry read: the interval, doubled per failed read in a row, capped."""
     return min(interval_s * 2 ** min(failures, 30), max(REGISTRY_BACKOFF_MAX_S, interval_s))
 
-RUNTIME_KNOBS = frozenset({"batch_max_requests", "batch_wait_ms", "deadline_ms", "spillover_queue", "shadow_rate",
+RUNTIME_KNOBS = frozenset({"batch_max_requests", "batch_wait_ms", "deadline_ms", "spillover_queue", "shadow_rate", "compare_rate",
                            "shadow_max_in_flight", "user_cache_size", "user_cache_bytes", "cache_generation"})
 """ServeConfig fields a live replica takes through reconfigure (Ray Serve's user_config), and cache_generation."""
 
@@ -129,7 +129,8 @@ class RankingDeployment:
         shadow = ShadowLog(cfg.shadow_log, cfg.shadow_rate, cfg.shadow_max_in_flight)
         self.router = Router(self._load(cfg.model_name), self._score, answer=self._answer,
                              shadow_score=self._shadow_score, spillover=spill, sticky_field=cfg.sticky_field, deadline_ms=cfg.deadline_ms,
-                             report=Reporter(cfg.model_name), shadow=shadow)
+                             report=(reporter := Reporter(cfg.model_name)), shadow=shadow, report_quality=reporter.quality,
+                             compare_rate=cfg.compare_rate)
         self.in_flight = 0
         metrics.QUEUE.set_function(lambda: self.in_flight)  # read at scrape time, not set per request
         self._cache_generation: Any = None
@@ -156,7 +157,7 @@ class RankingDeployment:
         self._score_batch.set_max_batch_size(c.batch_max_requests)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(c.batch_wait_ms / 1000)  # type: ignore[attr-defined]
         r.deadline_ms = c.deadline_ms
-        r.shadow.rate, r.shadow.max_in_flight = c.shadow_rate, c.shadow_max_in_flight
+        r.shadow.rate, r.shadow.max_in_flight, r.compare_rate = c.shadow_rate, c.shadow_max_in_flight, c.compare_rate
         for service in (r.champion, r.challenger, r.spillover):
             if service is not None:
                 service.engine.user_cache.resize(c.user_cache_size, c.user_cache_bytes)

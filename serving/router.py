@@ -82,7 +82,8 @@ class Router:
     def __init__(self, champion: RankService, score: Scorer = _score_here, *, answer: Answerer = _answer_here, shadow_score: Scorer | None = None, spillover: RankService | None = None,
                  sticky_field: str | None = "user_id", deadline_ms: float | None = None,
                  report: Callable[[str, bool, float], None] | None = None, seed: int | None = None,
-                 shadow: ShadowLog | None = None) -> None:
+                 shadow: ShadowLog | None = None, report_quality: Callable[[str, float, float], None] | None = None,
+                 compare_rate: float = 0.1) -> None:
         self.champion = champion
         self.challenger: RankService | None = None
         self.challenger_error: str | None = None
@@ -95,6 +96,12 @@ class Router:
         self.sticky_field = sticky_field
         self.deadline_ms = deadline_ms
         self.report = report or (lambda version, ok, ms: None)
+        self.report_quality = report_quality
+        """Where a challenger's answer compared with the champion's goes (version, score shift, disagreement);
+        None: no comparison is made."""
+        if not 0.0 <= compare_rate <= 1.0:
+            raise ValueError(f"serve.compare_rate={compare_rate}: a share of requests, within 0..1")
+        self.compare_rate = compare_rate
         self._rng = random.Random(seed)
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self.shadow = shadow or ShadowLog()
@@ -136,6 +143,8 @@ class Router:
                 self.report(challenger.model_version, False, (time.perf_counter() - t0) * 1e3)
                 return await self._fallback(req, champion, "challenger_error", t0)
             self.report(challenger.model_version, True, (time.perf_counter() - t0) * 1e3)
+            if self.report_quality is not None:
+                self._compare(req, scores, champion, challenger)
             return challenger.respond(p, scores)
 
         # a bad request is the client's (422), whichever model it went to
@@ -163,6 +172,28 @@ class Router:
         metrics.FALLBACKS.labels(reason).inc()
         res = await self.answer(champion, req, t0)
         return res.model_copy(update={"fallback": reason, "latency_ms": (time.perf_counter() - t0) * 1e3})
+
+    def _compare(self, req: RankRequest, challenger_scores: np.ndarray, champion: RankService, challenger: RankService) -> None:
+        """Score a request the challenger answered with the champion too, in the background, for a sampled
+        share (compare_rate) within the shadow bound (sheds, never delays), and report how far apart the two are: the quality
+        evidence adsfm-shift can judge the challenger by, beside errors and latency."""
+        if self._rng.random() >= self.compare_rate or len(self._shadow_tasks) >= self.shadow.max_in_flight:
+            return
+        report = self.report_quality
+        assert report is not None
+
+        async def run() -> None:
+            try:
+                _, scores = await self.shadow_score(champion, req, time.perf_counter())
+            except Exception as e:  # the comparison is evidence, not service: nothing to answer here
+                logger.warning("adsfm: champion %s could not score a compared request (%r)", champion.model_version, e)
+                return
+            report(challenger.model_version, float(np.mean(np.abs(challenger_scores - scores))),
+                   top_k_disagreement(scores, challenger_scores))
+
+        task = asyncio.ensure_future(run())
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
 
     def _shadow(self, req: RankRequest, champion_scores: np.ndarray, challenger: RankService) -> None:
         """Score a copy with the challenger, in the background: a sampled share of requests (the shadow

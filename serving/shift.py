@@ -21,6 +21,12 @@ class Limits:
     max_error_rate: float
     max_p99_ms: float
     min_requests: int
+    max_score_shift: float | None = None
+    """Mean |challenger - champion| probability on the requests compared; None: not judged."""
+    max_disagreement: float | None = None
+    """Mean share of the champion's top 10 missing from the challenger's; None: not judged."""
+    min_compared: int = 5
+    """Compared requests before the two quality figures are judged."""
 
 
 def judge(stats: VersionStats | None, limits: Limits) -> str | None:
@@ -32,6 +38,13 @@ def judge(stats: VersionStats | None, limits: Limits) -> str | None:
         return f"error rate {stats.error_rate:.1%} ({stats.errors}/{stats.requests}) > --max-error-rate {limits.max_error_rate:.1%}"
     if stats.requests >= limits.min_requests and stats.p99_ms > limits.max_p99_ms:
         return f"p99 {stats.p99_ms:.1f} ms over {stats.requests} requests > --max-p99-ms {limits.max_p99_ms:g}"
+    if stats.compared >= limits.min_compared:
+        if limits.max_score_shift is not None and stats.score_shift > limits.max_score_shift:
+            return (f"mean score shift from the champion {stats.score_shift:.4f} over {stats.compared} compared requests "
+                    f"> --max-score-shift {limits.max_score_shift:g}")
+        if limits.max_disagreement is not None and stats.disagreement > limits.max_disagreement:
+            return (f"top-10 disagreement with the champion {stats.disagreement:.1%} over {stats.compared} compared "
+                    f"requests > --max-disagreement {limits.max_disagreement:g}")
     return None
 
 
@@ -48,8 +61,10 @@ def shift(client: Any, name: str, tracking_uri: str, steps: list[float], every_s
               f"{CHALLENGER} {challenger})", file=sys.stderr)
         return 2
     print(f"[adsfm] {name}: shifting champion v{t.champion} -> challenger v{challenger}: steps {steps} % "
-          f"every {every_s:g}s; limits: error rate {limits.max_error_rate:.1%}, p99 {limits.max_p99_ms:g} ms; "
-          f"lease {lease_s:g}s", flush=True)
+          f"every {every_s:g}s; limits: error rate {limits.max_error_rate:.1%}, p99 {limits.max_p99_ms:g} ms"
+          + (f", score shift {limits.max_score_shift:g}" if limits.max_score_shift is not None else "")
+          + (f", top-10 disagreement {limits.max_disagreement:g}" if limits.max_disagreement is not None else "")
+          + f"; lease {lease_s:g}s", flush=True)
     try:
         status = _steps(client, name, challenger, t.champion, steps, every_s, limits, monitor, lease_s)
     except BaseException:  # KeyboardInterrupt, SystemExit from SIGTERM, a registry or cluster error
@@ -94,5 +109,6 @@ def _steps(client: Any, name: str, challenger: str, champion: str, steps: list[f
                 return 1
         assert stats is not None
         print(f"[adsfm]   {pct:5.1f} % held {every_s:g}s: {stats.requests} challenger requests, "
-              f"{stats.errors} errors, p99 {stats.p99_ms:.1f} ms", flush=True)
+              f"{stats.errors} errors, p99 {stats.p99_ms:.1f} ms; {stats.compared} compared with the champion: "
+              f"score shift {stats.score_shift:.4f}, top-10 disagreement {stats.disagreement:.1%}", flush=True)
     return 0

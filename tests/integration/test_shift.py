@@ -47,6 +47,7 @@ def _slow_bundle(features: Any, small_cfg: Any, out: Path) -> Path:
 def test_shift_rolls_back_failing_and_slow_challengers_then_promotes_a_healthy_one(
     ray_cluster: None, serve_port: int, trained: dict[str, Any], features: Any, small_cfg: Any, tmp_path: Path
 ) -> None:
+    import ray
     from mlflow.tracking import MlflowClient
     from omegaconf import OmegaConf
 
@@ -57,6 +58,7 @@ def test_shift_rolls_back_failing_and_slow_challengers_then_promotes_a_healthy_o
     from adsfm.export.register import log_and_register
     from adsfm.launch import shift
     from adsfm.serving import app
+    from adsfm.serving.monitor import monitor
     from adsfm.training.data import example_request, load_frame
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -83,7 +85,7 @@ def test_shift_rolls_back_failing_and_slow_challengers_then_promotes_a_healthy_o
     requests_ = [example_request(df, features.spec, int(r), [str(i) for i in range(1, 31)]) for r in spread]
     assert len({str(r["user"]["user_id"]) for r in requests_}) >= 20
     args = ["shift", "--steps", "50,100", "--every", "2s", "--min-requests", "5", "--max-error-rate", "0.05",
-            "--max-p99-ms", "25", "--tracking-uri", uri]
+            "--max-p99-ms", "25", "--max-score-shift", "0.01", "--max-disagreement", "0.5", "--tracking-uri", uri]
     client = MlflowClient(uri)
     verdicts: dict[str, tuple[int, float]] = {}
 
@@ -108,6 +110,7 @@ def test_shift_rolls_back_failing_and_slow_challengers_then_promotes_a_healthy_o
 
             v4 = register(tmp_path / "int8")  # healthy, and a different bundle from the champion's
             run_shift(0, "healthy")
+            quality = ray.get(monitor("shift", create=False).window.remote(0.0))[v4]  # judged on these too
             time.sleep(2)  # the replica follows the new champion within reload_interval_s
 
             v5 = register(trained["bundle"])
@@ -124,6 +127,9 @@ def test_shift_rolls_back_failing_and_slow_challengers_then_promotes_a_healthy_o
     assert after_slow.get((v3, None), 0) > 0  # the slow one answered: it was judged on its p99, not on errors
     assert seen.get((v4, None), 0) > 0
     assert alias_version(client, "shift", CHAMPION) == v4
+    print(f"int8 challenger compared with the champion on {quality.compared} requests: score shift "
+          f"{quality.score_shift:.2e}, top-10 disagreement {quality.disagreement:.1%}")
+    assert quality.compared > 0 and quality.score_shift < 0.01
     print(f"controller SIGKILLed at 25 % (lease 2 s, reload 0.5 s): last challenger answer {lapsed:.2f} s later; "
           f"SIGTERM (lease 60 s): {interrupted:.2f} s later; failed requests {load.failed}")
     assert lapsed <= 2.0 + 2 * 0.5 + 0.5  # the lease, two reload intervals, a request in flight

@@ -236,3 +236,46 @@ def test_the_shadow_log_rotates_and_the_rate_samples(services: dict[str, RankSer
     assert counter(metrics.SHADOW, "skipped") == skipped + 5
     with pytest.raises(ValueError, match="shadow_rate"):
         ShadowLog(rate=1.5)
+
+
+def test_a_challengers_answers_are_compared_with_the_champions_off_the_request_path(services: dict[str, RankService]) -> None:
+    """At compare_rate 1, each request the challenger answers is scored by the champion too, in the
+    background; the reported score shift is the mean |challenger - champion| of the same candidates
+    (here the challenger's are the champion's halved plus 0.1: order kept, no top-10 disagreement)."""
+    async def shifted(svc: RankService, req: Any, arrived: float) -> Scored:
+        p, scores = await engine(svc, req, arrived)
+        return p, scores * 0.5 + 0.1 if svc.model_version == "2" else scores
+
+    seen: list[tuple[str, float, float]] = []
+    r = Router(services["1"], shifted, sticky_field="user", compare_rate=1.0,
+               report_quality=lambda v, shift, d: seen.append((v, shift, d)))
+    r.challenger, r.split = services["2"], Split(challenger_pct=100)
+    req = RankRequest(user=USER, candidates=ITEMS)
+
+    async def rank_and_drain() -> Any:
+        res = await r.rank(req)
+        await asyncio.gather(*list(r._shadow_tasks))
+        return res
+
+    res = asyncio.run(rank_and_drain())
+    champion = np.array([c["score"] for c in services["1"].rank(req).candidates])
+    assert res.model_version == "2" and len(seen) == 1
+    version, shift, disagreement = seen[0]
+    assert version == "2" and disagreement == 0.0
+    assert shift == pytest.approx(float(np.mean(np.abs(champion * 0.5 + 0.1 - champion))), rel=1e-6)
+    r.compare_rate = 0.0
+    asyncio.run(rank_and_drain())
+    assert len(seen) == 1  # nothing sampled, nothing compared
+    with pytest.raises(ValueError, match="compare_rate"):
+        Router(services["1"], shifted, compare_rate=1.5)
+
+
+def test_the_shift_judges_score_shift_and_disagreement_once_enough_are_compared() -> None:
+    lim = Limits(max_error_rate=0.01, max_p99_ms=50, min_requests=20, max_score_shift=0.05, max_disagreement=0.3, min_compared=5)
+    assert judge(VersionStats(100, 0, 5.0, 4, 0.5, 0.9), lim) is None  # too few compared to judge
+    assert "score shift" in (judge(VersionStats(100, 0, 5.0, 10, 0.06, 0.0), lim) or "")
+    assert "disagreement" in (judge(VersionStats(100, 0, 5.0, 10, 0.01, 0.4), lim) or "")
+    assert judge(VersionStats(100, 0, 5.0, 10, 0.01, 0.2), lim) is None
+    assert judge(VersionStats(100, 0, 5.0, 10, 0.5, 0.9), Limits(0.01, 50, 20)) is None  # not asked for
+    s = summarize([(10.0, "2", True, 5.0), (11.0, "2", True, 6.0)], 10.0, [(10.5, "2", 0.02, 0.1), (11.5, "2", 0.04, 0.3), (1.0, "2", 9.0, 1.0)])
+    assert (s["2"].compared, s["2"].score_shift, s["2"].disagreement) == (2, pytest.approx(0.03), pytest.approx(0.2))
