@@ -1,6 +1,6 @@
 """Distributed checkpoints (torch.distributed.checkpoint) that are visible only once complete.
 
-Every rank writes its shards into `<dir>.partial` (DCP fsyncs each file it writes); rank 0 adds
+Every rank writes its shards into `<dir>.partial` and fsyncs them; rank 0 adds
 `state.json` (step, data position, loss history, RNG seed), fsyncs every file and directory of the tree
 and, after a barrier, renames the directory to `<dir>` and fsyncs the parent: on a crash, at any point,
 the published name holds a complete checkpoint. A crash mid-save leaves only a `.partial` directory, which
@@ -43,6 +43,7 @@ def save_checkpoint(
     """Save model (and optimizer) shards from every rank; publish atomically; keep the newest `keep`."""
     partial, payload = _begin(model, directory, optimizer)
     dcp.save(payload, checkpoint_id=str(partial))
+    _fsync_own(partial)
     if _rank() == 0:
         (partial / STATE_FILE).write_text(json.dumps(state or {}))
     _barrier()
@@ -77,6 +78,7 @@ class AsyncCheckpointer:
     def _write(self, staged: dict[str, Any], partial: Path, directory: Path, state: str, keep: int) -> Path:
         """In the writer thread: every rank's shards, then (rank 0, once all have written) the publishing."""
         dcp.save(staged, checkpoint_id=str(partial), process_group=self.pg, no_dist=self.pg is None)
+        _fsync_own(partial)
         if self.pg is not None:
             dist.barrier(group=self.pg)
         if _rank() == 0:
@@ -130,6 +132,13 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_own(partial: Path) -> None:
+    """This rank's shard files (DCP names them __<rank>_<n>.distcp), before the barrier that lets rank 0
+    publish: on a file system shared between nodes, rank 0's fsync does not cover another node's writes."""
+    for f in partial.glob(f"__{_rank()}_*.distcp"):
+        _fsync(f)
 
 
 def _fsync_tree(root: Path) -> None:
