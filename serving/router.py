@@ -16,7 +16,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import numpy as np
@@ -191,9 +191,7 @@ class Router:
             report(challenger.model_version, float(np.mean(np.abs(challenger_scores - scores))),
                    top_k_disagreement(scores, challenger_scores))
 
-        task = asyncio.ensure_future(run())
-        self._shadow_tasks.add(task)
-        task.add_done_callback(self._shadow_tasks.discard)
+        self._background(run())
 
     def _shadow(self, req: RankRequest, champion_scores: np.ndarray, challenger: RankService) -> None:
         """Score a copy with the challenger, in the background: a sampled share of requests (the shadow
@@ -221,8 +219,13 @@ class Router:
             self.shadow.write({"at": time.time(), "version": challenger.model_version, "champion": self.champion.model_version,
                                "user": user_key(req.user, self.sticky_field or "user_id"), "top": top, "disagreement": d})
 
-        task = asyncio.ensure_future(run())
-        self._shadow_tasks.add(task)  # a reference, or the loop may collect the task mid-flight
+        self._background(run())
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run off the request path; held in _shadow_tasks (which the in-flight bound counts), or the loop
+        may collect the task mid-flight."""
+        task = asyncio.ensure_future(work)
+        self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
 
