@@ -124,7 +124,11 @@ def ray_head(dashboard: bool = False) -> Iterator[RayHead]:
     dashboard_url = None
     if dashboard:
         dash_port = free_port()
-        cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
+        # The node agent's HTTP port (which the Jobs API submits through) on any free port: at Ray's default,
+        # 52365, another Ray instance on this machine (the session cluster) holds it, and the agent then runs
+        # without HTTP, so every submission gets "No available agent".
+        cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
+                "--dashboard-agent-listen-port", "0"]
         dashboard_url = f"http://127.0.0.1:{dash_port}"
     else:
         cmd += ["--include-dashboard", "false"]

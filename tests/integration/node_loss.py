@@ -59,8 +59,10 @@ def main(out: Path, run_root: Path, cache_dir: str) -> None:
         second = cluster.add_node(**node)
         cluster.wait_for_nodes()
         common = [f"cluster.address={cluster.address}", f"run_root={run_root}", "train.progress=false", "train.epochs=2",
-                  "train.max_steps=200", "train.checkpoint_every=40", "train.max_failures=3", "train.keep_checkpoints=0",
-                  "train.failure_drill=true", f"data.cache_dir={cache_dir}"]
+                  "train.max_steps=120", "train.checkpoint_every=30", "train.max_failures=3", "train.keep_checkpoints=0",
+                  "train.failure_drill=true", f"data.cache_dir={cache_dir}",
+                  # A whole CPU per worker: with the default half CPU, Ray may pack both workers on the head.
+                  "parallel.cpu_per_worker=1"]
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         straight = subprocess.run([str(BIN / "adsfm-train"), *common, f"run_dir={run_root / 'straight'}"], env=env,
                                   capture_output=True, text=True, timeout=900)
@@ -71,12 +73,16 @@ def main(out: Path, run_root: Path, cache_dir: str) -> None:
         proc = subprocess.Popen([str(BIN / "adsfm-train"), *common, f"run_dir={run_dir}"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
         deadline = time.time() + 600
-        while not (run_dir / "checkpoints" / "step_40").exists():
+        while not (run_dir / "checkpoints" / "step_30").exists():
             assert proc.poll() is None and time.time() < deadline, (run_root / "killed.log").read_text()[-3000:]
             time.sleep(0.05)
         # The node goes away: its raylet and everything under it (the training worker it hosts) SIGKILLed.
         raylet = raylet_pid(second)
-        for pid in [*descendants(raylet), raylet]:
+        doomed = [*descendants(raylet), raylet]
+        ranks = {r: int((run_dir / "workers" / f"rank{r}.pid").read_text()) for r in (0, 1)}
+        lost = [r for r, pid in ranks.items() if pid in doomed]
+        assert lost, f"no training worker ran on the node to be lost (workers {ranks}, node processes {doomed})"
+        for pid in doomed:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         killed = time.time()
@@ -89,6 +95,7 @@ def main(out: Path, run_root: Path, cache_dir: str) -> None:
             "straight": json.loads((run_root / "straight" / "train_result.json").read_text()),
             "killed": json.loads((run_dir / "train_result.json").read_text()),
             "killed_at_step": killed_at,
+            "lost_ranks": lost,
             "seconds_after_kill": time.time() - killed,
         }
         out.write_text(json.dumps(result))

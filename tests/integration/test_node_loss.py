@@ -24,12 +24,12 @@ def test_training_survives_the_loss_of_a_node(small_cfg: Any, tmp_path: Path) ->
     r = json.loads(out.read_text())
     straight, killed = r["straight"], r["killed"]
     diff = float(np.abs(np.array(killed["losses"]) - np.array(straight["losses"])).max())
-    print(f"node lost after checkpoint step_{r['killed_at_step']}: resumed from {killed['resumed_from']}, done "
+    print(f"node lost (ranks {r['lost_ranks']} on it) after checkpoint step_{r['killed_at_step']}: resumed from {killed['resumed_from']}, done "
           f"{r['seconds_after_kill']:.0f} s after the kill; max |loss diff| vs uninterrupted {diff:.2e}; "
           f"AUC {killed['holdout']['auc']:.6f} vs {straight['holdout']['auc']:.6f}")
-    assert killed["resumed_from"] is not None and killed["steps"] == straight["steps"] == 200
-    assert int(Path(killed["resumed_from"]).name[5:]) < 200, "it resumed after the end, not mid-run"
-    assert r["killed_at_step"] < 200, "the node was lost after the job had finished"
+    assert killed["resumed_from"] is not None and killed["steps"] == straight["steps"] == 120
+    assert int(Path(killed["resumed_from"]).name[5:]) < 120, "it resumed after the end, not mid-run"
+    assert r["killed_at_step"] < 120, "the node was lost after the job had finished"
     np.testing.assert_allclose(killed["losses"], straight["losses"], atol=1e-5)  # the SIGKILL-worker test's tolerance
     for k in ("auc", "logloss", "ne"):
         assert abs(killed["holdout"][k] - straight["holdout"][k]) <= 1e-5, k
