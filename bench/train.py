@@ -177,10 +177,10 @@ def adsfm(a: argparse.Namespace, world: int, batches: list[Any]) -> float:
     from adsfm.contract.config import ParallelConfig
     from adsfm.parallel.shard import OptimConfig, parallelize_model
     from adsfm.training.loop import LossMeter, train_step
-    from adsfm.training.models.dlrm import DLRM
+    from adsfm.training.models.pooled import PooledRanker
 
     torch.manual_seed(0)
-    model = DLRM(_spec(a), _model_cfg(a), device="meta")
+    model = PooledRanker(_spec(a), _model_cfg(a), device="meta")
     layout = ParallelConfig(name=f"tw{world}", num_workers=world, sharding_types=["table_wise"])
     dmp, opt, _ = parallelize_model(model, layout, OptimConfig("rowwise_adagrad", 0.05, "adam", 1e-3), torch.device("cpu"))
 

@@ -50,9 +50,12 @@ class DataSource(StrEnum):
 
 
 class Arch(StrEnum):
-    """Model architecture (`model.arch`, the manifest's `arch`)."""
+    """Model architecture (`model.arch`, the manifest's `arch`). dlrm, dcnv2 and logreg score pooled
+    embeddings with one dense graph; hstu is a sequence model with split graphs."""
 
     dlrm = "dlrm"
+    dcnv2 = "dcnv2"
+    logreg = "logreg"
     hstu = "hstu"
 
 
@@ -167,6 +170,9 @@ class DenseFeature:
     """Apply log1p before standardising (counts, prices); negative values count as 0."""
     missing_indicator: bool = False
     """Also feed the model a 0/1 input `<name>_missing` that says the value was missing."""
+    buckets: int = 0
+    """Also look the value up in a table of this many quantile buckets (edges from the training rows): a
+    sparse feature `<name>_bucket` of the same side, pooled embeddings and DLRM/DCN models only."""
 
 
 @dataclass
@@ -302,16 +308,25 @@ class SequenceModelConfig:
 
 @dataclass
 class ModelConfig:
-    """DLRM (arch=dlrm): embeddings + bottom MLP → pairwise dot interaction → top MLP; HSTU (arch=hstu): a
-    sequential transducer over the user's history, each candidate attending to it (see `sequence`)."""
+    """DLRM (arch=dlrm): embeddings + bottom MLP → pairwise dot interaction → top MLP; DCN-v2 (arch=dcnv2):
+    low-rank cross layers over [bottom MLP output, embeddings] → top MLP; logistic regression (arch=logreg):
+    one weight per id and per dense value; HSTU (arch=hstu): a sequential transducer over the user's history,
+    each candidate attending to it (see `sequence`)."""
 
     arch: Arch = Arch.dlrm
     embedding_dim: int = 16
-    """Dimension of every table (the dot interaction needs one dimension)."""
+    """Dimension of every table (the interactions need one dimension); logreg: ignored (a weight per id)."""
     dense_arch: list[int] = field(default_factory=lambda: [64, 16])
     """Bottom MLP sizes; the last must equal embedding_dim."""
     over_arch: list[int] = field(default_factory=lambda: [128, 64, 1])
     """Top MLP sizes; the last must be 1 (one logit). HSTU: the head over each candidate's output."""
+    wide: bool = False
+    """dlrm and dcnv2: add a wide (linear) part, one weight per id and per dense value, to the deep logit. The
+    weight is one more column of each table, so the bundle and serving are unchanged."""
+    cross_layers: int = 3
+    """dcnv2: number of cross layers."""
+    cross_rank: int = 16
+    """dcnv2: rank of each cross layer's weight (W = U V with U, V of (F+1)·embedding_dim × cross_rank)."""
     sequence: SequenceModelConfig = field(default_factory=SequenceModelConfig)
 
 
@@ -391,12 +406,24 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Also checkpoint every N steps (0: only at the end). A restarted job resumes from the newest one."""
     async_checkpoint: bool = False
-    """Write periodic checkpoints in the background (staged to CPU memory first); each is published once
-    complete, by the next checkpoint or the end of training."""
+    """Write periodic checkpoints in the background (staged to CPU memory first); each is published as soon
+    as every rank's write completes."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept in the run directory (0: all)."""
     max_failures: int = 1
     """Times Ray Train restarts a failed worker group; each restart resumes from the newest checkpoint."""
+    early_stopping: bool = False
+    """Hold out `validation_fraction` of the training rows (never the holdout) and judge every epoch by its
+    logloss on them: training stops after `patience` epochs without improvement, and the run's checkpoint
+    (the one export takes) and reported holdout metrics are the best epoch's. In-memory sources only."""
+    validation_fraction: float = 0.1
+    """The validation slice: the latest share of each user's training rows where the data has users and
+    times, else a random share (seed data.seed)."""
+    patience: int = 1
+    """Epochs without a better validation logloss before early stopping ends training."""
+    baseline: bool = False
+    """Also train logistic regression (model=logreg) on the same features, split and epochs, and log
+    `holdout_auc_vs_baseline` and `holdout_logloss_vs_baseline` (this model minus the baseline) to MLflow."""
     failure_drill: bool = False
     """Tests only: each worker writes its pid to <run_dir>/workers/rank<N>.pid so a test can kill it."""
 

@@ -20,6 +20,10 @@ The rules (the README's data section states them too):
 - Dense features: a number, a numeric string or a boolean; missing is the training mean (0 after
   standardisation), optionally with a 0/1 `<name>_missing` input; log1p counts negative values as 0; a
   value that is not a finite number is an error naming the feature.
+- Bucketized dense features (`buckets: N`): the same value also takes a row of a table of quantile
+  buckets, whose edges come from the training rows: row first + (how many edges are <= the value); a
+  missing value takes the missing row (or row 0). The sparse feature `<name>_bucket` reads the dense
+  feature's field: a request sends the value once.
 - Labels: 0/1 (or values in [0, 1]), `>= threshold` when one is set, `== positive` for classes; a missing
   or malformed label is an error naming the column and the count. Times: seconds, or dates pandas parses;
   missing or malformed ones are errors too.
@@ -187,10 +191,17 @@ class SparseFeatureSpec(BaseModel):
     side: Literal["user", "item"] = "user"
     raw: bool = False
     """Integer values used as they are (timestamps), not looked up."""
+    bucketizes: str | None = None
+    """Set for a bucketized dense feature's lookup: the dense feature whose value it reads."""
 
     @property
     def source(self) -> str:
         return self.column or self.name
+
+    @property
+    def field(self) -> str:
+        """The request field (the feature name) whose value it reads."""
+        return self.bucketizes or self.name
 
     @property
     def table_name(self) -> str:
@@ -224,6 +235,8 @@ class TableSpec(BaseModel):
     vocab: list[str] = Field(default_factory=list)
     missing: bool = False
     """Row 1 is the missing-value row (training saw missing values); else a missing value takes row 0."""
+    edges: list[float] = Field(default_factory=list)
+    """A bucketized dense feature's quantile edges: a value x takes row first + #(edges <= x)."""
 
     @property
     def missing_row(self) -> int:
@@ -270,7 +283,7 @@ class FeatureSpec(BaseModel):
 
     def feature_names(self, side: str | None = None) -> list[str]:
         """Sparse then dense feature names, of one side ('user' / 'item') or all."""
-        sparse = [f.name for f in self.sparse if side is None or f.side == side]
+        sparse = [f.name for f in self.sparse if (side is None or f.side == side) and not f.bucketizes]
         return sparse + [d.name for d in self.dense if side is None or d.side == side]
 
     def request_fields(self, side: str | None = None) -> set[str]:
@@ -290,6 +303,16 @@ def vocabulary_table(counts: dict[str, int], min_count: int, pooling: str, missi
 
 def hashed_table(buckets: int, pooling: str, missing: bool) -> TableSpec:
     return TableSpec(rows=1 + missing + buckets, pooling=pooling, hash_buckets=buckets, missing=missing)  # type: ignore[arg-type]
+
+
+def bucket_table(x: np.ndarray, buckets: int) -> TableSpec:
+    """A bucketized dense feature's table from its training values `x` (float64, NaN where missing): the
+    edges at the 1/buckets .. (buckets-1)/buckets quantiles of the present values, repeated ones merged."""
+    present = x[np.isfinite(x)]
+    qs = np.linspace(0.0, 1.0, buckets + 1)[1:-1]
+    edges = np.unique(np.quantile(present, qs)).tolist() if len(present) else []
+    missing = bool(np.isnan(x).any())
+    return TableSpec(rows=1 + missing + len(edges) + 1, edges=edges, missing=missing)
 
 
 def dense_stats(name: str, column: str | None, side: str, log1p: bool, x: np.ndarray,
@@ -314,7 +337,8 @@ class Featurizer:
         self.spec = spec
         self.na = frozenset(spec.na_values)
         self._index = {name: {tok: t.first + i for i, tok in enumerate(t.vocab)}
-                       for name, t in spec.tables.items() if not t.hash_buckets}
+                       for name, t in spec.tables.items() if not t.hash_buckets and not t.edges}
+        self._edges = {name: np.array(t.edges, np.float64) for name, t in spec.tables.items() if t.edges}
         self._by_name = {f.name: f for f in spec.sparse}
         self._dense_by_name = {d.name: d for d in spec.dense}
 
@@ -332,6 +356,8 @@ class Featurizer:
     def rows(self, f: SparseFeatureSpec, raw: Any, where: str) -> np.ndarray:
         """Table rows (int64) of one raw value; for a raw feature, its integers. A missing single-valued
         value is the missing row; a missing multi-valued one, no rows."""
+        if f.bucketizes:
+            return self._bucket_rows(f, self.numbers([raw], where))
         keys = self.keys(f, raw, where)
         if keys is None:
             if f.raw or f.multi:
@@ -350,6 +376,8 @@ class Featurizer:
         Single-valued columns look each distinct value up once."""
         where = where or f.name
         series = values if isinstance(values, pd.Series) else pd.Series(list(values), dtype=object)
+        if f.bucketizes:
+            return self._bucket_rows(f, self.numbers(series, where)), np.ones(len(series), np.int32)
         if not f.multi and not f.raw and _factorizable(series):
             missing = self.spec.tables[f.table_name].missing_row
             codes, uniques = pd.factorize(series, use_na_sentinel=True)
@@ -358,6 +386,13 @@ class Featurizer:
             rows = np.where(codes < 0, missing, table[np.maximum(codes, 0)] if len(table) else missing)
             return rows.astype(np.int64), np.ones(len(series), np.int32)
         return self._flat_column(f, series.tolist(), where)
+
+    def _bucket_rows(self, f: SparseFeatureSpec, x: np.ndarray) -> np.ndarray:
+        """Rows of a bucketized dense feature's raw values (float64, NaN where missing)."""
+        t = self.spec.tables[f.table_name]
+        edges = self._edges.get(f.table_name, np.zeros(0))
+        rows = t.first + np.searchsorted(edges, np.nan_to_num(x), side="right")
+        return np.where(np.isnan(x), t.missing_row, rows).astype(np.int64)
 
     def _flat_column(self, f: SparseFeatureSpec, cells: list[Any], where: str) -> tuple[np.ndarray, np.ndarray]:
         """`sparse_column` for lists, joined strings and raw integers: every cell's elements in one flat

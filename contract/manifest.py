@@ -105,7 +105,7 @@ class ParitySpec(BaseModel):
 
 class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
-    arch: Literal["dlrm", "hstu"] = "dlrm"
+    arch: Literal["dlrm", "dcnv2", "logreg", "hstu"] = "dlrm"
     embedding_dim: int
     features: FeatureSpec
     """The feature spec training used: features, tables' vocabularies or hashing, dense normalisation."""

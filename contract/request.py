@@ -154,7 +154,8 @@ def request_model(spec: FeatureSpec, max_candidates: int, max_values: int, name:
     """The request model of one bundle (see the module docstring); its JSON schema is what /openapi.json serves."""
     sides: dict[str, dict[str, Any]] = {"user": {}, "item": {}}
     for f in spec.sparse:
-        sides[f.side][f.name] = _described(_sparse_type(f, max_values), _sparse_doc(f, max_values))
+        if not f.bucketizes:  # it reads its dense feature's field
+            sides[f.side][f.name] = _described(_sparse_type(f, max_values), _sparse_doc(f, max_values))
     for d in spec.dense:
         sides[d.side][d.name] = _described(Dense | None, _dense_doc(d))
     if spec.item_column:
@@ -202,7 +203,7 @@ def pyfunc_columns(spec: FeatureSpec) -> list[PyfuncColumn]:
         if side == "item" and spec.item_column:
             cols.append(PyfuncColumn(spec.item_column, "scalar", True))
         for f in spec.sparse:
-            if f.side == side and f.name != spec.item_column:
+            if f.side == side and f.name != spec.item_column and not f.bucketizes:
                 kind = ("list_long" if f.multi else "long") if f.raw else ("list_string" if f.multi else "scalar")
                 cols.append(PyfuncColumn(f.name, kind, False))
         cols += [PyfuncColumn(d.name, "scalar", False) for d in spec.dense if d.side == side]

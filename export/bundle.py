@@ -34,7 +34,7 @@ from adsfm.serving.engine import DenseGraphEngine
 from adsfm.training.checkpoint import load_into_unsharded
 from adsfm.training.data import FeatureSet, load_features, load_frame
 from adsfm.training.models import build_model
-from adsfm.training.models.dlrm import DLRMDense, table_configs
+from adsfm.training.models.pooled import dense_module, table_configs, table_dim
 
 
 def load_trained_model(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> nn.Module:
@@ -44,9 +44,9 @@ def load_trained_model(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> nn
     return model.eval()
 
 
-def load_dense(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> DLRMDense:
-    """Only the dense arch from the checkpoint (no tables)."""
-    dense = DLRMDense(len(fs.spec.dense_inputs()), len(fs.spec.sparse), cfg.model)
+def load_dense(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> nn.Module:
+    """Only the dense module from the checkpoint (no tables)."""
+    dense = dense_module(len(fs.spec.dense_inputs()), len(fs.spec.sparse), cfg.model)
     state = {"model": {f"dense.{k}": v for k, v in dense.state_dict().items()}}
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     dense.load_state_dict({k.removeprefix("dense."): v for k, v in state["model"].items()})
@@ -54,13 +54,13 @@ def load_dense(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> DLRMDense:
 
 
 @torch.no_grad()
-def streamed_eager_probs(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet, dense: DLRMDense, idx: np.ndarray) -> np.ndarray:
+def streamed_eager_probs(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet, dense: nn.Module, idx: np.ndarray) -> np.ndarray:
     """The eager model's probabilities for rows `idx`, one table in memory at a time: each table is loaded,
     its features pooled for those rows with torch's embedding_bag, and dropped."""
     batch = fs.take(idx)
     jts = batch.sparse_features.to_dict()
     pooled: dict[str, torch.Tensor] = {}
-    for c in table_configs(fs.spec, cfg.model.embedding_dim):
+    for c in table_configs(fs.spec, table_dim(cfg.model)):
         w = load_table(checkpoint, f"sparse.embedding_bags.{c.name}.weight", (c.num_embeddings, c.embedding_dim))
         mode = fs.spec.tables[c.name].pooling
         for f in c.feature_names:
@@ -105,12 +105,13 @@ def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: s
     if cfg.model.arch == Arch.hstu:
         return _export_sequence(cfg, checkpoint, out, train_run_id)
     fs = load_features(cfg.data)
-    configs = table_configs(fs.spec, cfg.model.embedding_dim)
+    configs = table_configs(fs.spec, table_dim(cfg.model))
     streamed = ((c.name, load_table(checkpoint, f"sparse.embedding_bags.{c.name}.weight", (c.num_embeddings, c.embedding_dim)))
                 for c in configs)
     dense = load_dense(cfg, checkpoint, fs)
     manifest = write_dense_bundle(fs, out, streamed, dense, table_precisions(cfg, [c.name for c in configs]),
-                                  cfg.model.embedding_dim, cfg.export.opset, provenance(cfg, checkpoint, fs, train_run_id))
+                                  table_dim(cfg.model), cfg.export.opset, provenance(cfg, checkpoint, fs, train_run_id),
+                                  arch=str(cfg.model.arch))
     rows = parity_rows(fs, cfg.export.parity_rows)
     eager = streamed_eager_probs(cfg, checkpoint, fs, dense, rows)
     manifest.parity, probs = check_parity(
@@ -125,8 +126,9 @@ def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: s
     return manifest
 
 
-def write_dense_bundle(fs: FeatureSet, out: Path, tables: Iterable[tuple[str, torch.Tensor]], dense: DLRMDense,
-                       precision: dict[str, Precision], dim: int, opset: int, lineage: dict[str, Any]) -> Manifest:
+def write_dense_bundle(fs: FeatureSet, out: Path, tables: Iterable[tuple[str, torch.Tensor]], dense: nn.Module,
+                       precision: dict[str, Precision], dim: int, opset: int, lineage: dict[str, Any],
+                       arch: str = "dlrm") -> Manifest:
     """The files of a dense-graph bundle: each table as `tables` yields it (written, then dropped), dense.onnx,
     the item store and the manifest (parity not yet judged)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +140,7 @@ def write_dense_bundle(fs: FeatureSet, out: Path, tables: Iterable[tuple[str, to
         del weight
     export_dense(dense, len(fs.spec.dense_inputs()), len(fs.spec.sparse), dim, out / "dense.onnx", opset)
     (out / "item_store.json").write_text(json.dumps(fs.item_store))
-    manifest = Manifest(arch="dlrm", embedding_dim=dim, features=fs.spec, tables=files, **lineage)
+    manifest = Manifest(arch=arch, embedding_dim=dim, features=fs.spec, tables=files, **lineage)  # type: ignore[arg-type]
     manifest.write(out)
     return manifest
 

@@ -73,7 +73,7 @@ def holdout_columns(manifest: Manifest, idx: np.ndarray | None = None) -> tuple[
     df, _ = load_frame(cfg)
     idx = fs.holdout_idx if idx is None else idx
     rows = df.iloc[idx]
-    features: list[SparseFeatureSpec | DenseFeatureSpec] = [*fs.spec.sparse, *fs.spec.dense]
+    features: list[SparseFeatureSpec | DenseFeatureSpec] = [*(f for f in fs.spec.sparse if not f.bucketizes), *fs.spec.dense]
     cols: dict[str, list[Any]] = {f.name: rows[f.source].tolist() for f in features}
     if manifest.item_column:
         cols[manifest.item_column] = rows[manifest.item_column].tolist()

@@ -77,7 +77,7 @@ def featurization_parity(store: TableStore, fs: FeatureSet, df: pd.DataFrame, id
     identical, else the first difference."""
     idx = idx[:sample]
     raw = df.iloc[idx]
-    features: list[SparseFeatureSpec | DenseFeatureSpec] = [*fs.spec.sparse, *fs.spec.dense]
+    features: list[SparseFeatureSpec | DenseFeatureSpec] = [*(f for f in fs.spec.sparse if not f.bucketizes), *fs.spec.dense]
     columns = {f.name: raw[f.source].tolist() for f in features}
     if fs.spec.item_column:
         columns[fs.spec.item_column] = raw[fs.spec.item_column].tolist()

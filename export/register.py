@@ -36,7 +36,7 @@ def example_body(bundle: Path, n: int = 2) -> dict[str, Any]:
     m = Manifest.read(bundle)
     user: dict[str, Any] = {}
     for f in m.sparse:
-        if f.side == "user":
+        if f.side == "user" and not f.bucketizes:
             vocab = m.features.tables[f.table].vocab if f.table else []
             user[f.name] = [] if f.multi else (1_600_000_000 if f.raw else (vocab[0] if vocab else "0"))
     user.update({d.name: d.mean for d in m.dense if d.side == "user"})

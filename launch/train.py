@@ -29,6 +29,13 @@ def _main(cfg: DictConfig) -> None:
     result = run_training(config)
     h = result.holdout
     print(f"[adsfm] holdout auc={h['auc']:.4f} logloss={h['logloss']:.4f} ne={h['ne']:.4f}")
+    if "baseline" in result.raw:  # train.baseline=true
+        b = result.raw["baseline"]
+        print(f"[adsfm] vs logistic regression: auc {b['holdout_auc_vs_baseline']:+.4f}, "
+              f"logloss {b['holdout_logloss_vs_baseline']:+.4f}")
+    if "early_stopping" in result.raw:
+        e = result.raw["early_stopping"]
+        print(f"[adsfm] early stopping: best epoch {e['best_epoch']} of {e['epochs_run']} (valid logloss {e['valid_logloss']:.4f})")
     print(f"[adsfm] checkpoint {result.checkpoint}")
     print(f"[adsfm] mlflow run {result.run_id} ({result.tracking_uri})")
 

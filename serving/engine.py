@@ -190,7 +190,7 @@ class TableStore:
             for name in m.feature_names("item"):
                 if name not in columns:
                     columns[name] = [s.get(name) for s in stored]
-        bags = {f.name: Bag(*self.featurizer.sparse_column(f, columns.get(f.name, [None] * n))) for f in m.sparse}
+        bags = {f.name: Bag(*self.featurizer.sparse_column(f, columns.get(f.field, [None] * n))) for f in m.sparse}
         return self.featurizer.dense_matrix(columns, n), bags
 
     def score(self, user: dict[str, Any], items: list[dict[str, Any]]) -> np.ndarray:
@@ -308,7 +308,7 @@ class DenseGraphEngine(TableStore):
         emb = np.zeros((len(self._user_j), m.embedding_dim), dtype=np.float32)
         for col, j in enumerate(self._user_j):
             f = m.sparse[j]
-            rows = self.rows_of(f, user.get(f.name), f"user.{f.name}")
+            rows = self.rows_of(f, user.get(f.field), f"user.{f.field}")
             emb[col] = self.pool(f.table_name, Bag(rows, np.array([len(rows)])))[0]
         return emb, self.featurizer.dense_row(user, "user", "user.")
 
@@ -319,7 +319,7 @@ class DenseGraphEngine(TableStore):
         emb = np.zeros((len(items), len(self._item_j), m.embedding_dim), dtype=np.float32)
         for col, j in enumerate(self._item_j):
             f = m.sparse[j]
-            per = [self.rows_of(f, it.get(f.name), f"candidates[{w}].{f.name}") for w, it in zip(where, items, strict=True)]
+            per = [self.rows_of(f, it.get(f.field), f"candidates[{w}].{f.field}") for w, it in zip(where, items, strict=True)]
             bag = Bag(np.concatenate(per) if per else np.zeros(0, np.int64), np.array([len(p) for p in per]))
             emb[:, col] = self.pool(f.table_name, bag)
         dense = np.zeros((len(items), len(self._item_k)), dtype=np.float32)

@@ -20,8 +20,8 @@ DATA = {
     "holdout_fraction": 0.25,
     "history": {"length": 5, "name": "recent_ads"},
     "dense": [
-        {"name": "bid", "side": "item", "log1p": True, "missing_indicator": True},
-        {"name": "age", "side": "user"},
+        {"name": "bid", "side": "item", "log1p": True, "missing_indicator": True, "buckets": 4},
+        {"name": "age", "side": "user", "buckets": 5},
     ],
     "sparse": [
         {"name": "user", "hash_buckets": 1000, "side": "user"},

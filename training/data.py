@@ -36,6 +36,7 @@ from adsfm.contract.features import (
     HistorySpec,
     SparseFeatureSpec,
     TableSpec,
+    bucket_table,
     count_keys,
     dense_stats,
     hashed_table,
@@ -318,15 +319,35 @@ def split_by_user_time(df: pd.DataFrame, cfg: DataConfig) -> tuple[np.ndarray, n
         perm = rng.permutation(len(df))
         k = int(round(len(df) * (1 - cfg.holdout_fraction)))
         return np.sort(perm[:k]), np.sort(perm[k:])
-    is_hold = np.zeros(len(df), dtype=bool)
-    times_all = _times(df, cfg)
-    for rows in pd.Series(np.arange(len(df))).groupby(user_keys(df, cfg), sort=False).indices.values():
-        t = np.sort(times_all[rows])
-        n_train = len(t) - int(np.ceil(cfg.holdout_fraction * len(t)))
-        if n_train <= 0:
-            continue
-        is_hold[rows] = times_all[rows] > t[n_train - 1]
+    is_hold = latest_share(user_keys(df, cfg), _times(df, cfg), cfg.holdout_fraction)
     return np.flatnonzero(~is_hold), np.flatnonzero(is_hold)
+
+
+def latest_share(users: np.ndarray, times: np.ndarray, fraction: float) -> np.ndarray:
+    """A mask of each user's latest `fraction` of rows by time; ties at the boundary stay out of it."""
+    latest = np.zeros(len(users), dtype=bool)
+    for rows in pd.Series(np.arange(len(users))).groupby(users, sort=False).indices.values():
+        t = np.sort(times[rows])
+        n_before = len(t) - int(np.ceil(fraction * len(t)))
+        if n_before <= 0:
+            continue
+        latest[rows] = times[rows] > t[n_before - 1]
+    return latest
+
+
+def validation_split(fs: FeatureSet, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training rows split into (fit, validation), never touching the holdout: per user and by time
+    where the data has them (as the holdout is carved), else a random share."""
+    train = fs.train_idx
+    if fs.users is not None and fs.times is not None:
+        valid = latest_share(fs.users[train], fs.times[train], fraction)
+    else:
+        valid = np.zeros(len(train), dtype=bool)
+        valid[np.random.default_rng(seed).permutation(len(train))[: int(round(len(train) * fraction))]] = True
+    if not valid.any() or valid.all():
+        raise ValueError(f"train.validation_fraction={fraction} leaves {int(valid.sum())} of {len(train)} training "
+                         "rows for validation: early stopping needs some rows on each side")
+    return train[~valid], train[valid]
 
 
 def learn_spec(df: pd.DataFrame, cfg: DataConfig, train_idx: np.ndarray) -> FeatureSpec:
@@ -358,23 +379,37 @@ def learn_spec(df: pd.DataFrame, cfg: DataConfig, train_idx: np.ndarray) -> Feat
         else:
             tables[table] = vocabulary_table(counts, first.min_count, first.pooling, missing > 0)
     numbers = Featurizer(FeatureSpec(sparse=[], na_values=list(cfg.na_values))).numbers
-    dense = []
+    dense, buckets = [], []
     for d in cfg.dense:
         try:
             x = numbers(train[_column(d)], f"data.dense[{d.name}] (column {_column(d)!r})")
         except FeatureError as e:
             raise ValueError(f"{e}; declare it under data.sparse if it is categorical") from None
         dense.append(dense_stats(d.name, d.column, d.side, d.log1p, x, d.missing_indicator))
+        if d.buckets:
+            buckets.append(bucketized(d, x, tables))
     h = cfg.history
     return FeatureSpec(
-        sparse=[SparseFeatureSpec(name=f.name, column=f.column, table=None if f.raw else f.table or f.name, multi=f.multi,
-                                  sep=f.sep, side=f.side, raw=f.raw)  # type: ignore[arg-type]
-                for f in cfg.sparse],
+        sparse=[*(SparseFeatureSpec(name=f.name, column=f.column, table=None if f.raw else f.table or f.name, multi=f.multi,
+                                    sep=f.sep, side=f.side, raw=f.raw)  # type: ignore[arg-type]
+                  for f in cfg.sparse), *buckets],
         dense=dense, tables=tables, item_column=cfg.item_column, user_column=cfg.user_column,
         history=HistorySpec(name=h.name, positive_name=h.positive_name, length=h.length, actions_name=h.actions_name,
                             times_name=h.times_name, chronological=h.chronological),
         na_values=list(cfg.na_values),
     )
+
+
+def bucketized(d: DenseFeature, x: np.ndarray, tables: dict[str, TableSpec]) -> SparseFeatureSpec:
+    """The lookup of a dense feature with `buckets`: its table of quantile buckets (edges from the training
+    values `x`) added to `tables`, and the sparse feature `<name>_bucket` that reads the dense field."""
+    name = f"{d.name}_bucket"
+    if d.buckets < 2:
+        raise ValueError(f"data.dense[{d.name}].buckets={d.buckets}: use at least 2 buckets (0: none)")
+    if name in tables:
+        raise ValueError(f"data.dense[{d.name}].buckets: the table {name!r} it needs is already declared under data.sparse")
+    tables[name] = bucket_table(x, d.buckets)
+    return SparseFeatureSpec(name=name, column=d.column or d.name, table=name, side=d.side, bucketizes=d.name)  # type: ignore[arg-type]
 
 
 def featurize_frame(df: pd.DataFrame, spec: FeatureSpec) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:

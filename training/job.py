@@ -11,7 +11,7 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from adsfm.contract.cluster import init_ray_for
-from adsfm.contract.config import AdsfmConfig, DataSource, as_config, to_plain
+from adsfm.contract.config import AdsfmConfig, Arch, DataSource, as_config, to_plain
 from adsfm.contract.features import FeatureSpec
 from adsfm.contract.tracking import ensure_experiment, tracking_uri
 from adsfm.parallel.config import dense_degrees, validate_parallel
@@ -19,6 +19,7 @@ from adsfm.parallel.dense_plan import SparseDenseModel
 from adsfm.parallel.plan import table_names
 from adsfm.training.data import data_fingerprint, load_features
 from adsfm.training.models import build_model
+from adsfm.training.models.pooled import table_dim
 from adsfm.training.sweep import PARENT_ENV
 
 
@@ -41,9 +42,22 @@ def validate(cfg: AdsfmConfig) -> FeatureSpec:
         raise ValueError(f"train.batch_size({t.batch_size}) % {what}({dp}) = {t.batch_size % dp} != 0: use a multiple of {dp}")
     if t.eval_batch_size <= 0 or t.epochs <= 0:
         raise ValueError(f"train.epochs({t.epochs}) and train.eval_batch_size({t.eval_batch_size}) must be > 0")
+    if t.early_stopping:
+        if cfg.data.source == DataSource.criteo:
+            raise ValueError("train.early_stopping=true carves its validation rows from rows in memory; "
+                             "data.source=criteo streams files: turn it off or use an in-memory source")
+        if not 0 < t.validation_fraction < 1 or t.patience < 1:
+            raise ValueError(f"train.validation_fraction({t.validation_fraction}) must be in (0, 1) and "
+                             f"train.patience({t.patience}) >= 1")
+    if cfg.model.arch == Arch.hstu and any(d.buckets for d in cfg.data.dense):
+        raise ValueError("data.dense[*].buckets: bucketized dense features are for pooled models (dlrm, dcnv2, logreg), "
+                         "not model=hstu")
+    if t.baseline and cfg.model.arch == Arch.hstu:
+        raise ValueError("train.baseline=true trains logistic regression on the model's own features; model=hstu's "
+                         "history features have no pooled form: compare with bench/models.py instead")
     fs = load_features(cfg.data)
     model = build_model(fs.spec, cfg.model, device="meta")  # raises on inconsistent sizes and features
-    validate_parallel(p, table_names(model), cfg.model.embedding_dim, t.sparse_optimizer)
+    validate_parallel(p, table_names(model), table_dim(cfg.model), t.sparse_optimizer)
     cast(SparseDenseModel, model).parallel_plan(dense_degrees(p, p.num_workers)[1])  # raises when it cannot split over tp
     check_plan(model, p)
     if cfg.data.source != DataSource.criteo and len(fs.train_idx) < t.batch_size:
@@ -139,8 +153,45 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     for name in ("loss_curve.png", "sharding_plan.json", "sharding_plan.txt", "train_result.json"):
         client.log_artifact(run_id, str(run_dir / name))
     client.log_metric(run_id, "samples_per_second", raw["samples_per_second"])
+    if cfg.train.baseline and cfg.model.arch != Arch.logreg:
+        raw["baseline"] = train_baseline(cfg, run_dir, raw["holdout"])
+        for k in ("holdout_auc_vs_baseline", "holdout_logloss_vs_baseline", "baseline_holdout_auc", "baseline_holdout_logloss"):
+            client.log_metric(run_id, k, raw["baseline"][k])
+        (run_dir / "train_result.json").write_text(json.dumps(raw, default=str))
     client.set_terminated(run_id)
     return TrainResult(run_id, run_dir, Path(raw["checkpoint"]), raw["holdout"], uri, raw)
+
+
+def baseline_config(cfg: AdsfmConfig, run_dir: Path) -> AdsfmConfig:
+    """The same job as logistic regression: features, split, epochs and early stopping unchanged; one
+    layout that any model allows (data parallel has nothing to split in a linear model's dense side)."""
+    from adsfm.contract.config import ModelConfig, ParallelConfig, typed
+
+    base = as_config(to_plain(cfg))
+    base.model = typed(ModelConfig, {"arch": "logreg"})
+    if cfg.parallel.tp > 1 or cfg.parallel.sparse_group:
+        base.parallel = typed(ParallelConfig, {"name": "single", "num_workers": 1})
+    base.train.baseline = False
+    base.run_dir = str(run_dir / "baseline")
+    base.experiment_name = f"{cfg.experiment_name}-baseline"
+    return base
+
+
+def train_baseline(cfg: AdsfmConfig, run_dir: Path, holdout: dict[str, float]) -> dict[str, Any]:
+    """Train the logistic-regression baseline beside this run; its holdout metrics and this model's margin."""
+    print("[adsfm] train.baseline: logistic regression on the same features and split", flush=True)
+    base = run_training(baseline_config(cfg, run_dir))
+    out: dict[str, Any] = {
+        "baseline_holdout_auc": base.holdout["auc"],
+        "baseline_holdout_logloss": base.holdout["logloss"],
+        "holdout_auc_vs_baseline": holdout["auc"] - base.holdout["auc"],
+        "holdout_logloss_vs_baseline": holdout["logloss"] - base.holdout["logloss"],
+        "baseline_run_id": base.run_id,
+    }
+    verdict = "earns its place" if out["holdout_auc_vs_baseline"] > 0 else "does NOT beat the linear baseline"
+    print(f"[adsfm] {cfg.model.arch} holdout AUC {holdout['auc']:.4f} vs logistic regression {base.holdout['auc']:.4f} "
+          f"({out['holdout_auc_vs_baseline']:+.4f}): the model {verdict}", flush=True)
+    return out
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

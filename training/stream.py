@@ -342,15 +342,24 @@ def train_source(cfg: DataConfig, fs: FeatureSet, batch_size: int, seed: int) ->
 
 
 def write_synthetic_criteo(path: Path, rows: int, seed: int = 0, s: StreamConfig | None = None,
-                           values_per_column: int = 1000) -> Path:
+                           values_per_column: int = 1000, crosses: float = 0.0) -> Path:
     """A Criteo-format file (TSV, .gz or parquet by suffix) with Zipf-distributed hex ids, ~5% empty
-    categoricals and ~10% empty integers, and labels that depend on both, for tests and benchmarks."""
+    categoricals and ~10% empty integers, and labels that depend on both, for tests and benchmarks.
+
+    Without `crosses` the label's logit is a sum of one effect per id (logistic regression is the true
+    model); with it, pairs of columns (0-1, 2-3, 4-5) add an effect per pair of ids times `crosses`, the
+    feature crosses that make deep models beat linear ones on the real logs."""
     s = s or StreamConfig()
     rng = np.random.default_rng(seed)
-    effect = np.random.default_rng(12345).normal(size=(s.num_sparse, values_per_column))  # same across files
+    effects = np.random.default_rng(12345)  # the same effects in every file
+    effect = effects.normal(size=(s.num_sparse, values_per_column))
     ids = (rng.zipf(1.2, size=(rows, s.num_sparse)) - 1) % values_per_column
     ints = rng.poisson(3, size=(rows, s.num_dense)).astype(np.int64)
     logit = effect[np.arange(s.num_sparse), ids].sum(axis=1) / 3 + (0.3 * (ints[:, 0] - 3) if s.num_dense else 0)
+    if crosses:
+        for a in range(0, min(6, s.num_sparse - 1), 2):
+            pair = effects.normal(size=values_per_column * values_per_column)
+            logit = logit + crosses * pair[ids[:, a] * values_per_column + ids[:, a + 1]]
     label = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int64)
     hexes = np.char.mod("%08x", (ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(1 << 32))
     cats = np.where(rng.random(ids.shape) < 0.05, "", hexes)

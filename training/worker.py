@@ -3,14 +3,16 @@
     trainer = Trainer(cfg, run_dir, tracking_uri, run_id)   # setup: data, model on meta, parallelize, plan
     trainer.resume()                                       # newest complete checkpoint, if any
     while trainer.train_epoch():                           # one epoch (or up to max_steps), then evaluate
-        pass
+        pass                                               # (and, with early stopping, judge it)
     trainer.finish()                                       # last checkpoint, train_result.json, report
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from adsfm.parallel.mesh import data_coords
 from adsfm.parallel.plan import format_plan
 from adsfm.parallel.shard import OptimConfig, parallelize_model
 from adsfm.training.checkpoint import AsyncCheckpointer, latest_checkpoint, load_checkpoint, save_checkpoint
-from adsfm.training.data import load_features
+from adsfm.training.data import load_features, validation_split
 from adsfm.training.loop import LossMeter, evaluate, train_step
 from adsfm.training.models import build_model
 from adsfm.training.stream import train_source
@@ -49,6 +51,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         torch.set_num_threads(max(1, int(os.environ.get("ADSFM_THREADS_PER_WORKER", "1"))))
         self.fs = load_features(cfg.data)
+        self.valid_idx = None
+        if cfg.train.early_stopping:  # the validation rows leave the training rows; the holdout stays untouched
+            fit, self.valid_idx = validation_split(self.fs, cfg.train.validation_fraction, cfg.data.seed)
+            self.fs = dataclasses.replace(self.fs, train_idx=fit)
         model = build_model(self.fs.spec, cfg.model, device="meta")
         self.model, self.optimizer, self.plan = parallelize_model(model, cfg.parallel, optim_config(cfg), torch.device("cpu"))  # type: ignore[arg-type]
         self.client = None
@@ -75,6 +81,9 @@ class Trainer:
         self.losses: list[float] = []
         self.history: list[dict[str, float]] = []
         self.resumed_from: Path | None = None
+        # Early stopping's memory: the best validation logloss so far, its epoch's checkpoint, and the epochs since.
+        self.best: dict[str, Any] = {"logloss": math.inf, "epoch": None, "step": None, "checkpoint": None, "stale": 0,
+                                     "stopped": False}
         self.meter = LossMeter()
         self.saver = AsyncCheckpointer() if t.async_checkpoint else None
         self.steps_run, self.t0 = 0, time.time()
@@ -96,6 +105,7 @@ class Trainer:
             self.epoch, self.epoch_step = state["epoch"], state["epoch_step"]
         else:  # a checkpoint written before the position was recorded implies it from the step
             self.epoch, self.epoch_step = divmod(self.step, per_epoch) if per_epoch else (0, self.step)
+        self.best = state.get("best", self.best)
         self.resumed_from = resume
         self.bar.update(self.step)
         if self.rank == 0:
@@ -103,12 +113,13 @@ class Trainer:
 
     def position(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "losses": self.losses,
-                "eval_history": self.history}
+                "eval_history": self.history, "best": self.best}
 
     # ------------------------------------------------------------------------------------------- train
 
     def done(self) -> bool:
-        return self.epoch >= self.cfg.train.epochs or bool(self.total and self.step >= self.total)
+        return (self.epoch >= self.cfg.train.epochs or bool(self.total and self.step >= self.total)
+                or self.best["stopped"])
 
     def train_epoch(self) -> bool:
         """The rest of the current epoch (or up to max_steps), then its evaluation; False when training is over."""
@@ -132,6 +143,8 @@ class Trainer:
                 break
         self.losses.extend(self.meter.flush())
         self.evaluate()
+        if self.valid_idx is not None and self.judge():
+            return False
         if self.total and self.step >= self.total:
             return False
         self.epoch, self.epoch_step = self.epoch + 1, 0
@@ -163,6 +176,28 @@ class Trainer:
                 self.client.log_metric(self.run_id, f"holdout_{k}", metrics[k], step=self.step)
         return metrics
 
+    def judge(self) -> bool:
+        """Early stopping: this epoch's validation logloss against the best so far. A better one saves the
+        weights as the run's best checkpoint; True when `train.patience` epochs in a row were not better."""
+        t = self.cfg.train
+        assert self.valid_idx is not None
+        metrics = evaluate(self.model, self.fs, self.valid_idx, t.eval_batch_size)
+        self.history[-1].update({"valid_logloss": metrics["logloss"], "valid_auc": metrics["auc"]})
+        if self.client is not None:
+            self.client.log_metric(self.run_id, "valid_logloss", metrics["logloss"], step=self.step)
+            self.client.log_metric(self.run_id, "valid_auc", metrics["auc"], step=self.step)
+        if metrics["logloss"] < self.best["logloss"]:
+            directory = self.run_dir / "best" / f"step_{self.step}"
+            self.best.update(logloss=metrics["logloss"], epoch=self.epoch, step=self.step, checkpoint=str(directory), stale=0)
+            save_checkpoint(self.model, directory, self.optimizer, self.position(), keep=1)
+        else:
+            self.best["stale"] += 1
+            self.best["stopped"] = self.best["stale"] >= t.patience
+        if self.rank == 0 and self.client is not None:
+            self.bar.write(f"[adsfm] epoch {self.epoch}: valid logloss {metrics['logloss']:.4f} (best {self.best['logloss']:.4f}, "
+                           f"epoch {self.best['epoch']})" + (", stopping early" if self.best["stopped"] else ""))
+        return bool(self.best["stopped"])
+
     # ------------------------------------------------------------------------------------------ finish
 
     def finish(self) -> None:
@@ -175,9 +210,14 @@ class Trainer:
         elapsed = time.time() - self.t0
         ckpt = self.checkpoint()
         final = self.history[-1]
+        chosen = ckpt
+        if self.valid_idx is not None and self.best["checkpoint"]:  # export takes the best epoch's weights
+            chosen = Path(self.best["checkpoint"])
+            final = next(h for h in self.history if h["step"] == self.best["step"])
         if self.rank == 0:
             result = {
-                "checkpoint": str(ckpt),
+                "checkpoint": str(chosen),
+                "last_checkpoint": str(ckpt),
                 "run_id": self.run_id,
                 "steps": self.step,
                 "resumed_from": str(self.resumed_from) if self.resumed_from else None,
@@ -189,6 +229,10 @@ class Trainer:
                 "holdout": {k: final[k] for k in ("auc", "logloss", "ne", "calibration", "n")},
                 "sharding_plan": self.plan,
             }
+            if self.valid_idx is not None:
+                result["early_stopping"] = {"best_epoch": self.best["epoch"], "best_step": self.best["step"],
+                                            "valid_logloss": self.best["logloss"], "stopped_early": self.best["stopped"],
+                                            "epochs_run": len(self.history), "validation_rows": len(self.valid_idx)}
             (self.run_dir / "train_result.json").write_text(json.dumps(result, default=str))
         import ray.train
 

@@ -94,11 +94,11 @@ def _reference(features: Any, init: Path, sparse_optimizer: str, dense_optimizer
     from adsfm.contract.config import as_config, compose
     from adsfm.parallel.shard import unsharded_optimizer
     from adsfm.training.loop import train_step
-    from adsfm.training.models.dlrm import DLRM
+    from adsfm.training.models.pooled import PooledRanker
     from adsfm.training.worker import optim_config
 
     cfg = as_config(compose(["parallel=single", *_optim(sparse_optimizer, dense_optimizer)]))
-    model = DLRM(features.spec, cfg.model, device="cpu")
+    model = PooledRanker(features.spec, cfg.model, device="cpu")
     model.load_state_dict(torch.load(init))
     opt = unsharded_optimizer(model, optim_config(cfg))
     losses = [train_step(model, opt, features.take(rows)) for rows in _batches(features.train_idx)]
@@ -108,11 +108,11 @@ def _reference(features: Any, init: Path, sparse_optimizer: str, dense_optimizer
 @pytest.fixture(scope="module")
 def references(small_cfg: Any, features: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The unsharded model trained with a given sparse optimizer, from one shared initialisation."""
-    from adsfm.training.models.dlrm import DLRM
+    from adsfm.training.models.pooled import PooledRanker
 
     torch.manual_seed(123)
     init = tmp_path_factory.mktemp("init") / "init.pt"
-    torch.save(DLRM(features.spec, small_cfg.model, device="cpu").state_dict(), init)
+    torch.save(PooledRanker(features.spec, small_cfg.model, device="cpu").state_dict(), init)
     memo: dict[tuple[str, str], dict[str, Any]] = {}
 
     def get(sparse_optimizer: str = "rowwise_adagrad", dense_optimizer: str = "adam") -> dict[str, Any]:
@@ -160,14 +160,14 @@ def _compare(layout: str, cfg: Any, features: Any, reference: dict[str, Any], tm
     """Losses within 1e-4 at every step and every parameter within tolerance (1e-5 under SGD); returns the
     largest parameter difference."""
     from adsfm.training.checkpoint import load_into_unsharded
-    from adsfm.training.models.dlrm import DLRM
+    from adsfm.training.models.pooled import PooledRanker
 
     losses = json.loads((tmp_path / "losses.json").read_text())
     ref = reference["losses"]
     diffs = np.abs(np.array(losses) - np.array(ref))
     assert diffs.max() <= 1e-4, f"{layout}: per-step loss diffs {diffs.round(6).tolist()}"
     assert ref[-1] < ref[0]  # the reference did learn, so equal losses are not equal non-training
-    gathered = DLRM(features.spec, cfg.model, device="cpu")
+    gathered = PooledRanker(features.spec, cfg.model, device="cpu")
     load_into_unsharded(gathered, tmp_path / "ckpt")
     # SGD's parameters agree to float summation order (within 3e-7 here); adaptive optimizers amplify that
     # noise on rows whose gradients are near zero, so they get a looser bound.
@@ -246,11 +246,11 @@ def test_checkpoints_reshard_across_layouts(small_cfg: Any, features: Any, refer
     checkpoint's weights gathered into a plain model, within 1e-5."""
     from adsfm.training.checkpoint import load_into_unsharded
     from adsfm.training.loop import evaluate
-    from adsfm.training.models.dlrm import DLRM
+    from adsfm.training.models.pooled import PooledRanker
 
     _spawn(_rank_main, "tw2", small_cfg, tmp_path / "tw2", str(reference["init"]))
     source = tmp_path / "tw2" / "ckpt"
-    plain = DLRM(features.spec, small_cfg.model, device="cpu")
+    plain = PooledRanker(features.spec, small_cfg.model, device="cpu")
     load_into_unsharded(plain, source)
     want = evaluate(plain.eval(), features, features.holdout_idx, 4096)["logloss"]
 

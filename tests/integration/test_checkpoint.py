@@ -43,14 +43,14 @@ def test_resume_continues_the_same_trajectory(small_cfg: Any, features: Any, tmp
     from adsfm.training.checkpoint import load_checkpoint, save_checkpoint
     from adsfm.training.data import iter_batches
     from adsfm.training.loop import train_step
-    from adsfm.training.models.dlrm import DLRM
+    from adsfm.training.models.pooled import PooledRanker
     from adsfm.training.worker import optim_config
 
     batches = list(iter_batches(features.train_idx, 256, 0, 1, seed=3))[:20]
 
     def fresh() -> tuple[Any, Any]:
         torch.manual_seed(5)
-        m = DLRM(features.spec, small_cfg.model, device="cpu")
+        m = PooledRanker(features.spec, small_cfg.model, device="cpu")
         return m, unsharded_optimizer(m, optim_config(small_cfg))
 
     model, opt = fresh()
@@ -72,7 +72,7 @@ def test_async_checkpoint_holds_the_state_at_save_and_publishes_when_complete(
     import copy
 
     from adsfm.training.checkpoint import AsyncCheckpointer, latest_checkpoint, load_into_unsharded
-    from adsfm.training.models.dlrm import DLRM
+    from adsfm.training.models.pooled import PooledRanker
 
     model = copy.deepcopy(trained["model"])
     at_save = {k: v.clone() for k, v in model.state_dict().items()}
@@ -83,7 +83,7 @@ def test_async_checkpoint_holds_the_state_at_save_and_publishes_when_complete(
             p.add_(1.0)  # training goes on while the checkpoint is written
     assert saver.wait() == tmp_path / "step_10" and latest_checkpoint(tmp_path) == tmp_path / "step_10"
     assert (tmp_path / "step_10" / "state.json").read_text() == '{"step": 10}'
-    restored = DLRM(features.spec, small_cfg.model, device="cpu")
+    restored = PooledRanker(features.spec, small_cfg.model, device="cpu")
     load_into_unsharded(restored, tmp_path / "step_10")
     for k, want in at_save.items():
         torch.testing.assert_close(restored.state_dict()[k], want, msg=lambda m, k=k: f"{k}: {m}")

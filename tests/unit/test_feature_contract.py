@@ -50,7 +50,7 @@ def test_every_path_featurizes_a_raw_row_identically(messy_bundle: dict[str, Any
     dense_names = {d.name for d in spec.dense}
     checked = 0
     for i in range(n):
-        values = {f.name: frame[f.source].iloc[i] for f in [*spec.sparse, *spec.dense]}
+        values = {f.name: frame[f.source].iloc[i] for f in [*spec.sparse, *spec.dense] if not getattr(f, "bucketizes", None)}
         body: dict[str, Any] = {"user": {}, "candidates": [{}]}
         for name, v in values.items():
             v = _json_value(v)
@@ -63,8 +63,8 @@ def test_every_path_featurizes_a_raw_row_identically(messy_bundle: dict[str, Any
         want = _rows_of(fs, i)
         for f in spec.sparse:
             where = req.user if f.side == "user" else req.candidates[0]
-            got = engine.rows_of(f, where.get(f.name), f.name)
-            np.testing.assert_array_equal(got, want[f.name], err_msg=f"HTTP path, row {i}, {f.name}: {values[f.name]!r}")
+            got = engine.rows_of(f, where.get(f.field), f.name)  # a bucketized dense feature reads its dense field
+            np.testing.assert_array_equal(got, want[f.name], err_msg=f"HTTP path, row {i}, {f.name}: {values[f.field]!r}")
         dense = np.zeros(len(spec.dense_inputs()), np.float32)
         for side, src in (("user", req.user), ("item", req.candidates[0])):
             cols, indicators = engine.featurizer.dense_layout(side)
@@ -76,7 +76,7 @@ def test_every_path_featurizes_a_raw_row_identically(messy_bundle: dict[str, Any
             assert span == slice(0, 1)
             for f in spec.sparse:
                 src = user if f.side == "user" else items[0]
-                np.testing.assert_array_equal(engine.rows_of(f, src.get(f.name), f.name), want[f.name])
+                np.testing.assert_array_equal(engine.rows_of(f, src.get(f.field), f.name), want[f.name])
         checked += 1
     assert checked > 0.9 * n
 
@@ -174,3 +174,35 @@ def test_the_streaming_reader_featurizes_files_like_the_frame(tmp_path: Path) ->
         assert dense.tobytes() == want_dense.tobytes(), suffix
         for j, f in enumerate(spec.sparse):
             np.testing.assert_array_equal(cats[:, j], want_sparse[f.name][0], err_msg=f"{suffix} {f.name}")
+
+
+def test_bucket_edges_come_from_training_rows_and_bin_every_path_alike(messy: Any, messy_cfg: Any,
+                                                                       messy_features: Any) -> None:
+    """`buckets: N` on a dense feature: quantile edges of the training rows only (the holdout can change
+    without moving them), a value's row is first + #(edges <= value), a missing value the missing row."""
+    from adsfm.training.data import add_history, learn_spec, split_by_user_time
+
+    frame, fs = messy_features
+    fz = Featurizer(fs.spec)
+    t = fs.spec.tables["age_bucket"]
+    x = fz.numbers(frame["age"].iloc[fs.train_idx], "age")
+    present = x[~np.isnan(x)]
+    assert t.edges == np.unique(np.quantile(present, [0.2, 0.4, 0.6, 0.8])).tolist() and len(t.edges) >= 2
+    assert t.missing == bool(np.isnan(x).any()) and t.rows == t.first + len(t.edges) + 1
+
+    moved = add_history(messy.copy(), messy_cfg.data)
+    train_idx, holdout_idx = split_by_user_time(moved, messy_cfg.data)
+    moved.loc[moved.index[holdout_idx], "age"] = 1e9
+    assert learn_spec(moved, messy_cfg.data, train_idx).tables["age_bucket"].edges == t.edges
+
+    f = fs.spec.sparse_feature("age_bucket")
+    assert f.field == "age" and "age_bucket" not in fs.spec.request_fields()
+    for v in [-1.0, t.edges[0], t.edges[0] + 1e-9, t.edges[-1], 1e12, "30", None, float("nan"), ""]:
+        num = np.nan if is_missing(v) else float(v)
+        want = t.missing_row if np.isnan(num) else t.first + int(sum(e <= num for e in t.edges))
+        assert fz.rows(f, v, "age")[0] == want, v
+        assert fz.sparse_column(f, [v, v])[0].tolist() == [want, want], v
+    with pytest.raises(ValueError, match="age"):
+        fz.rows(f, "old", "age")
+    rows = fs.sparse["age_bucket"][0]
+    assert rows.min() >= 1 and rows.max() < t.rows and len(np.unique(rows)) > 2

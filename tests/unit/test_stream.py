@@ -58,7 +58,8 @@ def test_hand_checked_lines_parse_and_hash(tmp_path: Path) -> None:
     col1 = np.log1p([12.0, 7.0])  # the first line's value is missing
     assert spec.dense[0].mean == pytest.approx(col0.mean()) and spec.dense[0].std == pytest.approx(col0.std())
     assert spec.dense[1].mean == pytest.approx(col1.mean()) and spec.dense[1].std == pytest.approx(col1.std())
-    assert spec.tables["cat_0"].model_dump() == {"rows": 1001, "pooling": "sum", "hash_buckets": 1000, "vocab": [], "missing": False}
+    assert spec.tables["cat_0"].model_dump() == {"rows": 1001, "pooling": "sum", "hash_buckets": 1000, "vocab": [], "missing": False,
+                                              "edges": []}
     assert spec.tables["cat_1"].rows == 1002 and spec.tables["cat_1"].missing  # an empty value in the stats rows
 
     batch = next(CriteoSource(cfg, spec, batch_size=3).epoch(0, 0, 1, skip=0))

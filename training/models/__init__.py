@@ -23,10 +23,10 @@ def features_by_table(spec: FeatureSpec) -> dict[str, list[str]]:
 def build_model(spec: FeatureSpec, cfg: ModelConfig, device: torch.device | str = "meta") -> nn.Module:
     """The configured model (`model.arch`), tables on `device` (meta: DistributedModelParallel
     materializes them as shards)."""
-    if cfg.arch == Arch.dlrm:
-        from adsfm.training.models.dlrm import DLRM
+    if cfg.arch in (Arch.dlrm, Arch.dcnv2, Arch.logreg):
+        from adsfm.training.models.pooled import PooledRanker
 
-        return DLRM(spec, cfg, device=device)
+        return PooledRanker(spec, cfg, device=device)
     if cfg.arch == Arch.hstu:
         from adsfm.training.models.hstu import HSTU
 

@@ -1,0 +1,120 @@
+"""Does the deep model earn its place? Logistic regression, DLRM, DLRM + wide, DCN-v2 and HSTU on one
+table each: the same split and epochs budget, on MovieLens-100k and on Criteo-shaped synthetic files.
+
+    python bench/models.py [--quick] [--out FILE.json]
+
+Every model trains through the real path (`run_training`: Ray Train, 2 workers, table-wise), so the
+figures include what a researcher would get. MovieLens: the time-ordered per-user holdout, early stopping
+on a validation slice of the training rows (never the holdout) for every model alike. Criteo-shaped:
+26 Zipf-skewed categorical and 13 integer columns written as gzip TSV by `write_synthetic_criteo` with
+pairwise feature crosses (`--crosses`), a separate holdout file, streamed, one epoch each; HSTU needs a
+user history, which these logs do not have. `ratios.auc_vs_logreg_<data>`: the best non-linear model's
+holdout AUC over logistic regression's (> 1: it earns its place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import result, write  # noqa: E402
+
+MODELS: dict[str, list[str]] = {
+    "logreg": ["model=logreg"],
+    "dlrm": ["model=dlrm"],
+    "dlrm_wide": ["model=dlrm", "model.wide=true"],
+    "dcnv2": ["model=dcnv2"],
+    "hstu": ["experiment=movielens_hstu"],
+}
+
+
+def train(overrides: list[str], root: Path, name: str) -> dict[str, Any]:
+    from adsfm.contract.config import compose
+    from adsfm.training.job import run_training
+
+    cfg = compose([f"run_root={root}", f"run_dir={root / name}", "train.progress=false", *overrides])
+    r = run_training(cfg)
+    return {"auc": r.holdout["auc"], "logloss": r.holdout["logloss"], "holdout_rows": r.holdout["n"],
+            "train_seconds": r.raw["train_seconds"], "epochs_run": len(r.raw["eval_history"]),
+            "best_epoch": r.raw.get("early_stopping", {}).get("best_epoch")}
+
+
+def movielens(root: Path, epochs: int) -> dict[str, dict[str, Any]]:
+    common = [f"train.epochs={epochs}", "train.early_stopping=true", "train.patience=1"]
+    out = {}
+    for name, ov in MODELS.items():
+        exp = [] if name == "hstu" else ["experiment=movielens_dlrm"]
+        out[name] = train([*exp, *ov, *common], root / "movielens", name)
+        print(f"movielens {name}: {out[name]}", flush=True)
+    return out
+
+
+def criteo(root: Path, rows: int, crosses: float) -> dict[str, dict[str, Any]]:
+    from adsfm.training.stream import write_synthetic_criteo
+
+    files = root / "criteo_files"
+    files.mkdir(parents=True, exist_ok=True)
+    train_files = [write_synthetic_criteo(files / f"day_{d}.gz", rows // 2, seed=d, crosses=crosses) for d in (0, 1)]
+    holdout = write_synthetic_criteo(files / "day_23.gz", rows // 4, seed=23, crosses=crosses)
+    common = ["experiment=criteo_dlrm", f"data.stream.paths=[{train_files[0]},{train_files[1]}]",
+              f"data.stream.holdout_paths=[{holdout}]", "data.stream.hash_buckets=20000", f"data.stream.holdout_rows={rows // 4}",
+              "train.epochs=1", "train.batch_size=1024"]
+    out = {}
+    for name, ov in MODELS.items():
+        if name == "hstu":
+            continue
+        out[name] = train([*common, *ov], root / "criteo", name)
+        print(f"criteo {name}: {out[name]}", flush=True)
+    return out
+
+
+def table(data: str, rows: dict[str, dict[str, Any]]) -> str:
+    base = rows["logreg"]["auc"]
+    lines = [f"| {data} | model | holdout AUC | vs logreg | logloss | train s | epochs (best) |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        best = "" if r["best_epoch"] is None else f" ({r['best_epoch']})"
+        lines.append(f"| | {name} | {r['auc']:.4f} | {r['auc'] / base:.4f} | {r['logloss']:.4f} | {r['train_seconds']:.0f} | "
+                     f"{r['epochs_run']}{best} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer epochs and rows (a smoke run, not the figures)")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--crosses", type=float, default=1.0, help="strength of the Criteo-shaped data's feature crosses")
+    a = ap.parse_args()
+    epochs, rows = (2, 100_000) if a.quick else (6, 400_000)
+    with tempfile.TemporaryDirectory(prefix="adsfm-models-") as tmp:
+        root = Path(tmp)
+        data = {"movielens": movielens(root, epochs), "criteo_synthetic": criteo(root, rows, a.crosses)}
+    values: dict[str, float] = {}
+    ratios: dict[str, float] = {}
+    for d, rows_ in data.items():
+        for name, r in rows_.items():
+            values[f"{d}_{name}_auc"] = r["auc"]
+            values[f"{d}_{name}_logloss"] = r["logloss"]
+            values[f"{d}_{name}_train_s"] = r["train_seconds"]
+        deep = max((n for n in rows_ if n != "logreg"), key=lambda n: rows_[n]["auc"])
+        ratios[f"auc_vs_logreg_{d}"] = rows_[deep]["auc"] / rows_["logreg"]["auc"]
+        values[f"{d}_best_model_is_{deep}"] = 1.0
+        print(table(d, rows_), "\n", flush=True)
+    ratios["auc_vs_logreg"] = min(ratios.values())  # the weaker of the two: > 1 means it holds on both
+    cfg = {"quick": a.quick, "epochs_movielens": epochs, "rows_criteo": rows, "crosses": a.crosses, "models": list(MODELS),
+           "layout": "tw2 (2 Ray Train workers)"}
+    res = result("models", cfg, values, ratios)
+    res["tables"] = data
+    write(res, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""A deep model with the wide part, early stopping and the built-in baseline, trained on Ray: the run's
+checkpoint and metrics are its best validation epoch's, the validation rows never overlap the holdout,
+the baseline's margin reaches MLflow, and the chosen checkpoint exports with parity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_dcnv2_wide_with_early_stopping_and_baseline(ray_cluster: None, small_cfg: Any, features: Any, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from adsfm.contract.config import compose
+    from adsfm.export.bundle import export_bundle
+    from adsfm.training.data import validation_split
+    from adsfm.training.job import run_training
+
+    cfg = compose([f"run_root={tmp_path}", f"run_dir={tmp_path / 'run'}", "model=dcnv2", "model.wide=true",
+                   "train.progress=false", "train.epochs=4", "train.batch_size=512", "train.early_stopping=true",
+                   "train.patience=1", "train.baseline=true", "train.dense_lr=0.003"])
+    cfg.data = small_cfg.data
+    result = run_training(cfg)
+    raw, es = result.raw, result.raw["early_stopping"]
+    valid = [h["valid_logloss"] for h in raw["eval_history"]]
+    print(f"dcnv2+wide: valid logloss by epoch {np.round(valid, 4).tolist()}, best epoch {es['best_epoch']}, stopped early "
+          f"{es['stopped_early']}; holdout AUC {result.holdout['auc']:.4f} vs logreg {raw['baseline']['baseline_holdout_auc']:.4f}")
+    best = int(np.argmin(valid))
+    assert es["best_step"] == raw["eval_history"][best]["step"] and es["valid_logloss"] == min(valid)
+    assert result.holdout["auc"] == raw["eval_history"][best]["auc"]  # the metrics reported are the best epoch's
+    assert result.checkpoint == tmp_path / "run" / "best" / f"step_{es['best_step']}" and result.checkpoint.is_dir()
+    if es["stopped_early"]:  # it stopped only after `patience` epochs that were no better
+        assert len(valid) - 1 - best == 1 and len(valid) < 4
+    else:
+        assert len(valid) == 4
+
+    fit, held = validation_split(features, cfg.train.validation_fraction, cfg.data.seed)
+    assert es["validation_rows"] == len(held)
+    assert not set(held) & set(features.holdout_idx) and not set(held) & set(fit)
+    assert len(fit) + len(held) == len(features.train_idx)
+
+    metrics = MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
+    b = raw["baseline"]
+    assert metrics["holdout_auc_vs_baseline"] == pytest.approx(result.holdout["auc"] - b["baseline_holdout_auc"])
+    assert 0.6 < b["baseline_holdout_auc"] < 0.9  # logistic regression learns something on MovieLens
+
+    manifest = export_bundle(cfg, result.checkpoint, tmp_path / "bundle", train_run_id=result.run_id)
+    assert manifest.arch == "dcnv2" and manifest.embedding_dim == 17
+    assert manifest.parity is not None and manifest.parity.passed

@@ -1,0 +1,42 @@
+"""The wide (linear) part: a weight per id, pooled like the embeddings, plus a weight per dense value and a
+bias. On its own (`deep` None) it is logistic regression, `model.arch=logreg`; beside a deep module
+(`model.wide=true`) its logit is added to the deep one, which sees only the first columns of each table.
+
+The weight per id is the last column of the tables: one lookup serves both parts, and a bundle of a wide
+model is an ordinary pooled bundle with one more column.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adsfm.parallel.dense_plan import DensePlan
+
+
+class Wide(nn.Module):
+    def __init__(self, num_dense: int, deep: nn.Module | None) -> None:
+        super().__init__()
+        self.linear = nn.Linear(max(num_dense, 1), 1)
+        self.num_dense = num_dense
+        self.deep = deep
+
+    def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        ids = embeddings[:, :, -1].sum(dim=1)
+        values = dense if self.num_dense else torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype)
+        logit = self.linear(values).squeeze(-1) + ids
+        if self.deep is not None:
+            logit = logit + self.deep(dense, embeddings[:, :, :-1])
+        return logit
+
+    def parallel_plan(self, tp: int) -> DensePlan:
+        if self.deep is None:
+            if tp > 1:
+                raise ValueError(f"parallel.tp({tp}): model.arch=logreg has no hidden layer to split; use a dp-only layout")
+            return DensePlan()
+        plan: DensePlan = self.deep.parallel_plan(tp)  # type: ignore[operator]
+        return DensePlan(
+            tensor_parallel={f"deep.{k}": v for k, v in plan.tensor_parallel.items()},
+            fsdp_units=[f"deep.{u}" for u in plan.fsdp_units],
+            head_shared=[f"deep.{h}" for h in plan.head_shared],
+        )
