@@ -322,7 +322,7 @@ class ModelConfig:
     """Top MLP sizes; the last must be 1 (one logit). HSTU: the head over each candidate's output."""
     wide: bool = False
     """dlrm and dcnv2: add a wide (linear) part, one weight per id and per dense value, to the deep logit. The
-    weight is one more column of each table, so the bundle and serving are unchanged."""
+    weight is 4 more columns of each table (their mean), so the bundle and serving are unchanged."""
     cross_layers: int = 3
     """dcnv2: number of cross layers."""
     cross_rank: int = 16

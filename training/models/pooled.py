@@ -4,8 +4,8 @@ pool each feature's ids into one vector, and a dense module turns [dense values,
 serving looks up and pools itself, so every architecture here is served by the same engine.
 
 The dense modules: DLRM (`dlrm.py`), DCN-v2 (`dcn.py`), and the wide part (`wide.py`), which is also the
-whole of logistic regression. A wide part's weight per id is one more column of each table, so it costs
-no second lookup and no change to the bundle.
+whole of logistic regression. A wide part's weight per id lives in WIDE_COLS more columns of each table,
+so it costs no second lookup and no change to the bundle.
 """
 
 from __future__ import annotations
@@ -20,16 +20,17 @@ from adsfm.contract.config import Arch, ModelConfig
 from adsfm.contract.features import FeatureSpec
 from adsfm.parallel.dense_plan import DensePlan
 from adsfm.training.models import features_by_table
+from adsfm.training.models.wide import WIDE_COLS
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 POOLED_ARCHS = (Arch.dlrm, Arch.dcnv2, Arch.logreg)
 
 
 def table_dim(cfg: ModelConfig) -> int:
-    """Columns of every table: the deep embedding, plus one for the wide weight; logreg has only that one."""
+    """Columns of every table: the deep embedding, plus the wide weight's; logreg has only the latter."""
     if cfg.arch == Arch.logreg:
-        return 1
-    return cfg.embedding_dim + int(cfg.wide)
+        return WIDE_COLS
+    return cfg.embedding_dim + (WIDE_COLS if cfg.wide else 0)
 
 
 def table_configs(spec: FeatureSpec, dim: int) -> list[EmbeddingBagConfig]:

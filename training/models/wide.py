@@ -2,8 +2,9 @@
 bias. On its own (`deep` None) it is logistic regression, `model.arch=logreg`; beside a deep module
 (`model.wide=true`) its logit is added to the deep one, which sees only the first columns of each table.
 
-The weight per id is the last column of the tables: one lookup serves both parts, and a bundle of a wide
-model is an ordinary pooled bundle with one more column.
+The weight per id is the mean of the last WIDE_COLS columns of the tables: one lookup serves both parts,
+and a bundle of a wide model is an ordinary pooled bundle with wider rows. Four columns, not one, because
+FBGEMM's embedding kernels take only widths that are multiples of 4.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import torch
 from torch import nn
 
 from adsfm.parallel.dense_plan import DensePlan
+
+WIDE_COLS = 4
+"""Columns of each table that hold the wide part's weight per id (their mean)."""
 
 
 class Wide(nn.Module):
@@ -22,11 +26,11 @@ class Wide(nn.Module):
         self.deep = deep
 
     def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        ids = embeddings[:, :, -1].sum(dim=1)
+        ids = embeddings[:, :, -WIDE_COLS:].mean(dim=2).sum(dim=1)
         values = dense if self.num_dense else torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype)
         logit = self.linear(values).squeeze(-1) + ids
         if self.deep is not None:
-            logit = logit + self.deep(dense, embeddings[:, :, :-1])
+            logit = logit + self.deep(dense, embeddings[:, :, :-WIDE_COLS])
         return logit
 
     def parallel_plan(self, tp: int) -> DensePlan:
