@@ -12,7 +12,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="adsfm-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a finished adsfm-train run directory")
-    ap.add_argument("--checkpoint", type=Path, help="default: the run's final checkpoint")
+    ap.add_argument("--checkpoint", type=Path, help="default: the run's checkpoint (its best epoch's with train.early_stopping)")
     ap.add_argument("--model-name", help="registered model name (default: export.model_name of the run)")
     ap.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="table precision (default: export.precision of the run)")
     ap.add_argument("--no-register", action="store_true", help="write and check the bundle only")
