@@ -4,17 +4,14 @@ top MLP → logit."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
 from torchrec.models.dlrm import DenseArch, InteractionDCNArch, OverArch
 from torchrec.modules.crossnet import LowRankCrossNet
 
 from adsfm.contract.config import ModelConfig
-from adsfm.parallel.dense_plan import DensePlan
-from adsfm.training.models.dlrm import check_mlps, over_arch_plan
+from adsfm.training.models.dlrm import InteractionDense, check_mlps
 
 
-class DCNv2Dense(nn.Module):
+class DCNv2Dense(InteractionDense):
     def __init__(self, num_dense: int, num_sparse: int, cfg: ModelConfig) -> None:
         super().__init__()
         check_mlps(cfg)
@@ -25,13 +22,3 @@ class DCNv2Dense(nn.Module):
         self.dense_arch = DenseArch(max(num_dense, 1), list(cfg.dense_arch))
         self.inter_arch = InteractionDCNArch(num_sparse, LowRankCrossNet(width, cfg.cross_layers, cfg.cross_rank))
         self.over_arch = OverArch(width, list(cfg.over_arch))
-
-    def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        if self.num_dense == 0:
-            dense = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
-        x = self.dense_arch(dense)
-        y = self.inter_arch(dense_features=x, sparse_features=embeddings)
-        return self.over_arch(y).squeeze(-1)
-
-    def parallel_plan(self, tp: int) -> DensePlan:
-        return over_arch_plan(self.over_arch, tp, fsdp_units=["dense_arch", "inter_arch", "over_arch"])

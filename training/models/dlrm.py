@@ -12,7 +12,28 @@ from adsfm.contract.config import ModelConfig
 from adsfm.parallel.dense_plan import DensePlan
 
 
-class DLRMDense(nn.Module):
+class InteractionDense(nn.Module):
+    """Bottom MLP on the dense inputs, an interaction of its output with the pooled embeddings, top MLP →
+    logit: the shape DLRM and DCN-v2 share; each sets `dense_arch`, `inter_arch` and `over_arch`."""
+
+    num_dense: int
+    dense_arch: nn.Module
+    inter_arch: nn.Module
+    over_arch: nn.Module
+
+    def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        if self.num_dense == 0:  # a constant bottom input, so the interaction keeps its shape
+            dense = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
+        x = self.dense_arch(dense)
+        y = self.inter_arch(dense_features=x, sparse_features=embeddings)
+        return self.over_arch(y).squeeze(-1)
+
+    def parallel_plan(self, tp: int) -> DensePlan:
+        units = [n for n in ("dense_arch", "inter_arch", "over_arch") if any(True for _ in getattr(self, n).parameters())]
+        return over_arch_plan(self.over_arch, tp, fsdp_units=units)
+
+
+class DLRMDense(InteractionDense):
     """Bottom MLP on dense features, pairwise dot interaction with the pooled embeddings, top MLP → logit."""
 
     def __init__(self, num_dense: int, num_sparse: int, cfg: ModelConfig) -> None:
@@ -20,22 +41,10 @@ class DLRMDense(nn.Module):
         super().__init__()
         check_mlps(cfg)
         self.num_dense = num_dense
-        d = cfg.embedding_dim
-        # A model with no dense columns still gets a (constant) bottom input so the interaction is unchanged.
         self.dense_arch = DenseArch(max(num_dense, 1), list(cfg.dense_arch))
         self.inter_arch = InteractionArch(num_sparse_features=num_sparse)
-        over_in = d + num_sparse * (num_sparse + 1) // 2
+        over_in = cfg.embedding_dim + num_sparse * (num_sparse + 1) // 2
         self.over_arch = OverArch(over_in, list(cfg.over_arch))
-
-    def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        if self.num_dense == 0:
-            dense = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
-        x = self.dense_arch(dense)
-        y = self.inter_arch(dense_features=x, sparse_features=embeddings)
-        return self.over_arch(y).squeeze(-1)
-
-    def parallel_plan(self, tp: int) -> DensePlan:
-        return over_arch_plan(self.over_arch, tp, fsdp_units=["dense_arch", "over_arch"])
 
 
 def check_mlps(cfg: ModelConfig) -> None:
