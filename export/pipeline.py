@@ -81,6 +81,9 @@ def run_pipeline(cfg_in: DictConfig | AdsfmConfig, keep_serving: bool = False) -
         "run_dir": str(tr.run_dir),
         "wall_seconds": time.time() - t_start,
     }
+    if "baseline" in tr.raw:  # train.baseline=true: does the model beat logistic regression?
+        summary["baseline_holdout_auc"] = tr.raw["baseline"]["baseline_holdout_auc"]
+        summary["holdout_auc_vs_baseline"] = tr.raw["baseline"]["holdout_auc_vs_baseline"]
     path = tr.run_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=1))
     print(_table(summary))
@@ -117,6 +120,8 @@ def _table(s: dict[str, Any]) -> str:
         ("holdout AUC", f"{s['holdout_auc']:.4f}"),
         ("holdout logloss", f"{s['holdout_logloss']:.4f}"),
         ("holdout NE", f"{s['holdout_ne']:.4f}"),
+        *([("vs logistic regression", f"AUC {s['holdout_auc_vs_baseline']:+.4f} (baseline {s['baseline_holdout_auc']:.4f})")]
+          if "holdout_auc_vs_baseline" in s else []),
         ("parity max |diff|", f"{s['parity_max_abs_diff']:.2e}"),
         ("registered model", f"{s['model_name']} v{s['model_version']} @{s['alias']}"),
         ("served by version", s["served_version"]),
