@@ -97,3 +97,12 @@ def test_logreg_refuses_tensor_parallel(messy_features: Any, messy_cfg: Any) -> 
     with pytest.raises(ValueError, match="logreg has no hidden layer"):
         _model(fs.spec, messy_cfg, "logreg", False).parallel_plan(2)
     assert _model(fs.spec, messy_cfg, "dcnv2", True).parallel_plan(2).tensor_parallel
+
+
+def test_logreg_without_dense_inputs_is_ids_and_bias() -> None:
+    from adsfm.training.models.wide import Wide
+
+    wide = Wide(0, None)
+    emb = torch.randn(3, 2, 4)
+    with torch.no_grad():
+        np.testing.assert_allclose(wide(torch.zeros(3, 0), emb).numpy(), (emb.mean(-1).sum(1) + wide.linear.bias).numpy(), atol=1e-6)

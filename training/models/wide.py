@@ -27,7 +27,7 @@ class Wide(nn.Module):
 
     def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         ids = embeddings[:, :, -WIDE_COLS:].mean(dim=2).sum(dim=1)
-        values = dense if self.num_dense else torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype)
+        values = dense if self.num_dense else torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
         logit = self.linear(values).squeeze(-1) + ids
         if self.deep is not None:
             logit = logit + self.deep(dense, embeddings[:, :, :-WIDE_COLS])
