@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 
 def _slow_bundle(features: Any, small_cfg: Any, out: Path) -> Path:
-    """An untrained DLRM whose top MLP is 3 x 3072 wide (about 50x the champion's work per candidate), with
+    """An untrained DLRM whose top MLP is 3 x 4096 wide (about 90x the champion's work per candidate), with
     a passing parity check of its own: registrable, and slow."""
     import torch
     from omegaconf import OmegaConf
@@ -32,7 +32,7 @@ def _slow_bundle(features: Any, small_cfg: Any, out: Path) -> Path:
     from adsfm.serving.engine import DenseGraphEngine
     from adsfm.training.models import build_model
 
-    cfg = OmegaConf.merge(small_cfg, {"model": {"over_arch": [3072, 3072, 3072, 1]}})
+    cfg = OmegaConf.merge(small_cfg, {"model": {"over_arch": [4096, 4096, 4096, 1]}})
     torch.manual_seed(0)
     model = build_model(features.spec, cfg.model, device="cpu").eval()
     tables = [(c.name, model.sparse.embedding_bags[c.name].weight.detach()) for c in model.sparse.embedding_bag_configs()]
@@ -85,14 +85,14 @@ def test_shift_rolls_back_failing_and_slow_challengers_then_promotes_a_healthy_o
     requests_ = [example_request(df, features.spec, int(r), [str(i) for i in range(1, 31)]) for r in spread]
     assert len({str(r["user"]["user_id"]) for r in requests_}) >= 20
     args = ["shift", "--steps", "50,100", "--every", "2s", "--min-requests", "5", "--max-error-rate", "0.05",
-            "--max-p99-ms", "25", "--max-score-shift", "0.01", "--max-disagreement", "0.5", "--tracking-uri", uri]
+            "--max-score-shift", "0.01", "--max-disagreement", "0.5", "--tracking-uri", uri]
     client = MlflowClient(uri)
     verdicts: dict[str, tuple[int, float]] = {}
 
-    def run_shift(expected: int, label: str) -> None:
+    def run_shift(expected: int, label: str, p99_ms: float = 25) -> None:
         t0 = time.time()
         with pytest.raises(SystemExit) as done:
-            shift.main(args)
+            shift.main([*args, "--max-p99-ms", f"{p99_ms:g}"])
         verdicts[label] = (int(done.value.code), time.time() - t0)
         assert done.value.code == expected, label
 
@@ -109,7 +109,9 @@ def test_shift_rolls_back_failing_and_slow_challengers_then_promotes_a_healthy_o
             assert read_traffic(client, "shift").split.challenger_pct == 0
 
             v4 = register(tmp_path / "int8")  # healthy, and a different bundle from the champion's
-            run_shift(0, "healthy")
+            # Judged at the default p99 limit: the healthy graph's own p99 was 6-18 ms on 2 cores under this
+            # load, too close to the 25 ms that stops the slow one to hold on a busy CI machine.
+            run_shift(0, "healthy", p99_ms=100)
             quality = ray.get(monitor("shift", create=False).window.remote(0.0))[v4]  # judged on these too
             time.sleep(2)  # the replica follows the new champion within reload_interval_s
 
