@@ -10,7 +10,11 @@ which costs more on this split than it saves: see the README). Criteo-shaped:
 26 Zipf-skewed categorical and 13 integer columns written as gzip TSV by `write_synthetic_criteo` with
 pairwise feature crosses (`--crosses`), a separate holdout file, streamed, one epoch each; HSTU needs a
 user history, which these logs do not have. `ratios.auc_vs_logreg_<data>`: the best non-linear model's
-holdout AUC over logistic regression's (> 1: it earns its place).
+holdout AUC over logistic regression's (> 1: it earns its place). Multi-task: DLRM with two heads on
+MovieLens (`experiment=movielens_multitask`: like = rating >= 4, love = rating = 5), each task's holdout
+figures beside the one-task DLRM's (whose label is like).
+
+    python bench/models.py --parts multitask   # one part: movielens, criteo, tabular, multitask
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ def train(overrides: list[str], root: Path, name: str) -> dict[str, Any]:
     return {"auc": r.holdout["auc"], "logloss": r.holdout["logloss"], "holdout_rows": r.holdout["n"],
             "baseline_auc": r.raw.get("baseline", {}).get("baseline_holdout_auc"),
             "train_seconds": r.raw["train_seconds"], "epochs_run": len(r.raw["eval_history"]),
-            "best_epoch": r.raw.get("early_stopping", {}).get("best_epoch")}
+            "best_epoch": r.raw.get("early_stopping", {}).get("best_epoch"), "tasks": [t.name for t in cfg.data.labels],
+            "holdout": r.holdout}
 
 
 def movielens(root: Path, epochs: int) -> dict[str, dict[str, Any]]:
@@ -101,6 +106,13 @@ def tabular(root: Path, rows: int) -> dict[str, dict[str, Any]]:
     return out
 
 
+def multitask(root: Path, epochs: int) -> dict[str, Any]:
+    r = train(["experiment=movielens_multitask", f"train.epochs={epochs}"], root / "multitask", "multitask")
+    tasks = {t: {k: r["holdout"][f"{t}_{k}"] for k in ("auc", "logloss", "ne", "calibration")} for t in r["tasks"]}
+    print(f"multitask: {tasks}", flush=True)
+    return {"tasks": tasks, "train_seconds": r["train_seconds"], "epochs_run": r["epochs_run"]}
+
+
 def table(data: str, rows: dict[str, dict[str, Any]]) -> str:
     base = rows["logreg"]["auc"]
     lines = [f"| {data} | model | holdout AUC | vs logreg | logloss | train s | epochs (best) |", "|---|---|---|---|---|---|---|"]
@@ -116,14 +128,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer epochs and rows (a smoke run, not the figures)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--crosses", type=float, default=1.0, help="strength of the Criteo-shaped data's feature crosses")
+    ap.add_argument("--parts", default="movielens,criteo,tabular,multitask", help="comma-separated parts to run")
     a = ap.parse_args()
+    parts = set(a.parts.split(","))
     epochs, rows = (1, 100_000) if a.quick else (3, 400_000)
+    data: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="adsfm-models-") as tmp:
         root = Path(tmp)
-        data = {"movielens": movielens(root, epochs), "criteo_synthetic": criteo(root, rows, a.crosses)}
+        if "movielens" in parts:
+            data["movielens"] = movielens(root, epochs)
+        if "criteo" in parts:
+            data["criteo_synthetic"] = criteo(root, rows, a.crosses)
     values: dict[str, float] = {}
     ratios: dict[str, float] = {}
-    for d, rows_ in data.items():
+    for d, rows_ in list(data.items()):
         for name, r in rows_.items():
             values[f"{d}_{name}_auc"] = r["auc"]
             values[f"{d}_{name}_logloss"] = r["logloss"]
@@ -132,16 +150,24 @@ def main() -> None:
         ratios[f"auc_vs_logreg_{d}"] = rows_[deep]["auc"] / rows_["logreg"]["auc"]
         values[f"{d}_best_model_is_{deep}"] = 1.0
         print(table(d, rows_), "\n", flush=True)
-    ratios["auc_vs_logreg"] = min(ratios.values())  # the weaker of the two: > 1 means it holds on both
-    with tempfile.TemporaryDirectory(prefix="adsfm-models-") as tmp:
-        tab = tabular(Path(tmp), rows // 4)
-    for name, r in tab.items():
-        values[f"tabular_additive_{name}_auc"] = r["auc"]
-        values[f"tabular_additive_{name}_logreg_auc"] = r["baseline_auc"]
-        values[f"tabular_additive_{name}_auc_minus_logreg"] = r["auc"] - r["baseline_auc"]
-        print(f"tabular (additive, {rows // 4} rows) {name}: AUC {r['auc']:.4f} vs logreg {r['baseline_auc']:.4f}")
-    data["tabular_additive"] = tab
-    cfg = {"quick": a.quick, "epochs_movielens": epochs, "rows_criteo": rows, "crosses": a.crosses, "models": list(MODELS),
+    if ratios:
+        ratios["auc_vs_logreg"] = min(ratios.values())  # the weaker of the two: > 1 means it holds on both
+    if "tabular" in parts:
+        with tempfile.TemporaryDirectory(prefix="adsfm-models-") as tmp:
+            tab = tabular(Path(tmp), rows // 4)
+        for name, r in tab.items():
+            values[f"tabular_additive_{name}_auc"] = r["auc"]
+            values[f"tabular_additive_{name}_logreg_auc"] = r["baseline_auc"]
+            values[f"tabular_additive_{name}_auc_minus_logreg"] = r["auc"] - r["baseline_auc"]
+            print(f"tabular (additive, {rows // 4} rows) {name}: AUC {r['auc']:.4f} vs logreg {r['baseline_auc']:.4f}")
+        data["tabular_additive"] = tab
+    if "multitask" in parts:
+        with tempfile.TemporaryDirectory(prefix="adsfm-models-") as tmp:
+            mt = multitask(Path(tmp), epochs)
+        for task, m in mt["tasks"].items():
+            values.update({f"movielens_multitask_{task}_{k}": v for k, v in m.items()})
+        data["movielens_multitask"] = mt
+    cfg = {"quick": a.quick, "parts": sorted(parts), "epochs_movielens": epochs, "rows_criteo": rows, "crosses": a.crosses, "models": list(MODELS),
            "layout": "tw2 (2 Ray Train workers)"}
     res = result("models", cfg, values, ratios)
     res["tables"] = data

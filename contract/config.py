@@ -176,6 +176,22 @@ class DenseFeature:
 
 
 @dataclass
+class LabelTask:
+    """One task of a multi-task model (`data.labels`): a label made from a column the way `data.label` is."""
+
+    name: str = "???"
+    """The task's name: its metrics are `<name>_auc`, ..., its served score `p_<name>` (letters, digits, _)."""
+    column: str | None = None
+    """Label column; defaults to `data.label`."""
+    threshold: float | None = None
+    """If set, label = column >= threshold."""
+    positive: str | None = None
+    """If set, label = (column == this value)."""
+    weight: float = 1.0
+    """This task's weight in the training loss (a weighted sum of the tasks' log losses)."""
+
+
+@dataclass
 class HistoryConfig:
     """A user's most recent items before each event, built from (user, time, item) columns."""
 
@@ -252,6 +268,10 @@ class DataConfig:
     """If set, label = column >= threshold (MovieLens: rating >= 4)."""
     label_positive: str | None = None
     """If set, label = (column == this value), for labels given as classes ("yes", "converted", "click")."""
+    labels: list[LabelTask] = field(default_factory=list)
+    """Two or more tasks, one model head each (pooled models, in-memory sources), e.g. MovieLens
+    `like` (rating >= 4) and `love` (rating = 5); empty: one task, `label`. The split, the history and the
+    validation slice still use `label`."""
     na_values: list[str] = field(default_factory=list)
     """Strings that also mean "missing" in every column (an empty cell always does), e.g. [NA, NULL]."""
     user_column: str | None = None
@@ -546,6 +566,10 @@ class ServeConfig:
     shadow_max_in_flight: int = 4
     """Shadow copies scored at once per replica; more are skipped (counted), so a slow challenger cannot
     hold the champion's latency."""
+    rank_by: str | None = None
+    """A multi-task model's ranking score: an expression over the tasks' probabilities `p_<task>` with numbers,
+    + - * / ** and parentheses, e.g. "p_like * p_love" or "0.7 * p_like + 0.3 * p_love". None: the first
+    task's. Responses carry every task's score and this expression."""
 
 
 # --------------------------------------------------------------------------------------------- the whole

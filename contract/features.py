@@ -270,6 +270,13 @@ class FeatureSpec(BaseModel):
     history: HistorySpec = Field(default_factory=HistorySpec)
     na_values: list[str] = Field(default_factory=list)
     fingerprint: str = ""
+    tasks: list[str] = Field(default_factory=list)
+    """A multi-task model's tasks, one output each in this order (adsfm.contract.tasks); empty: one output."""
+
+    @property
+    def outputs(self) -> int:
+        """Scores per row: one per task, one without tasks."""
+        return max(1, len(self.tasks))
 
     def sparse_feature(self, name: str) -> SparseFeatureSpec:
         for f in self.sparse:

@@ -61,7 +61,10 @@ class ScoredCandidate(TypedDict):
 
     item: dict[str, Any]
     score: float
+    """The probability; a multi-task model: the response's `rank_by` of its tasks' probabilities."""
     rank: int
+    scores: NotRequired[dict[str, float]]
+    """A multi-task model: each task's probability by task name."""
 
 
 class RankResponse(BaseModel):
@@ -73,6 +76,11 @@ class RankResponse(BaseModel):
         default=None,
         description="Why the model that answered is not the one first chosen (challenger_error, challenger_unavailable, "
                     "challenger_deadline, deadline); null when it is.",
+    )
+    rank_by: str | None = Field(
+        default=None,
+        description="A multi-task model: the expression over its tasks' probabilities (p_<task>) that `score` holds "
+                    "and the candidates are ranked by (serve.rank_by); null for a one-task model.",
     )
 
 

@@ -46,7 +46,7 @@ def load_trained_model(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> nn
 
 def load_dense(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> nn.Module:
     """Only the dense module from the checkpoint (no tables)."""
-    dense = dense_module(len(fs.spec.dense_inputs()), len(fs.spec.sparse), cfg.model)
+    dense = dense_module(len(fs.spec.dense_inputs()), len(fs.spec.sparse), cfg.model, fs.spec.outputs)
     state = {"model": {f"dense.{k}": v for k, v in dense.state_dict().items()}}
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     dense.load_state_dict({k.removeprefix("dense."): v for k, v in state["model"].items()})

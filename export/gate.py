@@ -29,7 +29,7 @@ from adsfm.serving.bundle import open_engine
 from adsfm.serving.engine import DenseGraphEngine
 from adsfm.serving.sequence import SequenceEngine
 from adsfm.training.data import load_features, load_frame
-from adsfm.training.metrics import ranking_metrics
+from adsfm.training.metrics import ranking_metrics, task_columns
 
 
 @dataclass
@@ -96,22 +96,26 @@ def verify_parity(engine: DenseGraphEngine | SequenceEngine, bundle: Path, gate:
     p = judge(eager, got, labels, m.parity.tolerance, m.parity.auc_margin, m.parity.quantized)
     checks = [Check("parity", p.passed, f"recomputed: {p.reason()}")]
     if p.quantized:
-        calibration = float(got.mean() / max(labels.mean(), 1e-12))
+        calibrations = [float(g.mean() / max(y.mean(), 1e-12)) for g, y in zip(task_columns(got), task_columns(labels), strict=True)]
         shift = float(np.abs(got - eager).mean())
         checks += [
-            Check("calibration", gate.min_calibration <= calibration <= gate.max_calibration,
-                  f"{calibration:.4f} (mean predicted / observed over {len(labels)} rows) vs band "
-                  f"[{gate.min_calibration}, {gate.max_calibration}]"),
+            Check("calibration", all(gate.min_calibration <= c <= gate.max_calibration for c in calibrations),
+                  f"{', '.join(f'{c:.4f}' for c in calibrations)} (mean predicted / observed over {len(labels)} rows"
+                  f"{', per task' if len(calibrations) > 1 else ''}) vs band [{gate.min_calibration}, {gate.max_calibration}]"),
             Check("shift", shift <= gate.max_score_shift,
                   f"mean |quantized - fp32 eager| {shift:.2e} vs bound {gate.max_score_shift}"),
         ]
     return checks
 
 
-def holdout_auc(engine: DenseGraphEngine | SequenceEngine, columns: dict[str, list[Any]], labels: np.ndarray) -> float:
+def holdout_aucs(engine: DenseGraphEngine | SequenceEngine, columns: dict[str, list[Any]], labels: np.ndarray) -> dict[str, float]:
+    """The holdout AUC of each of the engine's tasks ("" for a one-task model), against `labels` ([n] or
+    [n, T]); a one-task model is held to the first task's labels."""
     fields = engine.manifest.request_fields()
     probs = engine.score_columns({k: v for k, v in columns.items() if k in fields})
-    return ranking_metrics(torch.from_numpy(probs), torch.from_numpy(labels))["auc"]
+    names = engine.manifest.features.tasks or [""]
+    return {n: ranking_metrics(torch.from_numpy(p), torch.from_numpy(y))["auc"]
+            for n, p, y in zip(names, task_columns(probs), task_columns(labels), strict=False)}
 
 
 def scoring_latency(engine: DenseGraphEngine | SequenceEngine, columns: dict[str, list[Any]], candidates: int, requests: int) -> tuple[float, float]:
@@ -148,23 +152,30 @@ def run_gate(name: str, version: str, tracking_uri: str, gate: GateConfig, workd
     candidate = open_engine(bundle)
     report.checks += verify_parity(candidate, bundle, gate)
     columns, labels = holdout_columns(manifest)
-    auc = holdout_auc(candidate, columns, labels)
+    aucs = holdout_aucs(candidate, columns, labels)
+    auc = next(iter(aucs.values()))
     report.metrics["candidate_auc"] = auc
+    report.metrics.update({f"candidate_auc_{t}": a for t, a in aucs.items() if t})
     if champion is None or champion == version:
-        report.checks.append(Check("quality", True, f"AUC {auc:.4f}; no other champion to compare with"))
+        report.checks.append(Check("quality", True, f"AUC {_aucs(aucs)}; no other champion to compare with"))
     else:
-        champ_auc = holdout_auc(open_engine(download_version(name, champion, tracking_uri, workdir)), columns, labels)
-        report.metrics["champion_auc"] = champ_auc
-        ok = auc >= champ_auc - gate.auc_margin
-        report.checks.append(
-            Check("quality", ok, f"AUC {auc:.4f} vs champion v{champion} {champ_auc:.4f} (margin {gate.auc_margin}) on {len(labels)} holdout rows")
-        )
+        champ = holdout_aucs(open_engine(download_version(name, champion, tracking_uri, workdir)), columns, labels)
+        report.metrics["champion_auc"] = next(iter(champ.values()))
+        # the same tasks are compared task by task; otherwise the first (headline) task's
+        pairs = [(t, aucs[t], champ[t]) for t in aucs] if aucs.keys() == champ.keys() else [("", auc, report.metrics["champion_auc"])]
+        ok = all(a >= c - gate.auc_margin for _, a, c in pairs)
+        report.checks.append(Check("quality", ok, f"AUC {_aucs({t: a for t, a, _ in pairs})} vs champion v{champion} "
+                                                  f"{_aucs({t: c for t, _, c in pairs})} (margin {gate.auc_margin}) on {len(labels)} holdout rows"))
     p50, p99 = scoring_latency(candidate, columns, gate.latency_candidates, gate.latency_requests)
     report.metrics.update(latency_p50_ms=p50, latency_p99_ms=p99)
     report.checks.append(
         Check("latency", p99 <= gate.latency_budget_ms, f"p99 {p99:.2f} ms (p50 {p50:.2f}) for 1 user x {gate.latency_candidates} vs budget {gate.latency_budget_ms} ms")
     )
     return report
+
+
+def _aucs(aucs: dict[str, float]) -> str:
+    return ", ".join(f"{t + ' ' if t else ''}{a:.4f}" for t, a in aucs.items())
 
 
 class GateRefused(RuntimeError):

@@ -22,7 +22,7 @@ from adsfm.contract.manifest import ParitySpec
 from adsfm.serving.engine import Bag, DenseGraphEngine, TableStore
 from adsfm.training.data import FeatureSet
 from adsfm.training.loop import predict
-from adsfm.training.metrics import ranking_metrics
+from adsfm.training.metrics import ranking_metrics, task_columns
 
 
 class ParityError(RuntimeError):
@@ -106,11 +106,13 @@ def judge(eager: np.ndarray, exported: np.ndarray, labels: np.ndarray, tolerance
           quantized: bool, other_diff: float = 0.0, features: str | None = None) -> ParitySpec:
     """The verdict on the same rows' eager and exported probabilities: an fp32 bundle must match within
     `tolerance` (also `other_diff`, a difference measured elsewhere), a quantized one keep the holdout AUC
-    within `auc_margin`; and `features` (a featurization difference) fails either."""
-    auc_eager = ranking_metrics(torch.from_numpy(eager), torch.from_numpy(labels))["auc"]
-    auc_bundle = ranking_metrics(torch.from_numpy(exported), torch.from_numpy(labels))["auc"]
+    within `auc_margin`; and `features` (a featurization difference) fails either. Several tasks ([n, T]):
+    every score is compared, the AUCs are the first task's and the drop is the largest of any task's."""
+    aucs = [(ranking_metrics(torch.from_numpy(e), torch.from_numpy(y))["auc"], ranking_metrics(torch.from_numpy(x), torch.from_numpy(y))["auc"])
+            for e, x, y in zip(task_columns(eager), task_columns(exported), task_columns(labels), strict=True)]
+    auc_eager, auc_bundle = aucs[0]
     diff = max(float(np.max(np.abs(eager - exported))), other_diff)
-    drop = auc_eager - auc_bundle
+    drop = max(e - x for e, x in aucs)
     return ParitySpec(
         rows=len(eager), max_abs_diff=diff, tolerance=tolerance, auc_eager=auc_eager, auc_bundle=auc_bundle,
         auc_drop=drop, auc_margin=auc_margin, quantized=quantized, featurization=features or "identical",

@@ -81,6 +81,10 @@ def run_pipeline(cfg_in: DictConfig | AdsfmConfig, keep_serving: bool = False) -
         "run_dir": str(tr.run_dir),
         "wall_seconds": time.time() - t_start,
     }
+    if cfg.data.labels:  # several tasks: each one's holdout figures, and what the service ranks by
+        summary["tasks"] = {t.name: {k: tr.holdout[f"{t.name}_{k}"] for k in ("auc", "logloss", "ne", "calibration")}
+                            for t in cfg.data.labels}
+        summary["rank_by"] = answer.get("rank_by")
     if "baseline" in tr.raw:  # train.baseline=true: does the model beat logistic regression?
         summary["baseline_holdout_auc"] = tr.raw["baseline"]["baseline_holdout_auc"]
         summary["holdout_auc_vs_baseline"] = tr.raw["baseline"]["holdout_auc_vs_baseline"]
@@ -120,6 +124,9 @@ def _table(s: dict[str, Any]) -> str:
         ("holdout AUC", f"{s['holdout_auc']:.4f}"),
         ("holdout logloss", f"{s['holdout_logloss']:.4f}"),
         ("holdout NE", f"{s['holdout_ne']:.4f}"),
+        *((f"  task {t}", f"AUC {m['auc']:.4f}, logloss {m['logloss']:.4f}, calibration {m['calibration']:.3f}")
+          for t, m in s.get("tasks", {}).items()),
+        *([("ranked by", s["rank_by"])] if s.get("rank_by") else []),
         *([("vs logistic regression", f"AUC {s['holdout_auc_vs_baseline']:+.4f} (baseline {s['baseline_holdout_auc']:.4f})")]
           if "holdout_auc_vs_baseline" in s else []),
         ("parity max |diff|", f"{s['parity_max_abs_diff']:.2e}"),

@@ -3,7 +3,8 @@
 Input: a DataFrame with one (user, candidate) pair per row and raw feature values as columns, the shapes
 the HTTP API takes (a multi-valued feature as a list; the item id alone when the item store knows the
 item; any other feature may be left out); `adsfm.contract.request.request_rows(body)` turns a request body
-into such rows. Output: the probability of each row, the same as HTTP gives (consecutive rows of one user
+into such rows. Output: the probability of each row (a multi-task model: [rows, tasks], in the manifest's
+task order), the same as HTTP gives (consecutive rows of one user
 are scored as one request). Services use adsfm-serve instead; this is for batch scoring with
 `mlflow.pyfunc.load_model("models:/NAME@champion").predict(df)`.
 """

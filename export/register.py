@@ -51,12 +51,13 @@ def input_example(bundle: Path, n: int = 2) -> pd.DataFrame:
 
 def signature(bundle: Path, example: pd.DataFrame, scores: Any) -> ModelSignature:
     """The pyfunc's signature from the bundle's feature spec (adsfm.contract.request.pyfunc_columns): every
-    feature optional, the item id required, a multi-valued feature a list; one score per row."""
+    feature optional, the item id required, a multi-valued feature a list; one score per row (a row of one
+    per task for a multi-task model, in manifest.features.tasks order)."""
     kinds = {"scalar": AnyType(), "long": DataType.long,
              "list_string": Array(DataType.string), "list_long": Array(DataType.long)}
     columns = pyfunc_columns(Manifest.read(bundle).features)
     inputs = Schema([ColSpec(kinds[c.kind], c.name, required=c.required) for c in columns])  # type: ignore[arg-type]
-    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float64), (-1,), "score")]))
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float64), (-1, *np.shape(scores)[1:]), "score")]))
 
 
 def log_and_register(

@@ -29,6 +29,9 @@ def _main(cfg: DictConfig) -> None:
     result = run_training(config)
     h = result.holdout
     print(f"[adsfm] holdout auc={h['auc']:.4f} logloss={h['logloss']:.4f} ne={h['ne']:.4f}")
+    for task in config.data.labels:  # data.labels: every task's own figures (the line above is the first's)
+        print(f"[adsfm]   task {task.name}: auc={h[f'{task.name}_auc']:.4f} logloss={h[f'{task.name}_logloss']:.4f} "
+              f"ne={h[f'{task.name}_ne']:.4f} calibration={h[f'{task.name}_calibration']:.3f}")
     if "baseline" in result.raw:  # train.baseline=true
         b = result.raw["baseline"]
         print(f"[adsfm] vs logistic regression: auc {b['holdout_auc_vs_baseline']:+.4f}, "

@@ -176,7 +176,7 @@ class RankingDeployment:
         else:
             bundle = download_version(name, version, self.tracking_uri, self.cache)
         engine = open_engine(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size, self.cfg.user_cache_bytes)
-        return RankService(engine, name, version, self.cfg.max_candidates, self.cfg.max_values)
+        return RankService(engine, name, version, self.cfg.max_candidates, self.cfg.max_values, self.cfg.rank_by)
 
     def _load_spillover(self, ref: str) -> RankService:
         """The lighter model named `NAME@ALIAS`, loaded once beside the main one."""

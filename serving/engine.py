@@ -194,12 +194,19 @@ class TableStore:
         return self.featurizer.dense_matrix(columns, n), bags
 
     def score(self, user: dict[str, Any], items: list[dict[str, Any]]) -> np.ndarray:
+        """Probabilities for each candidate: [N], or [N, T] for a model of T tasks (manifest.features.tasks)."""
         raise NotImplementedError
+
+    @property
+    def task_shape(self) -> tuple[int, ...]:
+        """The shape of one row's scores: () for one task, (T,) for T."""
+        tasks = self.manifest.features.tasks
+        return (len(tasks),) if tasks else ()
 
     def score_records(self, records: list[dict[str, Any]]) -> np.ndarray:
         """One (user, item) pair per record with raw feature values (the MLflow pyfunc's rows): consecutive
         records of the same user are one request, scored exactly as HTTP scores it."""
-        out = np.empty(len(records))
+        out = np.empty((len(records), *self.task_shape))
         for span, user, items in self.requests_of(records):
             out[span] = self.score(user, items)
         return out
@@ -271,7 +278,7 @@ class DenseGraphEngine(TableStore):
     def score(self, user: dict[str, Any], items: list[dict[str, Any]]) -> np.ndarray:
         """Probabilities for each candidate; the user side is looked up and pooled once."""
         if not items:
-            return np.zeros(0)
+            return np.zeros((0, *self.task_shape))
         return self._run(*self.inputs(user, items))
 
     def inputs(self, user: dict[str, Any], items: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -340,4 +347,4 @@ class DenseGraphEngine(TableStore):
             e = min(s + batch, len(dense))
             part = {k: Bag(b.values[offsets[k][s] : offsets[k][e]], b.lengths[s:e]) for k, b in bags.items()}
             out.append(self.score_indexed(dense[s : s + batch], part))
-        return np.concatenate(out) if out else np.zeros(0)
+        return np.concatenate(out) if out else np.zeros((0, *self.task_shape))

@@ -144,7 +144,7 @@ class Router:
                 return await self._fallback(req, champion, "challenger_error", t0)
             self.report(challenger.model_version, True, (time.perf_counter() - t0) * 1e3)
             if self.report_quality is not None:
-                self._compare(req, scores, champion, challenger)
+                self._compare(req, challenger.ranking(scores), champion, challenger)
             return challenger.respond(p, scores)
 
         # a bad request is the client's (422), whichever model it went to
@@ -159,7 +159,7 @@ class Router:
             metrics.FALLBACKS.labels("deadline_no_fallback").inc()
             p, scores = await work  # nothing lighter to answer with: the late answer beats none
         if self.split.shadow and challenger is not None and main is champion:
-            self._shadow(req, scores, challenger)
+            self._shadow(req, main.ranking(scores), challenger)
         return main.respond(p, scores)
 
     async def _within(self, work: Awaitable[Any], due: float | None) -> Any:
@@ -188,6 +188,7 @@ class Router:
             except Exception as e:  # the comparison is evidence, not service: nothing to answer here
                 logger.warning("adsfm: champion %s could not score a compared request (%r)", champion.model_version, e)
                 return
+            scores = champion.ranking(scores)  # each model's ranking score: the two may have other tasks
             report(challenger.model_version, float(np.mean(np.abs(challenger_scores - scores))),
                    top_k_disagreement(scores, challenger_scores))
 
@@ -211,6 +212,7 @@ class Router:
                 metrics.SHADOW.labels("error").inc()
                 return
             self.report(challenger.model_version, True, (time.perf_counter() - t0) * 1e3)
+            scores = challenger.ranking(scores)
             d = top_k_disagreement(champion_scores, scores)
             metrics.SHADOW_DISAGREEMENT.observe(d)
             metrics.SHADOW.labels("disagreed" if d > 0 else "agreed").inc()

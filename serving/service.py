@@ -22,6 +22,7 @@ from adsfm.contract.request import (
     request_errors,
     request_model,
 )
+from adsfm.contract.tasks import RankBy
 from adsfm.serving.engine import DenseGraphEngine
 from adsfm.serving.sequence import SequenceEngine
 
@@ -44,7 +45,8 @@ class Prepared:
 
 class RankService:
     def __init__(self, engine: DenseGraphEngine | SequenceEngine, model_name: str, model_version: str, max_candidates: int,
-                 max_values: int = 1000) -> None:
+                 max_values: int = 1000, rank_by: str | None = None) -> None:
+        """`rank_by`: serve.rank_by, a multi-task model's ranking expression (ignored for one task)."""
         self.engine = engine
         self.model_name = model_name
         self.model_version = model_version
@@ -53,6 +55,13 @@ class RankService:
         self.user_fields = m.request_fields("user")
         self.item_fields = m.request_fields("item")
         self.request_model: type[BaseModel] = request_model(m.features, max_candidates, max_values)
+        self.tasks = m.features.tasks
+        self.rank_by = RankBy(rank_by, self.tasks) if self.tasks else None
+
+    def ranking(self, scores: np.ndarray) -> np.ndarray:
+        """The score candidates are ranked by: the probability, or a multi-task model's `rank_by` of its
+        tasks' probabilities ([n, T] → [n])."""
+        return scores if self.rank_by is None else self.rank_by(scores)
 
     def parse(self, body: bytes) -> Any:
         """A request body, validated against this bundle's request schema in one pass; RequestInvalid (→ 422)."""
@@ -85,14 +94,19 @@ class RankService:
         return Prepared(req, self.engine.inputs(req.user, req.candidates), t0)
 
     def respond(self, p: Prepared, scores: np.ndarray) -> RankResponse:
-        order = np.argsort(-scores, kind="stable")
-        cands, ranked = p.req.candidates, scores[order].tolist()
+        combined = self.ranking(scores)
+        order = np.argsort(-combined, kind="stable")
+        cands, ranked = p.req.candidates, combined[order].tolist()
         # Built without validation: every field is ours and of its declared type (a response of 100
         # candidates would otherwise spend more time validating than scoring).
         out: list[ScoredCandidate] = [{"item": cands[i], "score": s, "rank": r}
                                       for r, (i, s) in enumerate(zip(order.tolist(), ranked, strict=True), 1)]
+        if self.rank_by is not None:
+            for c, row in zip(out, scores[order].tolist(), strict=True):
+                c["scores"] = dict(zip(self.tasks, row, strict=True))
         return RankResponse.model_construct(model_name=self.model_name, model_version=self.model_version, candidates=out,
-                                            latency_ms=(time.perf_counter() - p.t0) * 1e3, fallback=None)
+                                            latency_ms=(time.perf_counter() - p.t0) * 1e3, fallback=None,
+                                            rank_by=None if self.rank_by is None else self.rank_by.text)
 
     def rank(self, req: RankRequest) -> RankResponse:
         """One request on its own (no cross-request batching)."""

@@ -46,6 +46,7 @@ from adsfm.contract.features import (
     timestamps,
     vocabulary_table,
 )
+from adsfm.contract.tasks import check_task_names
 
 MOVIELENS_WHEEL = "recbole==1.2.1"
 MOVIELENS_FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item")
@@ -176,7 +177,7 @@ class FeatureSet:
 
     dense: np.ndarray  # [N, len(spec.dense_inputs())] float32, standardised
     sparse: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (rows int64, lengths int32)
-    labels: np.ndarray  # [N] float32
+    labels: np.ndarray  # [N] float32, or [N, T] for T tasks (spec.tasks)
     train_idx: np.ndarray
     holdout_idx: np.ndarray
     users: np.ndarray | None  # [N] user keys (for split checks and serving examples)
@@ -248,6 +249,20 @@ def _labels(df: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
     if cfg.label not in df.columns:
         raise ValueError(f"data.label={cfg.label!r} is not a column; columns: {list(df.columns)[:20]}")
     return labels(df[cfg.label], cfg.label, cfg.label_threshold, cfg.label_positive, frozenset(cfg.na_values))
+
+
+def task_labels(df: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
+    """The model's labels: [N] for one task (data.label), [N, T] for `data.labels`' T tasks."""
+    if not cfg.labels:
+        return _labels(df, cfg)
+    check_task_names([t.name for t in cfg.labels])
+    out = []
+    for t in cfg.labels:
+        column = t.column or cfg.label
+        if column not in df.columns:
+            raise ValueError(f"data.labels[{t.name}].column={column!r} is not a column; columns: {list(df.columns)[:20]}")
+        out.append(labels(df[column], column, t.threshold, t.positive, frozenset(cfg.na_values)))
+    return np.stack(out, axis=1)
 
 
 def _times(df: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
@@ -396,7 +411,7 @@ def learn_spec(df: pd.DataFrame, cfg: DataConfig, train_idx: np.ndarray) -> Feat
         dense=dense, tables=tables, item_column=cfg.item_column, user_column=cfg.user_column,
         history=HistorySpec(name=h.name, positive_name=h.positive_name, length=h.length, actions_name=h.actions_name,
                             times_name=h.times_name, chronological=h.chronological),
-        na_values=list(cfg.na_values),
+        na_values=list(cfg.na_values), tasks=[t.name for t in cfg.labels],
     )
 
 
@@ -437,7 +452,7 @@ def featurize(df: pd.DataFrame, cfg: DataConfig) -> FeatureSet:
     return FeatureSet(
         dense=dense,
         sparse=sparse,
-        labels=_labels(df, cfg),
+        labels=task_labels(df, cfg),
         train_idx=train_idx,
         holdout_idx=holdout_idx,
         users=user_keys(df, cfg).astype(str) if cfg.user_column else None,

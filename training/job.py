@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from adsfm.contract.cluster import init_ray_for
 from adsfm.contract.config import AdsfmConfig, Arch, DataSource, as_config, to_plain
 from adsfm.contract.features import FeatureSpec
+from adsfm.contract.tasks import check_task_names
 from adsfm.contract.tracking import ensure_experiment, tracking_uri
 from adsfm.parallel.config import dense_degrees, validate_parallel
 from adsfm.parallel.dense_plan import SparseDenseModel
@@ -55,6 +56,12 @@ def validate(cfg: AdsfmConfig) -> FeatureSpec:
     if t.baseline and cfg.model.arch == Arch.hstu:
         raise ValueError("train.baseline=true trains logistic regression on the model's own features; model=hstu's "
                          "history features have no pooled form: compare with bench/models.py instead")
+    if cfg.data.labels:
+        check_task_names([lt.name for lt in cfg.data.labels])
+        if cfg.data.source == DataSource.criteo:
+            raise ValueError("data.labels: multi-task labels are read from in-memory sources; data.source=criteo streams one label")
+        if any(lt.weight < 0 for lt in cfg.data.labels) or not any(lt.weight > 0 for lt in cfg.data.labels):
+            raise ValueError(f"data.labels: weights {[lt.weight for lt in cfg.data.labels]} must be >= 0, one of them > 0")
     fs = load_features(cfg.data)
     model = build_model(fs.spec, cfg.model, device="meta")  # raises on inconsistent sizes and features
     validate_parallel(p, table_names(model), table_dim(cfg.model), t.sparse_optimizer)

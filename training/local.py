@@ -21,11 +21,12 @@ def train_local(cfg: AdsfmConfig, fs: FeatureSet, max_steps: int = 0, seed: int 
     model = build_model(fs.spec, cfg.model, device="cpu")
     opt = unsharded_optimizer(model, optim_config(cfg))  # type: ignore[arg-type]
     source = train_source(cfg.data, fs, cfg.train.batch_size, cfg.train.seed)
+    weights = torch.tensor([lt.weight for lt in cfg.data.labels]) if cfg.data.labels else None
     step = 0
     for epoch in range(cfg.train.epochs):
         for batch in source.epoch(epoch, 0, 1, skip=0):
             if max_steps and step >= max_steps:
                 return model.eval()
-            train_step(model, opt, batch)
+            train_step(model, opt, batch, weights)
             step += 1
     return model.eval()

@@ -10,13 +10,18 @@ from torchrec.datasets.utils import Batch
 
 from adsfm.parallel.mesh import data_coords
 from adsfm.training.data import FeatureSet
-from adsfm.training.metrics import ranking_metrics
+from adsfm.training.metrics import task_metrics
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> float:
-    """One step; returns this rank's mean loss on its slice of the global batch."""
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, task_weights: torch.Tensor | None = None) -> float:
+    """One step; returns this rank's mean loss on its slice of the global batch. With several tasks (labels
+    [B, T]) the loss is the `task_weights`-weighted sum of the tasks' mean log losses."""
     logits = model(batch.dense_features, batch.sparse_features)
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+    if logits.dim() == 2:
+        per_task = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(dim=0)
+        loss = per_task.sum() if task_weights is None else (per_task * task_weights).sum()
+    else:
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -55,7 +60,8 @@ def all_ranks(flag: bool) -> bool:
 
 @torch.no_grad()
 def predict(model: nn.Module, fs: FeatureSet, idx: np.ndarray, batch_size: int) -> torch.Tensor:
-    """Probabilities for rows `idx`, computed across all ranks and gathered on every rank.
+    """Probabilities for rows `idx` ([n], or [n, T] for T tasks), computed across all ranks and gathered on
+    every rank.
 
     Sharded lookups are collectives, so every rank must run the same number of equally sized batches:
     the rows are padded to a multiple of dp * batch_size and the padding is dropped after the gather.
@@ -73,16 +79,18 @@ def predict(model: nn.Module, fs: FeatureSet, idx: np.ndarray, batch_size: int) 
         b = fs.take(rows)
         local.append(torch.sigmoid(model(b.dense_features, b.sparse_features)))
     model.train(was_training)
-    mine = torch.stack(local)  # [steps, batch]
+    mine = torch.stack(local)  # [steps, batch(, tasks)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, mine)
         # step s of data rank d covers padded[s*per_step + d*bs : ...]: interleave back into row order,
         # taking one rank (tp coordinate 0) of each tensor-parallel group.
         mine = torch.stack(parts[:: c.tp], dim=1)
-    return mine.reshape(-1)[:n]
+    return mine.reshape(-1, *local[0].shape[1:])[:n]  # [n] or [n, tasks]
 
 
-def evaluate(model: nn.Module, fs: FeatureSet, idx: np.ndarray, batch_size: int) -> dict[str, float]:
-    probs = predict(model, fs, idx, batch_size)
-    return ranking_metrics(probs, torch.from_numpy(fs.labels[idx]))
+def evaluate(model: nn.Module, fs: FeatureSet, idx: np.ndarray, batch_size: int,
+             task_weights: list[float] | None = None) -> dict[str, float]:
+    """Holdout metrics. Several tasks: each task's as `<task>_auc`, ...; the plain keys are the first
+    task's, and `loss` is the weighted sum of the tasks' log losses (what training minimises)."""
+    return task_metrics(predict(model, fs, idx, batch_size), fs.labels[idx], fs.spec.tasks, task_weights)

@@ -55,6 +55,7 @@ class Trainer:
         if cfg.train.early_stopping:  # the validation rows leave the training rows; the holdout stays untouched
             fit, self.valid_idx = validation_split(self.fs, cfg.train.validation_fraction, cfg.data.seed)
             self.fs = dataclasses.replace(self.fs, train_idx=fit)
+        self.task_weights = [lt.weight for lt in cfg.data.labels] or None
         model = build_model(self.fs.spec, cfg.model, device="meta")
         self.model, self.optimizer, self.plan = parallelize_model(model, cfg.parallel, optim_config(cfg), torch.device("cpu"))  # type: ignore[arg-type]
         self.client = None
@@ -128,8 +129,9 @@ class Trainer:
         t = self.cfg.train
         # The same sample order per epoch on every run: a resumed run skips the batches it already took.
         coords = data_coords()  # tensor-parallel peers take the same rows
+        weights = torch.tensor(self.task_weights) if self.task_weights else None
         for batch in self.source.epoch(self.epoch, coords.dp_rank, coords.dp, skip=self.epoch_step):
-            self.meter.add(train_step(self.model, self.optimizer, batch))
+            self.meter.add(train_step(self.model, self.optimizer, batch, weights))
             self.step += 1
             self.epoch_step += 1
             self.steps_run += 1
@@ -168,12 +170,13 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Holdout metrics of the current weights (every rank takes part: lookups are collectives)."""
-        metrics = evaluate(self.model, self.fs, self.fs.holdout_idx, self.cfg.train.eval_batch_size)
+        metrics = evaluate(self.model, self.fs, self.fs.holdout_idx, self.cfg.train.eval_batch_size, self.task_weights)
         self.history.append({"epoch": self.epoch, "step": self.step, **metrics})
         if self.client is not None:
             self.bar.write(f"[adsfm] epoch {self.epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "n"))
-            for k in ("auc", "logloss", "ne", "calibration"):
-                self.client.log_metric(self.run_id, f"holdout_{k}", metrics[k], step=self.step)
+            for k, v in metrics.items():
+                if k != "n":
+                    self.client.log_metric(self.run_id, f"holdout_{k}", v, step=self.step)
         return metrics
 
     def judge(self) -> bool:
@@ -181,20 +184,21 @@ class Trainer:
         weights as the run's best checkpoint; True when `train.patience` epochs in a row were not better."""
         t = self.cfg.train
         assert self.valid_idx is not None
-        metrics = evaluate(self.model, self.fs, self.valid_idx, t.eval_batch_size)
-        self.history[-1].update({"valid_logloss": metrics["logloss"], "valid_auc": metrics["auc"]})
+        metrics = evaluate(self.model, self.fs, self.valid_idx, t.eval_batch_size, self.task_weights)
+        loss = metrics.get("loss", metrics["logloss"])  # several tasks: their weighted log losses, as trained
+        self.history[-1].update({"valid_logloss": loss, "valid_auc": metrics["auc"]})
         if self.client is not None:
-            self.client.log_metric(self.run_id, "valid_logloss", metrics["logloss"], step=self.step)
+            self.client.log_metric(self.run_id, "valid_logloss", loss, step=self.step)
             self.client.log_metric(self.run_id, "valid_auc", metrics["auc"], step=self.step)
-        if metrics["logloss"] < self.best["logloss"]:
+        if loss < self.best["logloss"]:
             directory = self.run_dir / "best" / f"step_{self.step}"
-            self.best.update(logloss=metrics["logloss"], epoch=self.epoch, step=self.step, checkpoint=str(directory), stale=0)
+            self.best.update(logloss=loss, epoch=self.epoch, step=self.step, checkpoint=str(directory), stale=0)
             save_checkpoint(self.model, directory, self.optimizer, self.position(), keep=1)
         else:
             self.best["stale"] += 1
             self.best["stopped"] = self.best["stale"] >= t.patience
         if self.rank == 0 and self.client is not None:
-            self.bar.write(f"[adsfm] epoch {self.epoch}: valid logloss {metrics['logloss']:.4f} (best {self.best['logloss']:.4f}, "
+            self.bar.write(f"[adsfm] epoch {self.epoch}: valid logloss {loss:.4f} (best {self.best['logloss']:.4f}, "
                            f"epoch {self.best['epoch']})" + (", stopping early" if self.best["stopped"] else ""))
         return bool(self.best["stopped"])
 
@@ -226,7 +230,7 @@ class Trainer:
                 "samples_per_second": self.steps_run * self.cfg.train.batch_size / max(elapsed, 1e-9),
                 "losses": self.losses,
                 "eval_history": self.history,
-                "holdout": {k: final[k] for k in ("auc", "logloss", "ne", "calibration", "n")},
+                "holdout": {k: v for k, v in final.items() if k not in ("epoch", "step", "valid_logloss", "valid_auc")},
                 "sharding_plan": self.plan,
             }
             if self.valid_idx is not None:

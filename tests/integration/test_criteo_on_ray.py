@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 def test_criteo_files_train_on_two_workers_and_export(ray_cluster: None, tmp_path: Path) -> None:
     from adsfm.contract.config import compose
     from adsfm.export.bundle import export_bundle, load_run
-    from adsfm.export.gate import holdout_auc, holdout_columns
+    from adsfm.export.gate import holdout_aucs, holdout_columns
     from adsfm.serving.engine import DenseGraphEngine
     from adsfm.training.job import run_training
     from adsfm.training.stream import write_synthetic_criteo
@@ -43,4 +43,4 @@ def test_criteo_files_train_on_two_workers_and_export(ray_cluster: None, tmp_pat
     # Serving hashes the raw hex strings (and empty fields) itself: the same AUC as training's evaluation.
     cols, labels = holdout_columns(manifest)
     assert any(v == "" for v in cols["cat_0"])
-    assert holdout_auc(DenseGraphEngine(tmp_path / "bundle"), cols, labels) == pytest.approx(result.holdout["auc"], abs=1e-5)
+    assert holdout_aucs(DenseGraphEngine(tmp_path / "bundle"), cols, labels)[""] == pytest.approx(result.holdout["auc"], abs=1e-5)

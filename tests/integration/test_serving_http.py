@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-import torch
 
 pytestmark = pytest.mark.integration
 TOKEN = "test-token-3f9a"
@@ -45,6 +44,7 @@ def registry_uri(server: str) -> str:
 
 def test_ranks_over_http_like_the_eager_model(server: str, trained: dict[str, Any], features: Any, small_cfg: Any) -> None:
     from adsfm.training.data import example_request, load_frame
+    from tests.integration.reference import eager_scores
 
     df, _ = load_frame(small_cfg.data)
     row = int(features.holdout_idx[123])
@@ -57,25 +57,8 @@ def test_ranks_over_http_like_the_eager_model(server: str, trained: dict[str, An
 
     # Independent reference: the eager PyTorch model on the training featurization of the same user
     # with each candidate item swapped in (item-side features from that item's own rows).
-    fs = features
     got = {c["item"]["item_id"]: c["score"] for c in body["candidates"]}
-    item_rows = {str(df.item_id.iloc[i]): i for i in range(len(df))}
-    want = {}
-    for it in items:
-        b = fs.take(np.array([row]))
-        item_b = fs.take(np.array([item_rows[it]]))
-        kjt_u, kjt_i = b.sparse_features.to_dict(), item_b.sparse_features.to_dict()
-        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-        side = {f.name: f.side for f in fs.spec.sparse}
-        parts = {k: (kjt_i[k] if side[k] == "item" else kjt_u[k]) for k in fs.sparse_names}
-        kjt = KeyedJaggedTensor.from_jt_dict(parts)
-        dense = b.dense_features.clone()
-        for j, d in enumerate(fs.spec.dense):
-            if d.side == "item":
-                dense[:, j] = item_b.dense_features[:, j]
-        with torch.no_grad():
-            want[it] = float(torch.sigmoid(trained["model"](dense, kjt))[0])
+    want = {it: float(p) for it, p in eager_scores(trained["model"], features, df, row, items).items()}
     for it in items:
         assert abs(got[it] - want[it]) <= 1e-5, f"item {it}: served {got[it]} vs eager {want[it]}"
     order = [c["item"]["item_id"] for c in body["candidates"]]

@@ -17,6 +17,8 @@ class InteractionDense(nn.Module):
     logit: the shape DLRM and DCN-v2 share; each sets `dense_arch`, `inter_arch` and `over_arch`."""
 
     num_dense: int
+    tasks: int = 1
+    """Logits per row: one per task (the top MLP's last layer has this many outputs)."""
     dense_arch: nn.Module
     inter_arch: nn.Module
     over_arch: nn.Module
@@ -26,7 +28,8 @@ class InteractionDense(nn.Module):
             dense = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
         x = self.dense_arch(dense)
         y = self.inter_arch(dense_features=x, sparse_features=embeddings)
-        return self.over_arch(y).squeeze(-1)
+        logits: torch.Tensor = self.over_arch(y)
+        return logits.squeeze(-1) if self.tasks == 1 else logits
 
     def parallel_plan(self, tp: int) -> DensePlan:
         units = [n for n in ("dense_arch", "inter_arch", "over_arch") if any(True for _ in getattr(self, n).parameters())]
@@ -36,15 +39,16 @@ class InteractionDense(nn.Module):
 class DLRMDense(InteractionDense):
     """Bottom MLP on dense features, pairwise dot interaction with the pooled embeddings, top MLP → logit."""
 
-    def __init__(self, num_dense: int, num_sparse: int, cfg: ModelConfig) -> None:
-        """`num_dense`: the width of the dense input (dense features and their missing indicators)."""
+    def __init__(self, num_dense: int, num_sparse: int, cfg: ModelConfig, tasks: int = 1) -> None:
+        """`num_dense`: the width of the dense input (dense features and their missing indicators); `tasks`:
+        logits per row."""
         super().__init__()
         check_mlps(cfg)
-        self.num_dense = num_dense
+        self.num_dense, self.tasks = num_dense, tasks
         self.dense_arch = DenseArch(max(num_dense, 1), list(cfg.dense_arch))
         self.inter_arch = InteractionArch(num_sparse_features=num_sparse)
         over_in = cfg.embedding_dim + num_sparse * (num_sparse + 1) // 2
-        self.over_arch = OverArch(over_in, list(cfg.over_arch))
+        self.over_arch = OverArch(over_in, heads(cfg, tasks))
 
 
 def check_mlps(cfg: ModelConfig) -> None:
@@ -55,7 +59,13 @@ def check_mlps(cfg: ModelConfig) -> None:
             f"the {cfg.arch} interaction needs them equal"
         )
     if cfg.over_arch[-1] != 1:
-        raise ValueError(f"model.over_arch[-1]={cfg.over_arch[-1]}: the last layer must be 1 (one logit)")
+        raise ValueError(f"model.over_arch[-1]={cfg.over_arch[-1]}: the last layer must be 1 (one logit per task)")
+
+
+def heads(cfg: ModelConfig, tasks: int) -> list[int]:
+    """The top MLP's sizes with one output per task: the hidden layers are shared, the last Linear is the
+    tasks' heads (a shared-bottom multi-task model)."""
+    return [*cfg.over_arch[:-1], tasks]
 
 
 def over_arch_plan(over_arch: nn.Module, tp: int, fsdp_units: list[str]) -> DensePlan:

@@ -19,11 +19,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from adsfm.contract.config import Arch, ModelConfig
 from adsfm.contract.features import FeatureSpec
 from adsfm.parallel.dense_plan import DensePlan
-from adsfm.training.models import features_by_table
-from adsfm.training.models.wide import WIDE_COLS
+from adsfm.training.models import POOLED_ARCHS, features_by_table
+from adsfm.training.models.wide import WIDE_COLS, Wide
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
-POOLED_ARCHS = (Arch.dlrm, Arch.dcnv2, Arch.logreg)
 
 
 def table_dim(cfg: ModelConfig) -> int:
@@ -50,28 +49,28 @@ def table_configs(spec: FeatureSpec, dim: int) -> list[EmbeddingBagConfig]:
     return configs
 
 
-def dense_module(num_dense: int, num_sparse: int, cfg: ModelConfig) -> nn.Module:
-    """The configured dense module: (dense [B, num_dense], embeddings [B, num_sparse, table_dim]) → logit [B].
-    `num_dense` is the width of the dense input (dense features and their missing indicators)."""
-    from adsfm.training.models.wide import Wide
-
+def dense_module(num_dense: int, num_sparse: int, cfg: ModelConfig, tasks: int = 1) -> nn.Module:
+    """The configured dense module: (dense [B, num_dense], embeddings [B, num_sparse, table_dim]) → logit [B],
+    or [B, tasks] with several tasks. `num_dense` is the width of the dense input (dense features and their
+    missing indicators)."""
     if cfg.arch == Arch.logreg:
-        return Wide(num_dense, None)
+        return Wide(num_dense, None, tasks)
     if cfg.arch == Arch.dlrm:
         from adsfm.training.models.dlrm import DLRMDense
 
-        deep: nn.Module = DLRMDense(num_dense, num_sparse, cfg)
+        deep: nn.Module = DLRMDense(num_dense, num_sparse, cfg, tasks)
     elif cfg.arch == Arch.dcnv2:
         from adsfm.training.models.dcn import DCNv2Dense
 
-        deep = DCNv2Dense(num_dense, num_sparse, cfg)
+        deep = DCNv2Dense(num_dense, num_sparse, cfg, tasks)
     else:
         raise ValueError(f"model.arch={cfg.arch} does not score pooled embeddings; those that do: {[str(a) for a in POOLED_ARCHS]}")
-    return Wide(num_dense, deep) if cfg.wide else deep
+    return Wide(num_dense, deep, tasks) if cfg.wide else deep
 
 
 class PooledRanker(nn.Module):
-    """Embedding tables + the configured dense module (`model.arch` dlrm, dcnv2 or logreg)."""
+    """Embedding tables + the configured dense module (`model.arch` dlrm, dcnv2 or logreg); one logit per
+    row, or one per task of `spec.tasks`."""
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, device: torch.device | str = "meta") -> None:
         super().__init__()
@@ -80,7 +79,7 @@ class PooledRanker(nn.Module):
             raise ValueError(f"model.arch={cfg.arch} has no use for raw features {raw}: drop them from data.sparse or use model=hstu")
         self.feature_names = [f.name for f in spec.sparse]
         self.sparse = EmbeddingBagCollection(tables=table_configs(spec, table_dim(cfg)), device=torch.device(device))
-        self.dense = dense_module(len(spec.dense_inputs()), len(self.feature_names), cfg)
+        self.dense = dense_module(len(spec.dense_inputs()), len(self.feature_names), cfg, spec.outputs)
 
     def parallel_plan(self, tp: int) -> DensePlan:
         plan: DensePlan = self.dense.parallel_plan(tp)  # type: ignore[operator]

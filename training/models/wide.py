@@ -4,7 +4,8 @@ bias. On its own (`deep` None) it is logistic regression, `model.arch=logreg`; b
 
 The weight per id is the mean of the last WIDE_COLS columns of the tables: one lookup serves both parts,
 and a bundle of a wide model is an ordinary pooled bundle with wider rows. Four columns, not one, because
-FBGEMM's embedding kernels take only widths that are multiples of 4.
+FBGEMM's embedding kernels take only widths that are multiples of 4. With several tasks (up to four) the
+columns are split between them, each task's weight the mean of its share.
 """
 
 from __future__ import annotations
@@ -19,16 +20,23 @@ WIDE_COLS = 4
 
 
 class Wide(nn.Module):
-    def __init__(self, num_dense: int, deep: nn.Module | None) -> None:
+    def __init__(self, num_dense: int, deep: nn.Module | None, tasks: int = 1) -> None:
         super().__init__()
-        self.linear = nn.Linear(max(num_dense, 1), 1)
-        self.num_dense = num_dense
+        if tasks > WIDE_COLS:
+            raise ValueError(f"data.labels: {tasks} tasks; a wide part (model.wide, model=logreg) has weight columns for "
+                             f"{WIDE_COLS} at most")
+        self.linear = nn.Linear(max(num_dense, 1), tasks)
+        self.num_dense, self.tasks = num_dense, tasks
         self.deep = deep
+        self.bounds = [WIDE_COLS * t // tasks for t in range(tasks + 1)]  # each task's share of the columns
 
     def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        ids = embeddings[:, :, -WIDE_COLS:].mean(dim=2).sum(dim=1)
+        cols = embeddings[:, :, -WIDE_COLS:]
+        ids = torch.stack([cols[:, :, a:b].mean(dim=2).sum(dim=1) for a, b in zip(self.bounds, self.bounds[1:], strict=False)], dim=1)
         values = dense if self.num_dense else torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
-        logit = self.linear(values).squeeze(-1) + ids
+        logit = self.linear(values) + ids
+        if self.tasks == 1:
+            logit = logit.squeeze(-1)
         if self.deep is not None:
             logit = logit + self.deep(dense, embeddings[:, :, :-WIDE_COLS])
         return logit
