@@ -1,7 +1,7 @@
 """Does the deep model earn its place? Logistic regression, DLRM, DLRM + wide, DCN-v2 and HSTU on one
 table each: the same split and epochs budget, on MovieLens-100k and on Criteo-shaped synthetic files.
 
-    python bench/models.py [--quick] [--out FILE.json]
+    python bench/models.py [--quick] [--repeats 3] [--out FILE.json]
 
 Every model trains through the real path (`run_training`: Ray Train, 2 workers, table-wise), so the
 figures include what a researcher would get. MovieLens: the time-ordered per-user holdout, the default
@@ -10,7 +10,8 @@ which costs more on this split than it saves: see the README). Criteo-shaped:
 26 Zipf-skewed categorical and 13 integer columns written as gzip TSV by `write_synthetic_criteo` with
 pairwise feature crosses (`--crosses`), a separate holdout file, streamed, one epoch each; HSTU needs a
 user history, which these logs do not have. `ratios.auc_vs_logreg_<data>`: the best non-linear model's
-holdout AUC over logistic regression's (> 1: it earns its place). Multi-task: DLRM with two heads on
+holdout AUC over logistic regression's (> 1: it earns its place). Each cell runs `--repeats` times with
+train.seed 0, 1, ... on the same split; figures are medians, with the min and max beside them. Multi-task: DLRM with two heads on
 MovieLens (`experiment=movielens_multitask`: like = rating >= 4, love = rating = 5), each task's holdout
 figures beside the one-task DLRM's (whose label is like).
 
@@ -50,9 +51,30 @@ def train(overrides: list[str], root: Path, name: str) -> dict[str, Any]:
     r = run_training(cfg)
     return {"auc": r.holdout["auc"], "logloss": r.holdout["logloss"], "holdout_rows": r.holdout["n"],
             "baseline_auc": r.raw.get("baseline", {}).get("baseline_holdout_auc"),
+            "auc_minus_baseline": r.raw.get("baseline", {}).get("holdout_auc_vs_baseline"),
             "train_seconds": r.raw["train_seconds"], "epochs_run": len(r.raw["eval_history"]),
             "best_epoch": r.raw.get("early_stopping", {}).get("best_epoch"), "tasks": [t.name for t in cfg.data.labels],
             "holdout": r.holdout}
+
+
+REPEATS = 1
+
+
+def repeated(overrides: list[str], root: Path, name: str) -> dict[str, Any]:
+    """`train` REPEATS times with train.seed 0, 1, ... (the split and the files stay the same): each figure
+    is the median, with every run's value under `runs` and the spread as `<figure>_min` / `_max`."""
+    import statistics
+
+    runs = [train([*overrides, f"train.seed={k}"], root / f"seed{k}", name) for k in range(REPEATS)]
+    out: dict[str, Any] = {"runs": runs, "repeats": REPEATS, "tasks": runs[0]["tasks"]}
+    figures = ["auc", "logloss", "train_seconds", "epochs_run", *(["baseline_auc", "auc_minus_baseline"] if runs[0]["baseline_auc"] is not None else []),
+               *(f"{t}_{k}" for t in runs[0]["tasks"] for k in ("auc", "logloss", "ne", "calibration"))]
+    for k in figures:
+        values = [r[k] if k in r else r["holdout"][k] for r in runs]
+        out[k], out[f"{k}_min"], out[f"{k}_max"] = statistics.median(values), min(values), max(values)
+    out["best_epoch"] = runs[0]["best_epoch"] if REPEATS == 1 else None
+    out.setdefault("baseline_auc", None)
+    return out
 
 
 def movielens(root: Path, epochs: int) -> dict[str, dict[str, Any]]:
@@ -60,7 +82,7 @@ def movielens(root: Path, epochs: int) -> dict[str, dict[str, Any]]:
     out = {}
     for name, ov in MODELS.items():
         exp = [] if name == "hstu" else ["experiment=movielens_dlrm"]
-        out[name] = train([*exp, *ov, *common], root / "movielens", name)
+        out[name] = repeated([*exp, *ov, *common], root / "movielens", name)
         print(f"movielens {name}: {out[name]}", flush=True)
     return out
 
@@ -79,7 +101,7 @@ def criteo(root: Path, rows: int, crosses: float) -> dict[str, dict[str, Any]]:
     for name, ov in MODELS.items():
         if name == "hstu":
             continue
-        out[name] = train([*common, *ov], root / "criteo", name)
+        out[name] = repeated([*common, *ov], root / "criteo", name)
         print(f"criteo {name}: {out[name]}", flush=True)
     return out
 
@@ -100,26 +122,28 @@ def tabular(root: Path, rows: int) -> dict[str, dict[str, Any]]:
     assert len(pd.read_parquet(path, columns=["label"])) == rows
     out = {}
     for name, ov in {"default": [], "wide_early_stopping": ["model.wide=true", "train.early_stopping=true"]}.items():
-        r = train([*data, *ov, "train.baseline=true"], root / "tabular", name)
+        r = repeated([*data, *ov, "train.baseline=true"], root / "tabular", name)
         out[name] = r
         print(f"tabular {name}: {r}", flush=True)
     return out
 
 
 def multitask(root: Path, epochs: int) -> dict[str, Any]:
-    r = train(["experiment=movielens_multitask", f"train.epochs={epochs}"], root / "multitask", "multitask")
-    tasks = {t: {k: r["holdout"][f"{t}_{k}"] for k in ("auc", "logloss", "ne", "calibration")} for t in r["tasks"]}
+    r = repeated(["experiment=movielens_multitask", f"train.epochs={epochs}"], root / "multitask", "multitask")
+    tasks = {t: {k: r[f"{t}_{k}"] for k in ("auc", "logloss", "ne", "calibration")} | {"auc_min": r[f"{t}_auc_min"], "auc_max": r[f"{t}_auc_max"]}
+             for t in r["tasks"]}
     print(f"multitask: {tasks}", flush=True)
     return {"tasks": tasks, "train_seconds": r["train_seconds"], "epochs_run": r["epochs_run"]}
 
 
 def table(data: str, rows: dict[str, dict[str, Any]]) -> str:
     base = rows["logreg"]["auc"]
-    lines = [f"| {data} | model | holdout AUC | vs logreg | logloss | train s | epochs (best) |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| {data} | model | holdout AUC, median (min-max) | vs logreg | logloss | train s | epochs (best) |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         best = "" if r["best_epoch"] is None else f" ({r['best_epoch']})"
-        lines.append(f"| | {name} | {r['auc']:.4f} | {r['auc'] / base:.4f} | {r['logloss']:.4f} | {r['train_seconds']:.0f} | "
-                     f"{r['epochs_run']}{best} |")
+        lines.append(f"| | {name} | {r['auc']:.4f} ({r['auc_min']:.4f}-{r['auc_max']:.4f}) | {r['auc'] / base:.4f} | "
+                     f"{r['logloss']:.4f} | {r['train_seconds']:.0f} | {r['epochs_run']:g}{best} |")
     return "\n".join(lines)
 
 
@@ -129,7 +153,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--crosses", type=float, default=1.0, help="strength of the Criteo-shaped data's feature crosses")
     ap.add_argument("--parts", default="movielens,criteo,tabular,multitask", help="comma-separated parts to run")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per cell (train.seed 0, 1, ...); figures are medians")
     a = ap.parse_args()
+    global REPEATS
+    REPEATS = a.repeats
     parts = set(a.parts.split(","))
     epochs, rows = (1, 100_000) if a.quick else (3, 400_000)
     data: dict[str, Any] = {}
@@ -144,6 +171,7 @@ def main() -> None:
     for d, rows_ in list(data.items()):
         for name, r in rows_.items():
             values[f"{d}_{name}_auc"] = r["auc"]
+            values[f"{d}_{name}_auc_min"], values[f"{d}_{name}_auc_max"] = r["auc_min"], r["auc_max"]
             values[f"{d}_{name}_logloss"] = r["logloss"]
             values[f"{d}_{name}_train_s"] = r["train_seconds"]
         deep = max((n for n in rows_ if n != "logreg"), key=lambda n: rows_[n]["auc"])
@@ -158,8 +186,12 @@ def main() -> None:
         for name, r in tab.items():
             values[f"tabular_additive_{name}_auc"] = r["auc"]
             values[f"tabular_additive_{name}_logreg_auc"] = r["baseline_auc"]
-            values[f"tabular_additive_{name}_auc_minus_logreg"] = r["auc"] - r["baseline_auc"]
-            print(f"tabular (additive, {rows // 4} rows) {name}: AUC {r['auc']:.4f} vs logreg {r['baseline_auc']:.4f}")
+            values[f"tabular_additive_{name}_auc_minus_logreg"] = r["auc_minus_baseline"]
+            values[f"tabular_additive_{name}_auc_minus_logreg_min"] = r["auc_minus_baseline_min"]
+            values[f"tabular_additive_{name}_auc_minus_logreg_max"] = r["auc_minus_baseline_max"]
+            print(f"tabular (additive, {rows // 4} rows) {name}: AUC {r['auc']:.4f} vs logreg {r['baseline_auc']:.4f} "
+                  f"(difference, median of {a.repeats}: {r['auc_minus_baseline']:+.4f}, "
+                  f"{r['auc_minus_baseline_min']:+.4f} to {r['auc_minus_baseline_max']:+.4f})")
         data["tabular_additive"] = tab
     if "multitask" in parts:
         with tempfile.TemporaryDirectory(prefix="adsfm-models-") as tmp:
@@ -167,7 +199,7 @@ def main() -> None:
         for task, m in mt["tasks"].items():
             values.update({f"movielens_multitask_{task}_{k}": v for k, v in m.items()})
         data["movielens_multitask"] = mt
-    cfg = {"quick": a.quick, "parts": sorted(parts), "epochs_movielens": epochs, "rows_criteo": rows, "crosses": a.crosses, "models": list(MODELS),
+    cfg = {"quick": a.quick, "parts": sorted(parts), "repeats": a.repeats, "epochs_movielens": epochs, "rows_criteo": rows, "crosses": a.crosses, "models": list(MODELS),
            "layout": "tw2 (2 Ray Train workers)"}
     res = result("models", cfg, values, ratios)
     res["tables"] = data

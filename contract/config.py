@@ -119,6 +119,11 @@ class ComputeKernel(StrEnum):
     dense = "dense"
 
 
+class GzipSplit(StrEnum):
+    striped = "striped"
+    whole = "whole"
+
+
 class Ingress(StrEnum):
     """Ray Serve ingress of a local cluster (adsfm.contract.cluster says what each is)."""
 
@@ -246,6 +251,12 @@ class StreamConfig:
     """Hash buckets per categorical column, as TorchRec's Criteo examples take them."""
     chunk_bytes: int = 8 << 20
     """Bytes parsed at once; memory per worker is a few times this."""
+    gzip_split: GzipSplit = GzipSplit.striped
+    """How ranks share gzip files, which cannot be entered in the middle. striped: every rank decompresses
+    every file and parses every world-th line, so shares are equal to a line per file and every row is
+    trained (decompression costs ranks x the bytes); whole: each file goes to one rank, so decompression is
+    shared but ranks stop with the smallest share (the unread part is printed before training, and fewer
+    files than ranks is an error)."""
     stats_rows: int = 100_000
     """Leading training rows that estimate the dense columns' mean and std."""
     holdout_rows: int = 200_000

@@ -62,6 +62,14 @@ def validate(cfg: AdsfmConfig) -> FeatureSpec:
             raise ValueError("data.labels: multi-task labels are read from in-memory sources; data.source=criteo streams one label")
         if any(lt.weight < 0 for lt in cfg.data.labels) or not any(lt.weight > 0 for lt in cfg.data.labels):
             raise ValueError(f"data.labels: weights {[lt.weight for lt in cfg.data.labels]} must be >= 0, one of them > 0")
+    if cfg.data.source == DataSource.criteo:  # gzip files are dealt whole: too few fail, unequal ones are reported
+        from adsfm.training.stream import resolve, unread_share
+
+        unread = unread_share(resolve(cfg.data.stream.paths, "stream.paths"), dp, cfg.data.stream.gzip_split)
+        if unread > 0.05:
+            print(f"[adsfm] warning: data.stream.gzip_split=whole: gzip files are read whole, one rank each, and ranks stop "
+                  f"together when the smallest share runs dry: about {unread:.0%} of the training bytes go unread each epoch "
+                  f"over {dp} data-parallel ranks; use gzip_split=striped, more equal-sized files, or TSV or parquet", flush=True)
     fs = load_features(cfg.data)
     model = build_model(fs.spec, cfg.model, device="meta")  # raises on inconsistent sizes and features
     validate_parallel(p, table_names(model), table_dim(cfg.model), t.sparse_optimizer)

@@ -8,8 +8,10 @@ no worker reads another's bytes:
 - plain text: the files, taken as one byte stream, are cut into `world` equal byte ranges; a line belongs to
   the range holding its first byte (each reader skips the partial line it starts in, and finishes the line
   it ends in), so every line is read exactly once and the ranks' shares differ by at most one line's bytes;
-- gzip: a file cannot be entered in the middle, so whole files are dealt out, largest first, to the rank
-  with the fewest bytes so far;
+- gzip: a file cannot be entered in the middle. `gzip_split=striped` (the default): every rank reads every
+  file and keeps every world-th line, starting at its rank (shares equal to a line per file; each rank
+  decompresses all the bytes); `whole`: files are dealt out whole, largest first, to the rank with the
+  fewest bytes so far (each file decompressed once, shares as unequal as the files);
 - parquet: the rows, taken in file order, are cut into `world` equal shares; a rank reads only the row
   groups that overlap its share.
 
@@ -90,23 +92,51 @@ def _kind(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Piece:
-    """[start, end) of one file: bytes for text, rows for parquet; end=-1 means to the end (gzip)."""
+    """[start, end) of one file: bytes for text, rows for parquet; end=-1 means to the end (gzip), of which
+    `stripe` (rank, world) keeps the lines whose number % world == rank."""
 
     path: Path
     start: int
     end: int
+    stripe: tuple[int, int] | None = None
 
 
-def rank_pieces(files: list[Path], rank: int, world: int) -> list[Piece]:
+def gzip_owners(files: list[Path], world: int) -> dict[Path, int]:
+    """Which rank reads each gzip file: whole files, largest first, to the rank with the fewest bytes so
+    far. Fewer files than ranks is an error: a rank without a file would stop every rank at step 0."""
+    if len(files) < world:
+        raise ValueError(
+            f"data.stream.paths: {len(files)} gzip file(s) for {world} data-parallel ranks: a gzip file cannot be "
+            f"split, so {world - len(files)} rank(s) would have nothing to read and every rank would stop at step 0; "
+            f"give at least {world} files (or plain TSV or parquet, which are split by bytes and rows)"
+        )
+    load = [0] * world
+    owner: dict[Path, int] = {}
+    for f in sorted(files, key=lambda f: -f.stat().st_size):
+        r = int(np.argmin(load))
+        owner[f] = r
+        load[r] += f.stat().st_size
+    return owner
+
+
+def unread_share(files: list[Path], world: int, gzip_split: str = "striped") -> float:
+    """The share of the training bytes never read in an epoch because ranks stop together when the one
+    with the smallest share runs dry: 0 for text, parquet and striped gzip (equal shares, up to a line per
+    file), and for whole gzip files 1 - world * smallest share / total (compressed bytes stand for rows)."""
+    if _kind(files[0]) != "gzip" or gzip_split == "striped":
+        return 0.0
+    owner = gzip_owners(files, world)
+    load = [sum(f.stat().st_size for f, r in owner.items() if r == k) for k in range(world)]
+    return 1.0 - world * min(load) / max(sum(load), 1)
+
+
+def rank_pieces(files: list[Path], rank: int, world: int, gzip_split: str = "striped") -> list[Piece]:
     """This rank's share of `files` (see the module docstring for how each format is split)."""
     kind = _kind(files[0])
+    if kind == "gzip" and (gzip_split == "striped" or world == 1):
+        return [Piece(f, 0, -1, stripe=(rank, world) if world > 1 else None) for f in files]
     if kind == "gzip":
-        load = [0] * world
-        owner: dict[Path, int] = {}
-        for f in sorted(files, key=lambda f: -f.stat().st_size):
-            r = int(np.argmin(load))
-            owner[f] = r
-            load[r] += f.stat().st_size
+        owner = gzip_owners(files, world)
         return [Piece(f, 0, -1) for f in files if owner[f] == rank]
     if kind == "parquet":
         import pyarrow.parquet as pq
@@ -162,7 +192,12 @@ def read_piece(piece: Piece, s: StreamConfig) -> Iterator[pd.DataFrame]:
         return
     names = ["label", *dense, *sparse]
     dtypes: dict[str, Any] = {"label": np.int64, **{c: np.float64 for c in dense}, **{c: str for c in sparse}}
+    seen = 0  # lines of the file so far (a stripe keeps those whose number % world == rank)
     for block in _text_lines(piece, s.chunk_bytes):
+        if piece.stripe is not None:
+            block, seen = _stripe(block, seen, *piece.stripe)
+            if not block:
+                continue
         lines = block.count(b"\n") + (not block.endswith(b"\n"))
         if block.count(b"\t") != lines * (len(names) - 1):  # pandas pads short lines silently
             bad = next(ln for ln in block.split(b"\n") if ln and ln.count(b"\t") != len(names) - 1)
@@ -182,6 +217,16 @@ def read_piece(piece: Piece, s: StreamConfig) -> Iterator[pd.DataFrame]:
                 f"num_sparse={s.num_sparse} (label, {s.num_dense} integers, {s.num_sparse} categoricals, tab-separated): {e}"
             ) from e
         yield df
+
+
+def _stripe(block: bytes, seen: int, rank: int, world: int) -> tuple[bytes, int]:
+    """The lines of `block` (whole lines, the file's lines `seen`.. onwards) whose number % world == rank,
+    and the count of lines seen after it."""
+    lines = block.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    mine = lines[(rank - seen) % world :: world]
+    return (b"\n".join(mine) + b"\n" if mine else b""), seen + len(lines)
 
 
 def _parquet_rows(piece: Piece, s: StreamConfig, dense: list[str], sparse: list[str]) -> Iterator[pd.DataFrame]:
@@ -282,9 +327,26 @@ def criteo_features(cfg: DataConfig) -> FeatureSet:
 # ------------------------------------------------------------------------------------------ batch sources
 
 
+@dataclass(frozen=True)
+class EpochRows:
+    """What an epoch did with the training rows, over all ranks: every row of the source is either trained
+    or not (the ragged last batch; for a stream, also what the other ranks still held when the first ran
+    dry, counted by reading the rest of their shares without featurizing it)."""
+
+    rows: int
+    trained: int
+
+    @property
+    def not_trained(self) -> int:
+        return self.rows - self.trained
+
+
 class BatchSource(Protocol):
     steps_per_epoch: int | None
     """None when the length of an epoch is only known once it is read (a stream)."""
+    rows: EpochRows | None
+    """The last epoch's row count, once the epoch has been read to its end (None if it stopped early, at
+    train.max_steps)."""
 
     def epoch(self, epoch: int, rank: int, world: int, skip: int) -> Iterator[Batch]:
         """This rank's batches of `epoch`, after skipping the first `skip` (a resumed run). Every rank
@@ -298,11 +360,14 @@ class MemorySource:
     def __init__(self, fs: FeatureSet, batch_size: int, seed: int) -> None:
         self.fs, self.batch_size, self.seed = fs, batch_size, seed
         self.steps_per_epoch: int | None = len(fs.train_idx) // batch_size
+        self.rows: EpochRows | None = None
 
     def epoch(self, epoch: int, rank: int, world: int, skip: int) -> Iterator[Batch]:
+        self.rows = None
         for i, rows in enumerate(iter_batches(self.fs.train_idx, self.batch_size, rank, world, seed=self.seed + epoch)):
             if i >= skip:
                 yield self.fs.take(rows)
+        self.rows = EpochRows(len(self.fs.train_idx), (self.steps_per_epoch or 0) * self.batch_size)
 
 
 class CriteoSource:
@@ -314,25 +379,66 @@ class CriteoSource:
         self.files = resolve(self.cfg.paths, "stream.paths")
         self.keys = [f.name for f in spec.sparse]
         self.steps_per_epoch: int | None = None
+        self.rows: EpochRows | None = None
 
-    def local_batches(self, rank: int, world: int) -> Iterator[Chunk]:
+    def frames(self, rank: int, world: int) -> Iterator[pd.DataFrame]:
+        """This rank's share of the files as raw frames, in order."""
+        for piece in rank_pieces(self.files, rank, world, self.cfg.gzip_split):
+            yield from read_piece(piece, self.cfg)
+
+    def local_batches(self, rank: int, world: int, frames: Iterator[pd.DataFrame] | None = None) -> Iterator[Chunk]:
         local = self.batch_size // world
         held: Chunk | None = None
-        for piece in rank_pieces(self.files, rank, world):
-            for df in read_piece(piece, self.cfg):
-                c = featurize_rows(df, self.spec)
-                held = c if held is None else Chunk.join(held, c)
-                while len(held) >= local:
-                    out, held = held.cut(local)
-                    yield out
+        for df in self.frames(rank, world) if frames is None else frames:
+            c = featurize_rows(df, self.spec)
+            held = c if held is None else Chunk.join(held, c)
+            while len(held) >= local:
+                out, held = held.cut(local)
+                yield out
 
     def epoch(self, epoch: int, rank: int, world: int, skip: int) -> Iterator[Batch]:
-        for i, chunk in enumerate(self.local_batches(rank, world)):
+        self.rows = None
+        frames = _Counted(self.frames(rank, world))
+        taken, stopped = 0, False
+        for chunk in self.local_batches(rank, world, frames):
             if not all_ranks(True):
-                return
-            if i >= skip:
+                stopped = True  # another rank ran dry: this collective was the last of the epoch for all
+                break
+            if taken >= skip:
                 yield chunk.batch(self.keys)
-        all_ranks(False)  # this rank is done: the others learn it at the same step
+            taken += 1
+        if not stopped:
+            all_ranks(False)  # this rank is done: the others learn it at the same step
+        for _ in frames:  # the rest of this rank's share, counted, not featurized: rows no step took
+            pass
+        self.rows = _summed(frames.rows, taken * (self.batch_size // world), world)
+
+
+class _Counted:
+    """An iterator of frames that counts their rows."""
+
+    def __init__(self, frames: Iterator[pd.DataFrame]) -> None:
+        self.frames, self.rows = frames, 0
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> pd.DataFrame:
+        df = next(self.frames)
+        self.rows += len(df)
+        return df
+
+
+def _summed(rows: int, trained: int, world: int) -> EpochRows:
+    """This rank's counts summed over the data-parallel ranks (tensor-parallel peers read the same rows)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return EpochRows(rows, trained)
+    t = torch.tensor([rows, trained], dtype=torch.int64)
+    dist.all_reduce(t)
+    peers = dist.get_world_size() // world
+    return EpochRows(int(t[0]) // peers, int(t[1]) // peers)
 
 
 def train_source(cfg: DataConfig, fs: FeatureSet, batch_size: int, seed: int) -> BatchSource:

@@ -81,6 +81,7 @@ class Trainer:
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self.losses: list[float] = []
         self.history: list[dict[str, float]] = []
+        self.epoch_rows: list[dict[str, int]] = []
         self.resumed_from: Path | None = None
         # Early stopping's memory: the best validation logloss so far, its epoch's checkpoint, and the epochs since.
         self.best: dict[str, Any] = {"logloss": math.inf, "epoch": None, "step": None, "checkpoint": None, "stale": 0,
@@ -107,6 +108,7 @@ class Trainer:
         else:  # a checkpoint written before the position was recorded implies it from the step
             self.epoch, self.epoch_step = divmod(self.step, per_epoch) if per_epoch else (0, self.step)
         self.best = state.get("best", self.best)
+        self.epoch_rows = state.get("epoch_rows", [])
         self.resumed_from = resume
         self.bar.update(self.step)
         if self.rank == 0:
@@ -114,7 +116,7 @@ class Trainer:
 
     def position(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "losses": self.losses,
-                "eval_history": self.history, "best": self.best}
+                "eval_history": self.history, "epoch_rows": self.epoch_rows, "best": self.best}
 
     # ------------------------------------------------------------------------------------------- train
 
@@ -144,6 +146,7 @@ class Trainer:
             if self.step == self.total:
                 break
         self.losses.extend(self.meter.flush())
+        self._log_rows()
         self.evaluate()
         if self.valid_idx is not None and self.judge():
             return False
@@ -151,6 +154,19 @@ class Trainer:
             return False
         self.epoch, self.epoch_step = self.epoch + 1, 0
         return not self.done()
+
+    def _log_rows(self) -> None:
+        """Rows of the source this epoch, and how many a step took: nothing is dropped unsaid."""
+        r = self.source.rows
+        if r is None:  # stopped at train.max_steps, before the end of the data
+            return
+        self.epoch_rows.append({"epoch": self.epoch, "rows": r.rows, "trained": r.trained, "not_trained": r.not_trained})
+        if self.client is not None:
+            self.bar.write(f"[adsfm] epoch {self.epoch}: {r.rows:,} training rows, {r.trained:,} trained, {r.not_trained:,} "
+                           f"not ({r.not_trained / max(r.rows, 1):.2%}: the last partial batch"
+                           + (", and what other ranks held when the first ran dry)" if self.cfg.data.source == "criteo" else ")"))
+            self.client.log_metric(self.run_id, "epoch_rows", r.rows, step=self.step)
+            self.client.log_metric(self.run_id, "epoch_rows_trained", r.trained, step=self.step)
 
     def _log_losses(self) -> None:
         self.losses.extend(self.meter.flush())
@@ -206,8 +222,9 @@ class Trainer:
 
     def finish(self) -> None:
         """The final checkpoint; rank 0 writes train_result.json; every rank reports to Ray Train."""
-        if not self.history:
-            raise RuntimeError("no training step ran: the training data yields no full batch (data.stream.paths, train.batch_size)")
+        if not self.history or self.step == 0:  # an untrained model is never a successful run
+            raise RuntimeError("no training step ran: the training data yields no full batch on some rank "
+                               "(data.stream.paths, train.batch_size)")
         self.bar.close()
         if self.saver is not None:
             self.saver.wait()
@@ -230,6 +247,7 @@ class Trainer:
                 "samples_per_second": self.steps_run * self.cfg.train.batch_size / max(elapsed, 1e-9),
                 "losses": self.losses,
                 "eval_history": self.history,
+                "epoch_rows": self.epoch_rows,
                 "holdout": {k: v for k, v in final.items() if k not in ("epoch", "step", "valid_logloss", "valid_auc")},
                 "sharding_plan": self.plan,
             }

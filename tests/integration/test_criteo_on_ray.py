@@ -33,6 +33,7 @@ def test_criteo_files_train_on_two_workers_and_export(ray_cluster: None, tmp_pat
     # the shorter half ran out: no row was read twice, and at most a batch per rank was left over.
     steps = result.raw["steps"]
     assert steps * 512 <= sum(rows) and (steps + 2) * 512 > sum(rows), steps
+    assert result.raw["epoch_rows"] == [{"epoch": 0, "rows": sum(rows), "trained": steps * 512, "not_trained": sum(rows) - steps * 512}]
     assert result.raw["world_size"] == 2
     assert result.holdout["n"] == 3000 and result.holdout["auc"] > 0.6
 

@@ -18,6 +18,7 @@ from adsfm.training.stream import (
     read_piece,
     read_rows,
     resolve,
+    unread_share,
     write_synthetic_criteo,
 )
 
@@ -97,6 +98,22 @@ def test_every_line_is_read_exactly_once(tmp_path: Path, world: int) -> None:
     assert max(sizes) - min(sizes) <= 2 * len(files)  # equal byte shares: rows differ by line-length noise only
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_striped_gzip_reads_every_line_exactly_once_in_equal_shares(tmp_path: Path, world: int) -> None:
+    rows = [2000, 131, 77, 5]  # one large file and small ones: whole files per rank would be far apart
+    files = [write_synthetic_criteo(tmp_path / f"day_{i}.gz", n, seed=i, s=SMALL) for i, n in enumerate(rows)]
+    s = StreamConfig(num_dense=2, num_sparse=3, chunk_bytes=997)  # blocks end mid-line
+    shares = [pd.concat([df for p in rank_pieces(files, r, world) for df in read_piece(p, s)], ignore_index=True)
+              for r in range(world)]
+    assert max(map(len, shares)) - min(map(len, shares)) <= len(files)  # a line per file at most
+    whole = read_rows(files, s, 10**9)
+    assert len(whole) == sum(rows)
+    for r, share in enumerate(shares):  # rank r holds lines r, r + world, ... of each file, in order
+        want = pd.concat([whole.iloc[sum(rows[:i]) : sum(rows[: i + 1])].iloc[r::world] for i in range(len(rows))])
+        np.testing.assert_array_equal(share["cat_1"].to_numpy(), want["cat_1"].to_numpy())
+        np.testing.assert_array_equal(share["label"].to_numpy(), want["label"].to_numpy())
+
+
 def test_workers_read_only_their_files(tmp_path: Path) -> None:
     files = [write_synthetic_criteo(tmp_path / f"day_{i}.tsv", 500, seed=i, s=SMALL) for i in range(4)]
     for f in files[1:]:  # equal sizes, so the byte halves fall on file boundaries
@@ -104,8 +121,20 @@ def test_workers_read_only_their_files(tmp_path: Path) -> None:
     assert {p.path for p in rank_pieces(files, 0, 2)} == set(files[:2])
     assert {p.path for p in rank_pieces(files, 1, 2)} == set(files[2:])
     gz = [write_synthetic_criteo(tmp_path / f"day_{i}.gz", 300 * (i + 1), seed=i, s=SMALL) for i in range(3)]
-    owners = [{p.path for p in rank_pieces(gz, r, 2)} for r in range(2)]
+    owners = [{p.path for p in rank_pieces(gz, r, 2, "whole")} for r in range(2)]
     assert owners[0].isdisjoint(owners[1]) and owners[0] | owners[1] == set(gz)  # whole gzip files, never shared
+
+
+def test_whole_gzip_files_too_few_fail_and_unequal_ones_are_measured(tmp_path: Path) -> None:
+    gz = [write_synthetic_criteo(tmp_path / f"day_{i}.gz", 300 * (i + 1), seed=i, s=SMALL) for i in range(3)]
+    with pytest.raises(ValueError, match=r"data.stream.paths: 3 gzip file\(s\) for 4 data-parallel ranks: .* 1 rank\(s\) would have nothing"):
+        rank_pieces(gz, 0, 4, "whole")
+    sizes = [f.stat().st_size for f in gz]  # dealt: the largest to rank 0, the other two to rank 1
+    assert unread_share(gz, 2, "whole") == pytest.approx(1 - 2 * min(sizes[2], sizes[0] + sizes[1]) / sum(sizes))
+    assert unread_share(gz, 1, "whole") == 0.0
+    assert unread_share(gz, 4, "striped") == 0.0 and len(rank_pieces(gz, 3, 4)) == 3  # striped: every rank reads every file
+    tsv = [write_synthetic_criteo(tmp_path / f"day_{i}.tsv", 100 * (i + 1), seed=i, s=SMALL) for i in range(2)]
+    assert unread_share(tsv, 4) == 0.0  # split by bytes: every rank gets an equal share
 
 
 @pytest.mark.parametrize("suffix", ["gz", "parquet"])
@@ -148,3 +177,14 @@ def test_bad_files_and_config_name_the_field(tmp_path: Path) -> None:
     cfg = _cfg([bad], [bad], StreamConfig(num_sparse=3, num_embeddings_per_feature=[10, 10]))
     with pytest.raises(ValueError, match=r"num_embeddings_per_feature has 2 entries != data.stream.num_sparse\(3\)"):
         criteo_spec(cfg)
+
+
+def test_too_few_whole_gzip_files_fail_before_any_worker_starts(tmp_path: Path) -> None:
+    from adsfm.contract.config import as_config, compose
+    from adsfm.training.job import validate
+
+    one = write_synthetic_criteo(tmp_path / "day_0.gz", 300, seed=0)
+    cfg = as_config(compose(["experiment=criteo_dlrm", f"run_root={tmp_path}", f"data.stream.paths=[{one}]",
+                             f"data.stream.holdout_paths=[{one}]", "data.stream.gzip_split=whole"]))  # tw2: two ranks
+    with pytest.raises(ValueError, match=r"1 gzip file\(s\) for 2 data-parallel ranks"):
+        validate(cfg)
