@@ -6,7 +6,8 @@ Writes one Criteo-format file (label, 13 integers, 26 hex categoricals; Zipf ids
 TSV, gzip and parquet, then measures in one run, each to the same end point (standardised dense floats and
 hashed table rows for every line):
 - adsfm's streaming reader (training/stream.py) on 1 worker for each format, and on 2 workers (2 processes,
-  each reading only its half of the TSV) for the aggregate rate;
+  each reading only its half of the TSV; for gzip, each decompressing the whole file and keeping every
+  other line) for the aggregate rate;
 - a naive reader: the file read line by line in Python, split on tabs, every value converted and hashed
   on its own (no chunked parsing, no memo) -- what a hand-rolled loader does.
 """
@@ -109,6 +110,10 @@ def run(rows: int, quick: bool) -> dict[str, Any]:
         values["tsv_rows_per_s_2w"] = n2 / max(p[1] for p in parts)  # reading time, not process start-up
         values["tsv_rows_per_s_2w_wall"] = n2 / wall
         table.append(("adsfm stream, tsv", "2", n2, values["tsv_rows_per_s_2w"]))
+        with ctx.Pool(2) as pool:  # striped gzip: each worker decompresses the whole file, keeps half the lines
+            parts = pool.map(_worker, [(cfg_for(files["gz"]), spec, r, 2) for r in range(2)])
+        values["gz_striped_rows_per_s_2w"] = sum(p[0] for p in parts) / max(p[1] for p in parts)
+        table.append(("adsfm stream, gz striped", "2", sum(p[0] for p in parts), values["gz_striped_rows_per_s_2w"]))
         naive_path = files["tsv"]
         if quick:  # the naive reader is slow: time it on a prefix
             naive_path = d / "prefix.tsv"
@@ -125,6 +130,7 @@ def run(rows: int, quick: bool) -> dict[str, Any]:
     ratios = {
         "adsfm_vs_naive_rows_per_s": values["tsv_rows_per_s_1w"] / values["naive_rows_per_s"],
         "two_workers_vs_one": values["tsv_rows_per_s_2w"] / values["tsv_rows_per_s_1w"],
+        "gz_striped_two_workers_vs_one": values["gz_striped_rows_per_s_2w"] / values["gz_rows_per_s_1w"],
     }
     print(f"\n{'reader':<34} {'workers':>7} {'rows':>10} {'rows/s':>10}")
     for name, w, n, rate in table:
