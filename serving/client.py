@@ -21,8 +21,9 @@ class RankError(RuntimeError):
 class RankClient:
     """`RankClient("http://127.0.0.1:8000").rank({"user_id": "196"}, [{"item_id": "1"}, ...])`.
 
-    Keeps one HTTP connection pool; retries connection errors and 5xx (a replica restarting, a model
-    swap) with a short backoff, never a 4xx (the same request would fail again)."""
+    Keeps one HTTP connection pool; retries connection errors, answers cut off mid-body and 5xx (a replica
+    restarting, a model swap) with a short backoff, never a 4xx (the same request would fail again):
+    ranking is idempotent."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None, timeout_s: float = 5.0,
                  retries: int = 2) -> None:
@@ -49,7 +50,8 @@ class RankClient:
         for attempt in range(self.retries + 1):
             try:
                 r = self.session.request(method, self.url + path, json=body, timeout=self.timeout_s)
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+                # ChunkedEncodingError: the connection broke mid-answer (a replica killed while it was sending)
                 if attempt == self.retries:
                     raise
             else:
