@@ -15,7 +15,8 @@ train.seed 0, 1, ... on the same split; figures are medians, with the min and ma
 MovieLens (`experiment=movielens_multitask`: like = rating >= 4, love = rating = 5), each task's holdout
 figures beside the one-task DLRM's (whose label is like).
 
-    python bench/models.py --parts multitask   # one part: movielens, criteo, tabular, multitask
+    python bench/models.py --parts multitask   # one part: movielens, criteo, tabular (both kinds), tabular_additive,
+                                               # tabular_crosses, multitask
 """
 
 from __future__ import annotations
@@ -106,23 +107,27 @@ def criteo(root: Path, rows: int, crosses: float) -> dict[str, dict[str, Any]]:
     return out
 
 
-def tabular(root: Path, rows: int) -> dict[str, dict[str, Any]]:
-    """The default config on a tabular file (`data=tabular`) where logistic regression is the true model
-    (Criteo-shaped, no crosses), with `train.baseline=true`: the case that shows whether the defaults lose
-    to a linear model; and the same with the wide part and early stopping."""
+def tabular(root: Path, rows: int, crosses: float) -> dict[str, dict[str, Any]]:
+    """The default config on a Criteo-shaped tabular file (`data=tabular`: wide part, early stopping, the
+    baseline trained first and the model started from it), the same without the start from the baseline,
+    and plain DLRM (no wide part, no early stopping), each beside its baseline. Without `crosses` logistic
+    regression is the true model: the case that shows whether the defaults lose to a linear model; with
+    them, whether starting from the baseline still lets the deep part add what it can."""
     import pandas as pd
 
     from adsfm.training.stream import write_synthetic_criteo
 
-    path = write_synthetic_criteo(root / "tabular_additive.parquet", rows, seed=5)
+    path = write_synthetic_criteo(root / f"tabular_{crosses}.parquet", rows, seed=5, crosses=crosses)
     data = ["data=tabular", f"data.path={path}", "data.label=label", "data.user_column=null", "data.item_column=null",
             "data.time_column=null", "data.history.length=0",
             "data.dense=[" + ",".join(f"{{name:int_{i},side:user}}" for i in range(13)) + "]",
             "data.sparse=[" + ",".join(f"{{name:cat_{i},side:user,hash_buckets:5000}}" for i in range(26)) + "]"]
     assert len(pd.read_parquet(path, columns=["label"])) == rows
     out = {}
-    for name, ov in {"default": [], "wide_early_stopping": ["model.wide=true", "train.early_stopping=true"]}.items():
-        r = repeated([*data, *ov, "train.baseline=true"], root / "tabular", name)
+    variants = {"default": [], "no_start_from_baseline": ["train.start_from_baseline=false"],
+                "plain_dlrm": ["model.wide=false", "train.early_stopping=false"]}
+    for name, ov in variants.items():
+        r = repeated([*data, *ov], root / "tabular", name)
         out[name] = r
         print(f"tabular {name}: {r}", flush=True)
     return out
@@ -180,19 +185,21 @@ def main() -> None:
         print(table(d, rows_), "\n", flush=True)
     if ratios:
         ratios["auc_vs_logreg"] = min(ratios.values())  # the weaker of the two: > 1 means it holds on both
-    if "tabular" in parts:
+    for kind, crosses in (("additive", 0.0), ("crosses", a.crosses)):
+        if f"tabular_{kind}" not in parts and "tabular" not in parts:
+            continue
         with tempfile.TemporaryDirectory(prefix="adsfm-models-") as tmp:
-            tab = tabular(Path(tmp), rows // 4)
+            tab = tabular(Path(tmp), rows // 4, crosses)
         for name, r in tab.items():
-            values[f"tabular_additive_{name}_auc"] = r["auc"]
-            values[f"tabular_additive_{name}_logreg_auc"] = r["baseline_auc"]
-            values[f"tabular_additive_{name}_auc_minus_logreg"] = r["auc_minus_baseline"]
-            values[f"tabular_additive_{name}_auc_minus_logreg_min"] = r["auc_minus_baseline_min"]
-            values[f"tabular_additive_{name}_auc_minus_logreg_max"] = r["auc_minus_baseline_max"]
-            print(f"tabular (additive, {rows // 4} rows) {name}: AUC {r['auc']:.4f} vs logreg {r['baseline_auc']:.4f} "
+            key = f"tabular_{kind}_{name}"
+            values[f"{key}_auc"], values[f"{key}_logreg_auc"] = r["auc"], r["baseline_auc"]
+            values[f"{key}_auc_minus_logreg"] = r["auc_minus_baseline"]
+            values[f"{key}_auc_minus_logreg_min"] = r["auc_minus_baseline_min"]
+            values[f"{key}_auc_minus_logreg_max"] = r["auc_minus_baseline_max"]
+            print(f"tabular ({kind}, {rows // 4} rows) {name}: AUC {r['auc']:.4f} vs logreg {r['baseline_auc']:.4f} "
                   f"(difference, median of {a.repeats}: {r['auc_minus_baseline']:+.4f}, "
-                  f"{r['auc_minus_baseline_min']:+.4f} to {r['auc_minus_baseline_max']:+.4f})")
-        data["tabular_additive"] = tab
+                  f"{r['auc_minus_baseline_min']:+.4f} to {r['auc_minus_baseline_max']:+.4f}), best epoch {r.get('best_epoch')}")
+        data[f"tabular_{kind}"] = tab
     if "multitask" in parts:
         with tempfile.TemporaryDirectory(prefix="adsfm-models-") as tmp:
             mt = multitask(Path(tmp), epochs)

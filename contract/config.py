@@ -455,6 +455,11 @@ class TrainConfig:
     baseline: bool = False
     """Also train logistic regression (model=logreg) on the same features, split and epochs, and log
     `holdout_auc_vs_baseline` and `holdout_logloss_vs_baseline` (this model minus the baseline) to MLflow."""
+    start_from_baseline: bool = True
+    """With train.baseline and a wide part (model.wide, dlrm or dcnv2): train the baseline first and start
+    this model from it (its wide weights the baseline's, the deep part's output zero), so it begins where
+    the baseline ends. With early stopping that start is judged like an epoch: the exported model is never
+    worse on validation than the baseline."""
     failure_drill: bool = False
     """Tests only: each worker writes its pid to <run_dir>/workers/rank<N>.pid so a test can kill it."""
 

@@ -153,33 +153,49 @@ def _is_table_weight(name: str) -> bool:
 
 
 @torch.no_grad()
-def load_full_state(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
+def load_full_state(model: nn.Module, full: dict[str, torch.Tensor], at: dict[str, tuple[int, ...]] | None = None) -> None:
     """Copy an unsharded state dict into a (possibly sharded) model: each rank copies the slices it holds.
 
-    Lets every layout start from identical weights, which is what layout-equivalence tests compare.
+    Lets every layout start from identical weights, which is what layout-equivalence tests compare. With
+    `at`, the copy is partial: only the keys of `full` are written, each tensor into the block of the model's
+    tensor that starts at its `at` offset (0 where `at` has no entry); the rest of the model is untouched.
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
     from torch.distributed.tensor import DTensor
     from torchrec.distributed.shards_wrapper import LocalShardsWrapper
 
-    for key, dst in model.state_dict().items():
-        if key not in full:
-            raise KeyError(f"{key} is in the model but not in the state dict to load")
-        src = full[key]
+    state = model.state_dict()
+    if at is None:
+        missing = [k for k in state if k not in full]
+        if missing:
+            raise KeyError(f"{missing[0]} is in the model but not in the state dict to load")
+    unknown = [k for k in full if k not in state]
+    if unknown:
+        raise KeyError(f"{unknown[0]} is in the state dict to load but not in the model")
+    for key, src in full.items():
+        dst, origin = state[key], (at or {}).get(key, (0,) * full[key].dim())
         if isinstance(dst, ShardedTensor):
             for shard in dst.local_shards():
-                region = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True))
-                shard.tensor.copy_(src[region])
+                _copy_block(shard.tensor, tuple(shard.metadata.shard_offsets), src, origin)
         elif isinstance(dst, DTensor) and isinstance(dst.to_local(), LocalShardsWrapper):  # 2D sparse tables
             wrapper = dst.to_local()
             for t, offsets in zip(wrapper.local_shards(), wrapper.local_offsets(), strict=True):  # type: ignore[attr-defined]
-                t.copy_(src[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape, strict=True))])
+                _copy_block(t, tuple(offsets), src, origin)
         elif isinstance(dst, DTensor):
-            local = dst.to_local()
-            offsets = _dtensor_offsets(dst)
-            local.copy_(src[tuple(slice(o, o + n) for o, n in zip(offsets, local.shape, strict=True))])
+            _copy_block(dst.to_local(), _dtensor_offsets(dst), src, origin)
         else:
-            dst.copy_(src)
+            _copy_block(dst, (0,) * dst.dim(), src, origin)
+
+
+def _copy_block(dst: torch.Tensor, dst_at: tuple[int, ...], src: torch.Tensor, src_at: tuple[int, ...]) -> None:
+    """Copy into `dst` (a block of a global tensor starting at `dst_at`) the part of `src` (a block starting
+    at `src_at`) that overlaps it."""
+    lo = [max(a, b) for a, b in zip(dst_at, src_at, strict=True)]
+    hi = [min(a + n, b + m) for a, n, b, m in zip(dst_at, dst.shape, src_at, src.shape, strict=True)]
+    if any(h <= s for s, h in zip(lo, hi, strict=True)):
+        return
+    dst[tuple(slice(s - a, h - a) for s, h, a in zip(lo, hi, dst_at, strict=True))].copy_(
+        src[tuple(slice(s - b, h - b) for s, h, b in zip(lo, hi, src_at, strict=True))])
 
 
 def _dtensor_offsets(t: Any) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ from adsfm.contract.tracking import ensure_experiment, tracking_uri
 from adsfm.parallel.config import dense_degrees, validate_parallel
 from adsfm.parallel.dense_plan import SparseDenseModel
 from adsfm.parallel.plan import table_names
+from adsfm.training.baseline import compare, starts_from_baseline, train_baseline
 from adsfm.training.data import data_fingerprint, load_features
 from adsfm.training.models import build_model
 from adsfm.training.models.pooled import table_dim
@@ -55,7 +56,7 @@ def validate(cfg: AdsfmConfig) -> FeatureSpec:
                          "not model=hstu")
     if t.baseline and cfg.model.arch == Arch.hstu:
         raise ValueError("train.baseline=true trains logistic regression on the model's own features; model=hstu's "
-                         "history features have no pooled form: compare with bench/models.py instead")
+                         "history features have no pooled form: set train.baseline=false (data=tabular turns it on) and compare with bench/models.py")
     if cfg.data.labels:
         check_task_names([lt.name for lt in cfg.data.labels])
         if cfg.data.source == DataSource.criteo:
@@ -118,6 +119,7 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = to_plain(cfg)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    base = train_baseline(cfg, run_dir) if starts_from_baseline(cfg) else None
 
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -143,7 +145,8 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     from adsfm.training.worker import train_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": resolved, "run_dir": str(run_dir), "tracking_uri": uri, "run_id": run_id},
+        train_loop_config={"cfg": resolved, "run_dir": str(run_dir), "tracking_uri": uri, "run_id": run_id,
+                           "start_from": str(base.checkpoint) if base else None},
         scaling_config=ScalingConfig(
             num_workers=cfg.parallel.num_workers,
             use_gpu=cfg.parallel.device == "cuda",
@@ -169,44 +172,12 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
         client.log_artifact(run_id, str(run_dir / name))
     client.log_metric(run_id, "samples_per_second", raw["samples_per_second"])
     if cfg.train.baseline and cfg.model.arch != Arch.logreg:
-        raw["baseline"] = train_baseline(cfg, run_dir, raw["holdout"])
+        raw["baseline"] = compare(cfg, raw["holdout"], base or train_baseline(cfg, run_dir))
         for k in ("holdout_auc_vs_baseline", "holdout_logloss_vs_baseline", "baseline_holdout_auc", "baseline_holdout_logloss"):
             client.log_metric(run_id, k, raw["baseline"][k])
         (run_dir / "train_result.json").write_text(json.dumps(raw, default=str))
     client.set_terminated(run_id)
     return TrainResult(run_id, run_dir, Path(raw["checkpoint"]), raw["holdout"], uri, raw)
-
-
-def baseline_config(cfg: AdsfmConfig, run_dir: Path) -> AdsfmConfig:
-    """The same job as logistic regression: features, split, epochs and early stopping unchanged; one
-    layout that any model allows (data parallel has nothing to split in a linear model's dense side)."""
-    from adsfm.contract.config import ModelConfig, ParallelConfig, typed
-
-    base = as_config(to_plain(cfg))
-    base.model = typed(ModelConfig, {"arch": "logreg"})
-    if cfg.parallel.tp > 1 or cfg.parallel.sparse_group:
-        base.parallel = typed(ParallelConfig, {"name": "single", "num_workers": 1})
-    base.train.baseline = False
-    base.run_dir = str(run_dir / "baseline")
-    base.experiment_name = f"{cfg.experiment_name}-baseline"
-    return base
-
-
-def train_baseline(cfg: AdsfmConfig, run_dir: Path, holdout: dict[str, float]) -> dict[str, Any]:
-    """Train the logistic-regression baseline beside this run; its holdout metrics and this model's margin."""
-    print("[adsfm] train.baseline: logistic regression on the same features and split", flush=True)
-    base = run_training(baseline_config(cfg, run_dir))
-    out: dict[str, Any] = {
-        "baseline_holdout_auc": base.holdout["auc"],
-        "baseline_holdout_logloss": base.holdout["logloss"],
-        "holdout_auc_vs_baseline": holdout["auc"] - base.holdout["auc"],
-        "holdout_logloss_vs_baseline": holdout["logloss"] - base.holdout["logloss"],
-        "baseline_run_id": base.run_id,
-    }
-    verdict = "earns its place" if out["holdout_auc_vs_baseline"] > 0 else "does NOT beat the linear baseline"
-    print(f"[adsfm] {cfg.model.arch} holdout AUC {holdout['auc']:.4f} vs logistic regression {base.holdout['auc']:.4f} "
-          f"({out['holdout_auc_vs_baseline']:+.4f}): the model {verdict}", flush=True)
-    return out
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -42,11 +42,12 @@ class Trainer:
     """One rank's training run. Every rank runs the same steps (collectives need it); rank 0 also logs to
     MLflow, draws the progress bar and writes the run's files."""
 
-    def __init__(self, cfg: AdsfmConfig, run_dir: Path, tracking_uri: str, run_id: str) -> None:
+    def __init__(self, cfg: AdsfmConfig, run_dir: Path, tracking_uri: str, run_id: str, start_from: str | None = None) -> None:
         # setup: data, the model built on meta, its tables sharded and dense layers parallelized by the layout
         for name in ("", "torchrec", "fbgemm_gpu"):  # TBE and planner INFO lines drown the progress bar
             logging.getLogger(name).setLevel(logging.WARNING)
         self.cfg, self.run_dir, self.run_id = cfg, run_dir, run_id
+        self.start_from = Path(start_from) if start_from else None  # the baseline's checkpoint (training/baseline.py)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(cfg.train.seed)
         torch.set_num_threads(max(1, int(os.environ.get("ADSFM_THREADS_PER_WORKER", "1"))))
@@ -98,6 +99,7 @@ class Trainer:
         weights, the optimizer state, and the position in the sample stream."""
         resume = latest_checkpoint(self.run_dir / "checkpoints")
         if resume is None:
+            self.start()
             return
         self.optimizer.init_state()  # materialize lazy optimizer state so the checkpoint loads in place
         state = load_checkpoint(self.model, resume, self.optimizer)
@@ -113,6 +115,20 @@ class Trainer:
         self.bar.update(self.step)
         if self.rank == 0:
             print(f"[adsfm] resumed from {resume} at step {self.step} ({self.world} rank(s))", flush=True)
+
+    def start(self) -> None:
+        """A fresh run: from the baseline's weights where the model starts from it; that start is then
+        evaluated like an epoch (-1), and with early stopping judged as the first candidate."""
+        if self.start_from is None:
+            return
+        from adsfm.training.baseline import start_from_baseline
+
+        start_from_baseline(self.model, self.fs.spec, self.cfg.model, self.start_from)
+        if self.rank == 0:
+            self.bar.write(f"[adsfm] started from the baseline ({self.start_from}): the wide part its weights, the deep output zero")
+        self.evaluate(epoch=-1)
+        if self.valid_idx is not None:
+            self.judge(epoch=-1)
 
     def position(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "losses": self.losses,
@@ -184,21 +200,24 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- evaluate
 
-    def evaluate(self) -> dict[str, float]:
-        """Holdout metrics of the current weights (every rank takes part: lookups are collectives)."""
+    def evaluate(self, epoch: int | None = None) -> dict[str, float]:
+        """Holdout metrics of the current weights (every rank takes part: lookups are collectives); `epoch`
+        labels them (default: the current epoch; -1: the start, before any step)."""
+        epoch = self.epoch if epoch is None else epoch
         metrics = evaluate(self.model, self.fs, self.fs.holdout_idx, self.cfg.train.eval_batch_size, self.task_weights)
-        self.history.append({"epoch": self.epoch, "step": self.step, **metrics})
+        self.history.append({"epoch": epoch, "step": self.step, **metrics})
         if self.client is not None:
-            self.bar.write(f"[adsfm] epoch {self.epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "n"))
+            self.bar.write(f"[adsfm] epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "n"))
             for k, v in metrics.items():
                 if k != "n":
                     self.client.log_metric(self.run_id, f"holdout_{k}", v, step=self.step)
         return metrics
 
-    def judge(self) -> bool:
+    def judge(self, epoch: int | None = None) -> bool:
         """Early stopping: this epoch's validation logloss against the best so far. A better one saves the
         weights as the run's best checkpoint; True when `train.patience` epochs in a row were not better."""
         t = self.cfg.train
+        epoch = self.epoch if epoch is None else epoch
         assert self.valid_idx is not None
         metrics = evaluate(self.model, self.fs, self.valid_idx, t.eval_batch_size, self.task_weights)
         loss = metrics.get("loss", metrics["logloss"])  # several tasks: their weighted log losses, as trained
@@ -208,13 +227,13 @@ class Trainer:
             self.client.log_metric(self.run_id, "valid_auc", metrics["auc"], step=self.step)
         if loss < self.best["logloss"]:
             directory = self.run_dir / "best" / f"step_{self.step}"
-            self.best.update(logloss=loss, epoch=self.epoch, step=self.step, checkpoint=str(directory), stale=0)
+            self.best.update(logloss=loss, epoch=epoch, step=self.step, checkpoint=str(directory), stale=0)
             save_checkpoint(self.model, directory, self.optimizer, self.position(), keep=1)
         else:
             self.best["stale"] += 1
             self.best["stopped"] = self.best["stale"] >= t.patience
         if self.rank == 0 and self.client is not None:
-            self.bar.write(f"[adsfm] epoch {self.epoch}: valid logloss {loss:.4f} (best {self.best['logloss']:.4f}, "
+            self.bar.write(f"[adsfm] epoch {epoch}: valid logloss {loss:.4f} (best {self.best['logloss']:.4f}, "
                            f"epoch {self.best['epoch']})" + (", stopping early" if self.best["stopped"] else ""))
         return bool(self.best["stopped"])
 
@@ -263,7 +282,8 @@ class Trainer:
 
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry on every worker: the Trainer's phases in order."""
-    trainer = Trainer(typed(AdsfmConfig, config["cfg"]), Path(config["run_dir"]), config["tracking_uri"], config["run_id"])
+    trainer = Trainer(typed(AdsfmConfig, config["cfg"]), Path(config["run_dir"]), config["tracking_uri"], config["run_id"],
+                      config.get("start_from"))
     trainer.resume()
     while trainer.train_epoch():
         pass

@@ -29,9 +29,14 @@ class Wide(nn.Module):
         self.num_dense, self.tasks = num_dense, tasks
         self.deep = deep
         self.bounds = [WIDE_COLS * t // tasks for t in range(tasks + 1)]  # each task's share of the columns
+        self.frozen_ids = False
+        """Training only: the weights per id take no gradient (the deep part fits what a started-from
+        baseline leaves; training/baseline.py). Scores are the same either way."""
 
     def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         cols = embeddings[:, :, -WIDE_COLS:]
+        if self.frozen_ids:
+            cols = cols.detach()
         ids = torch.stack([cols[:, :, a:b].mean(dim=2).sum(dim=1) for a, b in zip(self.bounds, self.bounds[1:], strict=False)], dim=1)
         values = dense if self.num_dense else torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
         logit = self.linear(values) + ids
