@@ -45,3 +45,28 @@ def test_criteo_files_train_on_two_workers_and_export(ray_cluster: None, tmp_pat
     cols, labels = holdout_columns(manifest)
     assert any(v == "" for v in cols["cat_0"])
     assert holdout_aucs(DenseGraphEngine(tmp_path / "bundle"), cols, labels)[""] == pytest.approx(result.holdout["auc"], abs=1e-5)
+
+
+def test_a_run_that_trains_no_step_fails_instead_of_reporting_success(ray_cluster: None, tmp_path: Path) -> None:
+    """Files that hold less than one batch: no step runs, and the run fails, saying why, rather than
+    reporting an untrained model as a success."""
+    from mlflow.tracking import MlflowClient
+
+    from adsfm.contract.config import compose
+    from adsfm.contract.tracking import tracking_uri
+    from adsfm.training.job import run_training
+    from adsfm.training.stream import write_synthetic_criteo
+
+    train = write_synthetic_criteo(tmp_path / "day_0.tsv", 300, seed=0)
+    holdout = write_synthetic_criteo(tmp_path / "day_23.tsv", 300, seed=23)
+    cfg = compose([
+        "experiment=criteo_dlrm", f"run_root={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", "parallel=single",
+        f"data.stream.paths=[{train}]", f"data.stream.holdout_paths=[{holdout}]", "data.stream.hash_buckets=200",
+        "train.batch_size=512", "train.progress=false", "train.max_failures=0",
+    ])
+    with pytest.raises(Exception, match="no training step ran"):
+        run_training(cfg)
+    client = MlflowClient(tracking_uri(cfg.mlflow.tracking_uri, cfg.run_root))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"params.run_dir = '{cfg.run_dir}'")
+    assert [r.info.status for r in runs] == ["FAILED"]  # this run's MLflow record says so too
+    assert not (Path(cfg.run_dir) / "train_result.json").exists()
