@@ -10,6 +10,14 @@ hashed table rows for every line):
   other line) for the aggregate rate;
 - a naive reader: the file read line by line in Python, split on tabs, every value converted and hashed
   on its own (no chunked parsing, no memo) -- what a hand-rolled loader does.
+
+    python bench/data.py --readers [--rows N] [--repeats 3] [--out FILE.json]
+
+instead trains one epoch of the Criteo DLRM on 2 Ray Train workers (tw2) from the same `adsfm-data synth`
+parquet shards with each `data.stream.reader`: the workers reading their own shares of the files (files),
+and a Ray Data dataset featurized in map_batches and split by Ray Train (ray_data). Reported: training
+samples/s (median, min, max of the repeats), the driver's seconds before training (Ray Data counts the
+rows), the holdout AUC and the epoch's rows trained, for each.
 """
 
 from __future__ import annotations
@@ -140,12 +148,56 @@ def run(rows: int, quick: bool) -> dict[str, Any]:
     return result("data", {"rows": rows, "quick": quick, "batch": BATCH, "hash_buckets": 1_000_000, "format": "criteo 13 int + 26 cat"}, values, ratios)
 
 
+def readers(rows: int, repeats: int) -> dict[str, Any]:
+    import statistics
+
+    from adsfm.contract.config import compose
+    from adsfm.training.job import run_training
+    from adsfm.training.synth import SynthSpec, synth
+
+    values: dict[str, float] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="adsfm-readers-") as tmp:
+        root = Path(tmp)
+        m: Any = synth(SynthSpec(rows=rows, shards=4, holdout_rows=50_000, scale=0.01), root / "files", progress=False)
+        base = ["experiment=criteo_dlrm", f"data.stream.paths=[{','.join(m['files']['parquet'])}]",
+                f"data.stream.holdout_paths=[{m['holdout']['parquet'][0]}]",
+                "data.stream.num_embeddings_per_feature=[" + ",".join(map(str, m["cardinalities"])) + "]",
+                "train.batch_size=2048", "train.progress=false", f"run_root={root}"]
+        for i in range(repeats):
+            for reader in ("files", "ray_data"):
+                t0 = time.perf_counter()
+                r = run_training(compose([*base, f"data.stream.reader={reader}", f"run_dir={root / f'{reader}_{i}'}"]))
+                wall = time.perf_counter() - t0
+                runs.setdefault(reader, []).append({"samples_per_s": r.raw["samples_per_second"], "train_s": r.raw["train_seconds"],
+                                                    "wall_s": wall, "auc": r.holdout["auc"], "epoch_rows": r.raw["epoch_rows"]})
+                print(f"{reader} run {i}: {runs[reader][-1]}", flush=True)
+    for reader, rs in runs.items():
+        rates = [x["samples_per_s"] for x in rs]
+        values[f"{reader}_train_samples_per_s"] = statistics.median(rates)
+        values[f"{reader}_train_samples_per_s_min"], values[f"{reader}_train_samples_per_s_max"] = min(rates), max(rates)
+        values[f"{reader}_wall_s"] = statistics.median(x["wall_s"] for x in rs)
+        values[f"{reader}_auc"] = statistics.median(x["auc"] for x in rs)
+        values[f"{reader}_rows_trained"] = rs[0]["epoch_rows"][0]["trained"]
+    values["rows"] = rows
+    ratios = {"ray_data_vs_files_train_samples_per_s": values["ray_data_train_samples_per_s"] / values["files_train_samples_per_s"]}
+    print(f"ray_data vs files, training samples/s (median of {repeats}): {ratios['ray_data_vs_files_train_samples_per_s']:.2f}x")
+    res = result("data_readers", {"rows": rows, "repeats": repeats, "layout": "tw2 (2 Ray Train workers)", "scale": 0.01}, values, ratios)
+    res["runs"] = runs
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="200k rows; the naive reader on a 50k-row prefix")
     ap.add_argument("--rows", type=int, help="rows in the generated file (default 1,000,000; --quick 200,000)")
     ap.add_argument("--out", type=Path, help="write the figures as JSON")
+    ap.add_argument("--readers", action="store_true", help="train on Ray with each data.stream.reader instead")
+    ap.add_argument("--repeats", type=int, default=3, help="--readers: runs per reader")
     args = ap.parse_args()
+    if args.readers:
+        write(readers(args.rows or 400_000, args.repeats), args.out)
+        return
     rows = args.rows or (200_000 if args.quick else 1_000_000)
     res = run(rows, args.quick)
     write(res, args.out)

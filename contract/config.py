@@ -124,6 +124,11 @@ class GzipSplit(StrEnum):
     whole = "whole"
 
 
+class StreamReader(StrEnum):
+    files = "files"
+    ray_data = "ray_data"
+
+
 class Ingress(StrEnum):
     """Ray Serve ingress of a local cluster (adsfm.contract.cluster says what each is)."""
 
@@ -257,6 +262,11 @@ class StreamConfig:
     trained (decompression costs ranks x the bytes); whole: each file goes to one rank, so decompression is
     shared but ranks stop with the smallest share (the unread part is printed before training, and fewer
     files than ranks is an error)."""
+    reader: StreamReader = StreamReader.files
+    """files: each Ray Train worker reads its own share of the files (the splitting above); ray_data: the
+    files are a Ray Data dataset, featurized by the feature contract in `map_batches` on Ray's CPU workers
+    (any node) and handed out to the trainers by Ray Train's streaming split (training/ray_data.py). One
+    kind of file (TSV, TSV.gz or parquet) per run."""
     stats_rows: int = 100_000
     """Leading training rows that estimate the dense columns' mean and std."""
     holdout_rows: int = 200_000

@@ -11,7 +11,7 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from adsfm.contract.cluster import init_ray_for
-from adsfm.contract.config import AdsfmConfig, Arch, DataSource, as_config, to_plain
+from adsfm.contract.config import AdsfmConfig, Arch, DataSource, StreamReader, as_config, to_plain
 from adsfm.contract.features import FeatureSpec
 from adsfm.contract.tasks import check_task_names
 from adsfm.contract.tracking import ensure_experiment, tracking_uri
@@ -67,7 +67,7 @@ def validate(cfg: AdsfmConfig) -> FeatureSpec:
         from adsfm.training.stream import resolve, unread_share
 
         unread = unread_share(resolve(cfg.data.stream.paths, "stream.paths"), dp, cfg.data.stream.gzip_split)
-        if unread > 0.05:
+        if unread > 0.05 and cfg.data.stream.reader == StreamReader.files:
             print(f"[adsfm] warning: data.stream.gzip_split=whole: gzip files are read whole, one rank each, and ranks stop "
                   f"together when the smallest share runs dry: about {unread:.0%} of the training bytes go unread each epoch "
                   f"over {dp} data-parallel ranks; use gzip_split=striped, more equal-sized files, or TSV or parquet", flush=True)
@@ -114,7 +114,7 @@ def check_plan(model: Any, p: Any) -> None:
 
 def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     cfg = as_config(cfg_in)
-    validate(cfg)
+    spec = validate(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = to_plain(cfg)
@@ -139,6 +139,11 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     client.log_artifact(run_id, str(run_dir / "config.yaml"))
 
     init_ray_for(cfg)  # first: it sets the environment Ray reads on import
+    datasets, loop_extra = {}, {}
+    if cfg.data.source == DataSource.criteo and cfg.data.stream.reader == StreamReader.ray_data:
+        from adsfm.training.ray_data import train_dataset
+
+        datasets["train"], loop_extra["dataset_rows"] = train_dataset(cfg.data, spec)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -146,7 +151,8 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": resolved, "run_dir": str(run_dir), "tracking_uri": uri, "run_id": run_id,
-                           "start_from": str(base.checkpoint) if base else None},
+                           "start_from": str(base.checkpoint) if base else None, **loop_extra},
+        datasets=datasets or None,
         scaling_config=ScalingConfig(
             num_workers=cfg.parallel.num_workers,
             use_gpu=cfg.parallel.device == "cuda",

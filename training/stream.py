@@ -37,7 +37,15 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from adsfm.contract.config import DataConfig, DataSource, DenseFeature, SparseFeature, StreamConfig, typed
+from adsfm.contract.config import (
+    DataConfig,
+    DataSource,
+    DenseFeature,
+    SparseFeature,
+    StreamConfig,
+    StreamReader,
+    typed,
+)
 from adsfm.contract.features import FeatureSpec, labels
 from adsfm.training.data import FeatureSet, featurize_frame, iter_batches, learn_spec
 from adsfm.training.loop import all_ranks
@@ -441,8 +449,15 @@ def _summed(rows: int, trained: int, world: int) -> EpochRows:
     return EpochRows(int(t[0]) // peers, int(t[1]) // peers)
 
 
-def train_source(cfg: DataConfig, fs: FeatureSet, batch_size: int, seed: int) -> BatchSource:
+def train_source(cfg: DataConfig, fs: FeatureSet, batch_size: int, seed: int, dataset_rows: int | None = None) -> BatchSource:
+    """The rows an epoch trains on: held in memory, files read by this rank, or (data.stream.reader=ray_data,
+    `dataset_rows` counted by the driver) this rank's shard of a Ray Data dataset."""
     if cfg.source == DataSource.criteo:
+        if cfg.stream.reader == StreamReader.ray_data:
+            from adsfm.training.ray_data import RayDataSource
+
+            assert dataset_rows is not None, "the driver counts the dataset's rows"
+            return RayDataSource(fs.spec, batch_size, dataset_rows)
         return CriteoSource(cfg, fs.spec, batch_size)
     return MemorySource(fs, batch_size, seed)
 

@@ -42,7 +42,8 @@ class Trainer:
     """One rank's training run. Every rank runs the same steps (collectives need it); rank 0 also logs to
     MLflow, draws the progress bar and writes the run's files."""
 
-    def __init__(self, cfg: AdsfmConfig, run_dir: Path, tracking_uri: str, run_id: str, start_from: str | None = None) -> None:
+    def __init__(self, cfg: AdsfmConfig, run_dir: Path, tracking_uri: str, run_id: str, start_from: str | None = None,
+                 dataset_rows: int | None = None) -> None:
         # setup: data, the model built on meta, its tables sharded and dense layers parallelized by the layout
         for name in ("", "torchrec", "fbgemm_gpu"):  # TBE and planner INFO lines drown the progress bar
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -75,7 +76,7 @@ class Trainer:
             (run_dir / "workers" / f"rank{self.rank}.pid").write_text(str(os.getpid()))
 
         t = cfg.train
-        self.source = train_source(cfg.data, self.fs, t.batch_size, t.seed)
+        self.source = train_source(cfg.data, self.fs, t.batch_size, t.seed, dataset_rows)
         per_epoch = self.source.steps_per_epoch
         total = per_epoch * t.epochs if per_epoch is not None else 0  # 0: a stream, until its epochs end
         self.total = (min(total, t.max_steps) if total else t.max_steps) if t.max_steps else total
@@ -180,9 +181,17 @@ class Trainer:
         if self.client is not None:
             self.bar.write(f"[adsfm] epoch {self.epoch}: {r.rows:,} training rows, {r.trained:,} trained, {r.not_trained:,} "
                            f"not ({r.not_trained / max(r.rows, 1):.2%}: the last partial batch"
-                           + (", and what other ranks held when the first ran dry)" if self.cfg.data.source == "criteo" else ")"))
+                           + self._untrained_why())
             self.client.log_metric(self.run_id, "epoch_rows", r.rows, step=self.step)
             self.client.log_metric(self.run_id, "epoch_rows_trained", r.trained, step=self.step)
+
+    def _untrained_why(self) -> str:
+        d = self.cfg.data
+        if d.source != "criteo":
+            return ")"
+        if d.stream.reader == "ray_data":
+            return ", and the rows the streaming split left over to make the ranks' shares equal)"
+        return ", and what other ranks held when the first ran dry)"
 
     def _log_losses(self) -> None:
         self.losses.extend(self.meter.flush())
@@ -283,7 +292,7 @@ class Trainer:
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry on every worker: the Trainer's phases in order."""
     trainer = Trainer(typed(AdsfmConfig, config["cfg"]), Path(config["run_dir"]), config["tracking_uri"], config["run_id"],
-                      config.get("start_from"))
+                      config.get("start_from"), config.get("dataset_rows"))
     trainer.resume()
     while trainer.train_epoch():
         pass
