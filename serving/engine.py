@@ -249,10 +249,12 @@ class DenseGraphEngine(TableStore):
         self._user_k = sum(self.featurizer.dense_layout("user"), [])
         self._item_k = sum(self.featurizer.dense_layout("item"), [])
         self.user_cache: LRU[tuple[np.ndarray, np.ndarray]] = LRU(user_cache_size, user_cache_bytes)
-        # The item store's candidates, featurized once: a request naming only item ids gathers rows.
+        # The item store's candidates as table rows (one bag per item feature) and dense inputs, indexed once;
+        # a request naming item ids gathers its candidates' rows and dequantizes them, so the store is never
+        # held as float embeddings, whatever its size.
         ids = list(self.item_store)
         key = m.item_column or ""
-        self._item_emb, self._item_dense = self._item_inputs([self.item_features({key: i}) for i in ids], list(range(len(ids))))
+        self._item_bags, self._item_dense = self._item_index([self.item_features({key: i}) for i in ids], list(range(len(ids))))
 
     # ------------------------------------------------------------------------------------ indexed path
 
@@ -295,10 +297,10 @@ class DenseGraphEngine(TableStore):
         dense[:, self._user_k] = user_dense
         stored, rows, rest = self.split_stored(items)
         if not rest:  # every candidate an id of the item store (the common request): whole-column writes
-            emb[:, self._item_j] = self._item_emb[rows]
+            emb[:, self._item_j] = self._pooled(self._item_bags, np.asarray(rows, dtype=np.int64))
             dense[:, self._item_k] = self._item_dense[rows]
         elif stored:
-            emb[np.ix_(stored, self._item_j)] = self._item_emb[rows]
+            emb[np.ix_(stored, self._item_j)] = self._pooled(self._item_bags, np.asarray(rows, dtype=np.int64))
             dense[np.ix_(stored, self._item_k)] = self._item_dense[rows]
         if rest:
             e, d = self._item_inputs([self.item_features(items[i], f"candidates[{i}]") for i in rest], rest)
@@ -322,17 +324,43 @@ class DenseGraphEngine(TableStore):
     def _item_inputs(self, items: list[dict[str, Any]], where: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Pooled item-side embeddings [N, F_item, D] and dense inputs [N, K_item]; `where` numbers the
         candidates in error messages."""
+        bags, dense = self._item_index(items, where)
+        return self._pooled(bags, None, len(items)), dense
+
+    def _item_index(self, items: list[dict[str, Any]], where: list[int]) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+        """Each item feature's table rows for `items` as (values, offsets: item r's rows are
+        values[offsets[r]:offsets[r+1]]), and the dense inputs [N, K_item]."""
         m = self.manifest
-        emb = np.zeros((len(items), len(self._item_j), m.embedding_dim), dtype=np.float32)
-        for col, j in enumerate(self._item_j):
+        bags = []
+        for j in self._item_j:
             f = m.sparse[j]
             per = [self.rows_of(f, it.get(f.field), f"candidates[{w}].{f.field}") for w, it in zip(where, items, strict=True)]
-            bag = Bag(np.concatenate(per) if per else np.zeros(0, np.int64), np.array([len(p) for p in per]))
-            emb[:, col] = self.pool(f.table_name, bag)
+            values = np.concatenate(per).astype(np.int64) if per else np.zeros(0, np.int64)
+            bags.append((values, np.concatenate([[0], np.cumsum([len(p) for p in per], dtype=np.int64)])))
         dense = np.zeros((len(items), len(self._item_k)), dtype=np.float32)
         for r, (w, it) in enumerate(zip(where, items, strict=True)):
             dense[r] = self.featurizer.dense_row(it, "item", f"candidates[{w}].")
-        return emb, dense
+        return bags, dense
+
+    def _pooled(self, bags: list[tuple[np.ndarray, np.ndarray]], rows: np.ndarray | None, n: int = 0) -> np.ndarray:
+        """Pooled item-side embeddings [n, F_item, D] of the items `rows` of an index (None: all `n` of
+        them): their table rows gathered, dequantized and pooled now."""
+        m = self.manifest
+        n = n if rows is None else len(rows)
+        emb = np.zeros((n, len(self._item_j), m.embedding_dim), dtype=np.float32)
+        for col, j in enumerate(self._item_j):
+            values, offsets = bags[col]
+            if rows is None:
+                lengths, picked = np.diff(offsets), values
+            else:
+                starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+                if (lengths == 1).all():  # single-valued features: one row each
+                    picked = values[starts]
+                else:  # each item's run of rows, concatenated in order
+                    before = np.cumsum(lengths) - lengths
+                    picked = values[np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()))]
+            emb[:, col] = self.pool(m.sparse[j].table_name, Bag(picked, lengths))
+        return emb
 
     def user_cache_info(self) -> Any:
         """CacheInfo(hits, misses, maxsize, currsize, bytes) of the user-state cache."""

@@ -53,10 +53,11 @@ class SequenceEngine(TableStore):
                                                       providers=providers)
         self.features = {f.name: f for f in self.manifest.sparse}
         self.user_cache: LRU[UserState] = LRU(user_cache_size, user_cache_bytes)
-        # Every item of the store as a candidate token, computed once: requests naming ids gather rows.
+        # Every item of the store as table rows, indexed once; a request naming ids gathers and dequantizes
+        # its candidates' rows (the store is never held as float embeddings, whatever its size).
         ids = list(self.item_store)
         key = self.manifest.item_column or ""
-        self._item_tokens = self._items([{key: i} for i in ids], list(range(len(ids))))
+        self._item_rows = self.item_rows([{key: i} for i in ids]) if ids else {}
 
     # ------------------------------------------------------------------------------------ indexed path
 
@@ -152,7 +153,8 @@ class SequenceEngine(TableStore):
         out = np.empty((len(items), self.manifest.embedding_dim), np.float32)
         stored, rows, rest = self.split_stored(items)
         if stored:
-            out[stored] = self._item_tokens[rows]
+            at = np.asarray(rows, dtype=np.int64)
+            out[stored] = self.item_tokens({f: r[at] for f, r in self._item_rows.items()})
         if rest:
             out[rest] = self._items([items[i] for i in rest], rest)
         return out

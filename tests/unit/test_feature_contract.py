@@ -95,6 +95,30 @@ def test_a_candidate_takes_the_item_store_for_what_it_does_not_send(messy_bundle
     assert engine.item_features({"ad": "no-such-ad", "tags": None}) == {"ad": "no-such-ad", "tags": None}
 
 
+def test_item_store_ids_score_as_the_items_sent_in_full_without_a_float_store(messy_bundle: dict[str, Any]) -> None:
+    """Candidates named by id alone gather their rows from the store's index and dequantize them per request:
+    the same scores as the same items sent with every field (single- and multi-valued features, empty bags,
+    mixed with an item the store lacks), and the index holds row numbers, not float embeddings."""
+    from adsfm.serving.engine import DenseGraphEngine
+
+    engine = DenseGraphEngine(messy_bundle["bundle"])
+    store = engine.item_store
+    ids = list(store)
+    many = [k for k in ids if isinstance(store[k].get("tags"), list) and len(store[k]["tags"]) > 1][:3]
+    empty = [k for k in ids if not store[k].get("tags")][:2]
+    picked = [*many, *empty, *ids[:20]][::-1]
+    assert many and empty
+    user = {"user": "u1", "country": "de"}
+    by_id = engine.score(user, [{"ad": k} for k in picked])
+    in_full = engine.score(user, [{"ad": k, **store[k]} for k in picked])
+    np.testing.assert_allclose(by_id, in_full, rtol=0, atol=1e-6)
+    mixed = engine.score(user, [{"ad": picked[0]}, {"ad": "no-such-ad", "tags": ["zz"]}, {"ad": picked[1]}])
+    np.testing.assert_allclose(mixed[[0, 2]], by_id[:2], rtol=0, atol=1e-6)
+    assert not any(a.dtype.kind == "f" for bag in engine._item_bags for a in bag)
+    index_bytes = sum(a.nbytes for bag in engine._item_bags for a in bag)
+    assert index_bytes < len(ids) * len(engine._item_bags) * engine.manifest.embedding_dim * 4
+
+
 def test_missing_and_unseen_values_take_the_documented_rows(messy_bundle: dict[str, Any]) -> None:
     fs = messy_bundle["features"]
     spec = fs.spec
