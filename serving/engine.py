@@ -158,10 +158,13 @@ class TableStore:
         if n == 1 and len(bag.values):  # one bag (a user's feature): no scatter needed
             v = dequantize(self.tables[table], bag.values).sum(axis=0, keepdims=True)
             return v / np.float32(len(bag.values)) if self.manifest.features.tables[table].pooling == "mean" else v
+        if len(bag.values) == n and (bag.lengths == 1).all():  # one row per bag: nothing to sum
+            return dequantize(self.tables[table], bag.values).astype(np.float32, copy=False)
         out = np.zeros((n, self.manifest.tables[table].dim), dtype=np.float32)
-        if len(bag.values):
-            seg = np.repeat(np.arange(n), bag.lengths)
-            np.add.at(out, seg, dequantize(self.tables[table], bag.values))
+        if len(bag.values):  # each non-empty bag's rows summed in one pass (reduceat, not a scatter)
+            full = bag.lengths > 0
+            starts = (np.cumsum(bag.lengths) - bag.lengths)[full]
+            out[full] = np.add.reduceat(dequantize(self.tables[table], bag.values), starts, axis=0)
         if self.manifest.features.tables[table].pooling == "mean":
             out /= np.maximum(bag.lengths, 1)[:, None].astype(np.float32)
         return out
