@@ -9,7 +9,9 @@ batches, at 1 and 2 gloo workers (one process each), with three loops:
 - raw TorchRec: EmbeddingBagCollection on meta, the planner (table-wise), DistributedModelParallel with
   row-wise Adagrad fused into the kernel and Adam for the rest, the loop written against TorchRec only;
 - adsfm: parallel.shard.parallelize_model on the same layout and training.loop's step, as the Ray worker
-  runs it (including the loss all-reduce every 10 steps for the progress bar and MLflow).
+  runs it (including the loss all-reduce every 10 steps for the progress bar and MLflow);
+- adsfm_pipelined (with --loops adsfm,adsfm_pipelined): the same under `train.pipeline=sparse_dist`,
+  TorchRec's TrainPipelineSparseDist (`ratios.pipelined_vs_plain_step_w<N>`).
 Samples/s is measured after warm-up steps, on the global batch; each loop runs in fresh processes, 3 times
 (alternating the order of the loops), and the fastest run counts.
 """
@@ -63,10 +65,12 @@ def _model_cfg(a: argparse.Namespace) -> Any:
     return ModelConfig(embedding_dim=a.dim, dense_arch=[512, 256, a.dim], over_arch=[512, 256, 1])
 
 
-def _spec(a: argparse.Namespace) -> dict[str, Any]:
+def _spec(a: argparse.Namespace) -> Any:
+    from adsfm.contract.features import FeatureSpec
+
     sparse = [{"name": f"f{t}", "table": f"t{t}"} for t in range(a.tables)]
     tables = {f"t{t}": {"rows": a.rows, "pooling": "sum"} for t in range(a.tables)}
-    return {"sparse": sparse, "dense": [{}] * 13, "tables": tables}
+    return FeatureSpec.model_validate({"sparse": sparse, "dense": [{"name": f"d{j}"} for j in range(13)], "tables": tables})
 
 
 def _time(step: Any, batches: list[Any], warmup: int) -> float:
@@ -195,7 +199,35 @@ def adsfm(a: argparse.Namespace, world: int, batches: list[Any]) -> float:
     return _time(step, batches, a.warmup)
 
 
-LOOPS = {"plain_torch": plain_torch, "torchrec_raw": raw_torchrec, "adsfm": adsfm}
+def adsfm_pipelined(a: argparse.Namespace, world: int, batches: list[Any]) -> float:
+    """adsfm with train.pipeline=sparse_dist: TorchRec's TrainPipelineSparseDist over the same batches."""
+    from adsfm.contract.config import ParallelConfig
+    from adsfm.parallel.shard import OptimConfig, parallelize_model
+    from adsfm.training.loop import LossMeter
+    from adsfm.training.models.pooled import PooledRanker
+    from adsfm.training.pipeline import StepBatch, sparse_dist_steps
+
+    torch.manual_seed(0)
+    model = PooledRanker(_spec(a), _model_cfg(a), device="meta")
+    layout = ParallelConfig(name=f"tw{world}", num_workers=world, sharding_types=["table_wise"])
+    dmp, opt, _ = parallelize_model(model, layout, OptimConfig("rowwise_adagrad", 0.05, "adam", 1e-3), torch.device("cpu"))
+    batches = [StepBatch(b.dense_features, b.sparse_features, b.labels) for b in batches]
+    for _ in sparse_dist_steps(dmp, opt, iter(batches[: a.warmup])):
+        pass
+    meter = LossMeter()
+    if dist.is_initialized():
+        dist.barrier()
+    t0 = time.perf_counter()
+    for n, loss in enumerate(sparse_dist_steps(dmp, opt, iter(batches[a.warmup :])), 1):
+        meter.add(loss)
+        if n % 10 == 0:
+            meter.flush()
+    if dist.is_initialized():
+        dist.barrier()
+    return time.perf_counter() - t0
+
+
+LOOPS = {"plain_torch": plain_torch, "torchrec_raw": raw_torchrec, "adsfm": adsfm, "adsfm_pipelined": adsfm_pipelined}
 
 
 def _rank(rank: int, world: int, port: int, a: argparse.Namespace, out: str) -> None:
@@ -232,6 +264,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             ratios[f"adsfm_vs_torchrec_raw{'_w1' if w == 1 else ''}"] = values[f"adsfm_samples_per_s_w{w}"] / values[f"torchrec_raw_samples_per_s_w{w}"]
         if "adsfm" in a.loops and "plain_torch" in a.loops:
             ratios[f"adsfm_vs_plain_torch{'_w1' if w == 1 else ''}"] = values[f"adsfm_samples_per_s_w{w}"] / values[f"plain_torch_samples_per_s_w{w}"]
+        if "adsfm" in a.loops and "adsfm_pipelined" in a.loops:
+            ratios[f"pipelined_vs_plain_step_w{w}"] = values[f"adsfm_pipelined_samples_per_s_w{w}"] / values[f"adsfm_samples_per_s_w{w}"]
     print(f"\nsynthetic DLRM: {a.tables} tables x {a.rows:,} rows x {a.dim}, batch {a.batch}, {a.steps} timed steps "
           f"after {a.warmup} warm-up, best of {a.rounds}, gloo, table-wise\n")
     print(f"{'loop':<14} {'1 worker':>14} {'2 workers':>14}   samples/s")

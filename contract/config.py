@@ -97,6 +97,11 @@ class Backend(StrEnum):
     nccl = "nccl"
 
 
+class TrainPipeline(StrEnum):
+    plain = "plain"
+    sparse_dist = "sparse_dist"
+
+
 class DataParallel(StrEnum):
     ddp = "ddp"
     fsdp = "fsdp"
@@ -470,6 +475,11 @@ class TrainConfig:
     this model from it (its wide weights the baseline's, the deep part's output zero), so it begins where
     the baseline ends. With early stopping that start is judged like an epoch: the exported model is never
     worse on validation than the baseline."""
+    pipeline: TrainPipeline = TrainPipeline.plain
+    """plain: one step after another. sparse_dist: TorchRec's TrainPipelineSparseDist, which starts the next
+    batch's input distribution (the all-to-all of its ids) while this batch's dense step runs; the same
+    updates in the same order (tests/distributed/test_equivalence.py). Pooled models (dlrm, dcnv2, logreg),
+    ddp dense layouts without tensor parallelism or 2D sparse groups."""
     failure_drill: bool = False
     """Tests only: each worker writes its pid to <run_dir>/workers/rank<N>.pid so a test can kill it."""
 

@@ -11,7 +11,15 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from adsfm.contract.cluster import init_ray_for
-from adsfm.contract.config import AdsfmConfig, Arch, DataSource, StreamReader, as_config, to_plain
+from adsfm.contract.config import (
+    AdsfmConfig,
+    Arch,
+    DataSource,
+    StreamReader,
+    TrainPipeline,
+    as_config,
+    to_plain,
+)
 from adsfm.contract.features import FeatureSpec
 from adsfm.contract.tasks import check_task_names
 from adsfm.contract.tracking import ensure_experiment, tracking_uri
@@ -20,7 +28,7 @@ from adsfm.parallel.dense_plan import SparseDenseModel
 from adsfm.parallel.plan import table_names
 from adsfm.training.baseline import compare, starts_from_baseline, train_baseline
 from adsfm.training.data import data_fingerprint, load_features
-from adsfm.training.models import build_model
+from adsfm.training.models import POOLED_ARCHS, build_model
 from adsfm.training.models.pooled import table_dim
 from adsfm.training.sweep import PARENT_ENV
 
@@ -51,6 +59,13 @@ def validate(cfg: AdsfmConfig) -> FeatureSpec:
         if not 0 < t.validation_fraction < 1 or t.patience < 1:
             raise ValueError(f"train.validation_fraction({t.validation_fraction}) must be in (0, 1) and "
                              f"train.patience({t.patience}) >= 1")
+    if t.pipeline == TrainPipeline.sparse_dist:
+        tp = dense_degrees(p, p.num_workers)[1]
+        if cfg.model.arch not in POOLED_ARCHS or p.data_parallel != "ddp" or tp > 1 or p.sparse_group:
+            raise ValueError(
+                f"train.pipeline=sparse_dist pipelines pooled models (dlrm, dcnv2, logreg) on ddp layouts; got "
+                f"model.arch={cfg.model.arch}, parallel.data_parallel={p.data_parallel}, tp={tp}, sparse_group={p.sparse_group}: "
+                "use train.pipeline=plain")
     if cfg.model.arch == Arch.hstu and any(d.buckets for d in cfg.data.dense):
         raise ValueError("data.dense[*].buckets: bucketized dense features are for pooled models (dlrm, dcnv2, logreg), "
                          "not model=hstu")

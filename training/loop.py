@@ -16,16 +16,20 @@ from adsfm.training.metrics import task_metrics
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, task_weights: torch.Tensor | None = None) -> float:
     """One step; returns this rank's mean loss on its slice of the global batch. With several tasks (labels
     [B, T]) the loss is the `task_weights`-weighted sum of the tasks' mean log losses."""
-    logits = model(batch.dense_features, batch.sparse_features)
-    if logits.dim() == 2:
-        per_task = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(dim=0)
-        loss = per_task.sum() if task_weights is None else (per_task * task_weights).sum()
-    else:
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+    loss = loss_of(model(batch.dense_features, batch.sparse_features), batch.labels, task_weights)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def loss_of(logits: torch.Tensor, labels: torch.Tensor, task_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss: mean log loss, or with several tasks (logits [B, T]) the `task_weights`-weighted
+    sum of the tasks' mean log losses."""
+    if logits.dim() == 2:
+        per_task = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=0)
+        return per_task.sum() if task_weights is None else (per_task * task_weights).sum()
+    return nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
 
 class LossMeter:

@@ -15,6 +15,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Generator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from adsfm.contract.config import AdsfmConfig, typed
+from adsfm.contract.config import AdsfmConfig, TrainPipeline, typed
 from adsfm.parallel.mesh import data_coords
 from adsfm.parallel.plan import format_plan
 from adsfm.parallel.shard import OptimConfig, parallelize_model
@@ -30,6 +32,7 @@ from adsfm.training.checkpoint import AsyncCheckpointer, latest_checkpoint, load
 from adsfm.training.data import load_features, validation_split
 from adsfm.training.loop import LossMeter, evaluate, train_step
 from adsfm.training.models import build_model
+from adsfm.training.pipeline import sparse_dist_steps
 from adsfm.training.stream import train_source
 
 
@@ -149,19 +152,26 @@ class Trainer:
         # The same sample order per epoch on every run: a resumed run skips the batches it already took.
         coords = data_coords()  # tensor-parallel peers take the same rows
         weights = torch.tensor(self.task_weights) if self.task_weights else None
-        for batch in self.source.epoch(self.epoch, coords.dp_rank, coords.dp, skip=self.epoch_step):
-            self.meter.add(train_step(self.model, self.optimizer, batch, weights))
-            self.step += 1
-            self.epoch_step += 1
-            self.steps_run += 1
-            self.bar.update(1)
-            checkpoint = bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0 and self.step != self.total
-            if self.step % t.log_every == 0 or self.step == self.total or checkpoint:  # the same steps on every rank
-                self._log_losses()
-            if checkpoint:
-                self.checkpoint(background=self.saver is not None)
-            if self.step == self.total:
-                break
+        batches = self.source.epoch(self.epoch, coords.dp_rank, coords.dp, skip=self.epoch_step)
+        steps: Generator[float, None, None]
+        if t.pipeline == TrainPipeline.sparse_dist:  # the next batch's ids travel while this one trains
+            steps = sparse_dist_steps(self.model, self.optimizer, batches, weights)
+        else:
+            steps = (train_step(self.model, self.optimizer, batch, weights) for batch in batches)
+        with closing(steps):  # a pipeline left at train.max_steps gives the model its forwards back
+            for loss in steps:
+                self.meter.add(loss)
+                self.step += 1
+                self.epoch_step += 1
+                self.steps_run += 1
+                self.bar.update(1)
+                checkpoint = bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0 and self.step != self.total
+                if self.step % t.log_every == 0 or self.step == self.total or checkpoint:  # the same steps on every rank
+                    self._log_losses()
+                if checkpoint:
+                    self.checkpoint(background=self.saver is not None)
+                if self.step == self.total:
+                    break
         self.losses.extend(self.meter.flush())
         self._log_rows()
         self.evaluate()

@@ -65,8 +65,15 @@ def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, 
     c = data_coords()  # tensor-parallel peers take the same rows
     local = BATCH // c.dp
     meter = LossMeter()
-    for rows in _batches(fs.train_idx):
-        meter.add(train_step(dmp, opt, fs.take(rows[c.dp_rank * local : (c.dp_rank + 1) * local])))
+    batches = (fs.take(rows[c.dp_rank * local : (c.dp_rank + 1) * local]) for rows in _batches(fs.train_idx))
+    if cfg.train.pipeline == "sparse_dist":  # TorchRec's TrainPipelineSparseDist drives the same batches
+        from adsfm.training.pipeline import sparse_dist_steps
+
+        steps = sparse_dist_steps(dmp, opt, batches)
+    else:
+        steps = (train_step(dmp, opt, b) for b in batches)
+    for loss in steps:
+        meter.add(loss)
     losses = meter.flush()
     save_checkpoint(dmp, Path(out_dir) / "ckpt", opt)
     if rank == 0:
@@ -138,11 +145,11 @@ LAYOUTS = [*((layout, "sgd", "sgd") for layout in DLRM_LAYOUTS),
 
 
 def _train_layout(layout: str, optim: tuple[str, str], small_cfg: Any, reference: dict[str, Any], tmp_path: Path,
-                  plant: bool = False) -> Any:
+                  plant: bool = False, extra: tuple[str, ...] = ()) -> Any:
     from adsfm.contract.config import as_config, compose
     from adsfm.training.job import validate
 
-    cfg = as_config(compose([f"run_root={tmp_path}", f"parallel={layout}", f"train.batch_size={BATCH}", *_optim(*optim)]))
+    cfg = as_config(compose([f"run_root={tmp_path}", f"parallel={layout}", f"train.batch_size={BATCH}", *_optim(*optim), *extra]))
     cfg.data = small_cfg.data
     validate(cfg)
     world = cfg.parallel.num_workers
@@ -324,3 +331,26 @@ def test_hstu_layouts_match_single_process(layout: str, extra: list[str], hstu_r
         worst = max(worst, float((gathered.state_dict()[k] - want).abs().max()))
         torch.testing.assert_close(gathered.state_dict()[k], want, atol=1e-4, rtol=1e-3, msg=lambda m, k=k: f"{layout} {k}: {m}")
     print(f"hstu {layout} sgd/sgd: max |loss diff| over {STEPS} steps {diffs.max():.2e}, max |parameter diff| {worst:.2e}")
+
+
+@pytest.mark.parametrize("layout", ["tw2", "rw2"])
+def test_pipelined_training_matches_single_process(layout: str, small_cfg: Any, features: Any, references: Any,
+                                                   tmp_path: Path) -> None:
+    """`train.pipeline=sparse_dist`: TorchRec's TrainPipelineSparseDist overlaps the next batch's input
+    distribution with this batch's step; under SGD the losses and weights are still one process's."""
+    reference = references("sgd", "sgd")
+    cfg = _train_layout(layout, ("sgd", "sgd"), small_cfg, reference, tmp_path, extra=("train.pipeline=sparse_dist",))
+    assert cfg.train.pipeline == "sparse_dist"
+    _compare(f"{layout} pipelined", cfg, features, reference, tmp_path)
+
+
+def test_pipelined_training_refuses_layouts_it_cannot_run(small_cfg: Any, tmp_path: Path) -> None:
+    from adsfm.contract.config import as_config, compose
+    from adsfm.training.job import validate
+
+    for bad in (["parallel=fsdp2"], ["experiment=synthetic_hstu"]):
+        cfg = as_config(compose([f"run_root={tmp_path}", "train.pipeline=sparse_dist", *bad]))
+        if "experiment=synthetic_hstu" not in bad:
+            cfg.data = small_cfg.data
+        with pytest.raises(ValueError, match="train.pipeline=sparse_dist pipelines pooled models"):
+            validate(cfg)

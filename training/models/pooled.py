@@ -10,8 +10,11 @@ so it costs no second lookup and no change to the bundle.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
+from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -85,7 +88,10 @@ class PooledRanker(nn.Module):
         plan: DensePlan = self.dense.parallel_plan(tp)  # type: ignore[operator]
         return plan
 
-    def forward(self, dense: torch.Tensor, kjt: KeyedJaggedTensor) -> torch.Tensor:
+    def forward(self, dense: torch.Tensor | Batch, kjt: KeyedJaggedTensor | None = None) -> torch.Tensor:
+        if kjt is None:  # called with a whole Batch: how TorchRec's TrainPipelineSparseDist calls (and traces) it
+            batch = cast(Batch, dense)  # under TorchRec's tracer, a proxy of one
+            dense, kjt = batch.dense_features, batch.sparse_features
         pooled = self.sparse(kjt).to_dict()
         embeddings = torch.stack([pooled[f] for f in self.feature_names], dim=1)
         return self.dense(dense, embeddings)
