@@ -12,7 +12,6 @@ A resumed run re-reads and re-featurizes the batches it skips.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,15 +21,16 @@ from torchrec.datasets.utils import Batch
 from adsfm.contract.config import DataConfig, StreamConfig
 from adsfm.contract.features import FeatureSpec
 from adsfm.training.loop import all_ranks
-from adsfm.training.stream import Chunk, EpochRows, _kind, _summed, columns, featurize_rows, resolve
-
-
-def files_kind(s: StreamConfig) -> tuple[list[Path], str]:
-    files = resolve(s.paths, "stream.paths")
-    kinds = {_kind(f) for f in files}
-    if len(kinds) != 1:
-        raise ValueError(f"data.stream.reader=ray_data reads one kind of file per run; data.stream.paths mixes {sorted(kinds)}")
-    return files, kinds.pop()
+from adsfm.training.stream import (
+    Chunk,
+    EpochRows,
+    _kind,
+    _summed,
+    columns,
+    featurize_rows,
+    raw_types,
+    resolve,
+)
 
 
 def raw_dataset(s: StreamConfig) -> Any:
@@ -39,7 +39,8 @@ def raw_dataset(s: StreamConfig) -> Any:
     import pyarrow.csv as pacsv
     import ray.data
 
-    files, kind = files_kind(s)
+    files = resolve(s.paths, "stream.paths")  # one kind of file: resolve refuses a mix
+    kind = _kind(files[0])
     dense, sparse = columns(s)
     paths = [str(f) for f in files]
     if kind == "parquet":
@@ -61,12 +62,7 @@ class Featurize:
         self.spec, self.dense, self.sparse = spec, *columns(s)
 
     def __call__(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
-        for c in self.dense:
-            df[c] = pd.to_numeric(df[c], errors="coerce").astype(np.float64)
-        for c in self.sparse:
-            df[c] = df[c].fillna("").astype(str)
-        df["label"] = df["label"].astype(np.int64)
-        chunk = featurize_rows(df, self.spec)
+        chunk = featurize_rows(raw_types(df, self.dense, self.sparse), self.spec)
         return {"dense": chunk.dense, "cats": chunk.cats, "label": chunk.labels}
 
 

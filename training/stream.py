@@ -252,13 +252,18 @@ def _parquet_rows(piece: Piece, s: StreamConfig, dense: list[str], sparse: list[
         if s_ >= e_:
             continue
         t = pf.read_row_group(g, columns=["label", *dense, *sparse]).slice(s_, e_ - s_)
-        df = t.to_pandas()
-        for c in dense:
-            df[c] = pd.to_numeric(df[c], errors="coerce").astype(np.float64)
-        for c in sparse:
-            df[c] = df[c].fillna("").astype(str)
-        df["label"] = df["label"].astype(np.int64)
-        yield df
+        yield raw_types(t.to_pandas(), dense, sparse)
+
+
+def raw_types(df: pd.DataFrame, dense: list[str], sparse: list[str]) -> pd.DataFrame:
+    """Columnar rows (parquet, Ray Data) as the text reader types them: int_* float (NaN where empty),
+    cat_* str ('' where empty), label int."""
+    for c in dense:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(np.float64)
+    for c in sparse:
+        df[c] = df[c].fillna("").astype(str)
+    df["label"] = df["label"].astype(np.int64)
+    return df
 
 
 def read_rows(files: list[Path], s: StreamConfig, limit: int) -> pd.DataFrame:
