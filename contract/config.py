@@ -259,6 +259,10 @@ class StreamConfig:
     """Hash buckets of every categorical table, unless num_embeddings_per_feature is given."""
     num_embeddings_per_feature: list[int] = field(default_factory=list)
     """Hash buckets per categorical column, as TorchRec's Criteo examples take them."""
+    item_columns: list[str] = field(default_factory=list)
+    """Columns (int_k, cat_k) that describe the ad rather than the user or context: a ranking request sends
+    them per candidate and the rest once per request. Training is the same either way; empty: every column
+    comes with the user, so the candidates of one request would all score alike."""
     chunk_bytes: int = 8 << 20
     """Bytes parsed at once; memory per worker is a few times this."""
     gzip_split: GzipSplit = GzipSplit.striped

@@ -41,6 +41,7 @@ from adsfm.contract.config import (
     DataConfig,
     DataSource,
     DenseFeature,
+    Side,
     SparseFeature,
     StreamConfig,
     StreamReader,
@@ -70,8 +71,14 @@ def criteo_data_config(cfg: DataConfig) -> DataConfig:
     """The feature declarations a Criteo-format source implies (what the manifest and serving see)."""
     out = typed(DataConfig, cfg)
     dense, sparse = columns(cfg.stream)
-    out.sparse = [SparseFeature(name=n, hash_buckets=b) for n, b in zip(sparse, buckets(cfg.stream), strict=True)]
-    out.dense = [DenseFeature(name=n, log1p=True) for n in dense]
+    items = set(cfg.stream.item_columns)
+    unknown = sorted(items - set(dense) - set(sparse))
+    if unknown:
+        raise ValueError(f"data.stream.item_columns names {unknown}, which are not columns of this source: "
+                         f"int_0..int_{len(dense) - 1}, cat_0..cat_{len(sparse) - 1}")
+    side = {n: Side.item if n in items else Side.user for n in dense + sparse}
+    out.sparse = [SparseFeature(name=n, hash_buckets=b, side=side[n]) for n, b in zip(sparse, buckets(cfg.stream), strict=True)]
+    out.dense = [DenseFeature(name=n, log1p=True, side=side[n]) for n in dense]
     out.label = "label"
     return out
 

@@ -188,3 +188,42 @@ def test_too_few_whole_gzip_files_fail_before_any_worker_starts(tmp_path: Path) 
                              f"data.stream.holdout_paths=[{one}]", "data.stream.gzip_split=whole"]))  # tw2: two ranks
     with pytest.raises(ValueError, match=r"1 gzip file\(s\) for 2 data-parallel ranks"):
         validate(cfg)
+
+
+def test_item_columns_come_with_each_candidate_and_score_as_whole_rows(tmp_path: Path) -> None:
+    """`data.stream.item_columns`: those columns are the candidate's, the rest the request's. One user with
+    20 candidates through the split path scores as the 20 whole rows (the user's values repeated) through
+    batch scoring, and the candidates no longer all score alike."""
+    import torch
+
+    from adsfm.contract.config import ModelConfig, Precision
+    from adsfm.contract.features import is_missing
+    from adsfm.export.bundle import write_dense_bundle
+    from adsfm.serving.engine import DenseGraphEngine
+    from adsfm.training.models import build_model
+    from adsfm.training.stream import criteo_features, criteo_holdout_frame
+
+    train = write_synthetic_criteo(tmp_path / "day_0.tsv", 600, seed=0)
+    hold = write_synthetic_criteo(tmp_path / "day_1.tsv", 100, seed=1)
+    items = ["cat_3", "cat_9", "int_2"]
+    cfg = _cfg([train], [hold], StreamConfig(hash_buckets=300, stats_rows=600, holdout_rows=100, item_columns=items))
+    fs = criteo_features(cfg)
+    assert {f.name for f in fs.spec.sparse if f.side == "item"} | {d.name for d in fs.spec.dense if d.side == "item"} == set(items)
+    torch.manual_seed(0)
+    model = build_model(fs.spec, ModelConfig(embedding_dim=8, dense_arch=[16, 8], over_arch=[16, 1]), device="cpu").eval()
+    tables = [(c.name, model.sparse.embedding_bags[c.name].weight.detach()) for c in model.sparse.embedding_bag_configs()]
+    write_dense_bundle(fs, tmp_path / "b", tables, model.dense, {n: Precision.fp32 for n, _ in tables}, 8, 17, {})
+    engine = DenseGraphEngine(tmp_path / "b")
+
+    frame = criteo_holdout_frame(cfg).iloc[:20]
+    values = [{k: v for k, v in r.items() if k != "label" and not is_missing(v)} for r in frame.to_dict("records")]
+    user = {k: v for k, v in values[0].items() if k not in items}
+    candidates = [{k: v for k, v in r.items() if k in items} for r in values]
+    split = engine.score(user, candidates)
+    columns = {c: [user.get(c) if c not in items else r.get(c) for r in values] for c in frame.columns if c != "label"}
+    np.testing.assert_allclose(split, engine.score_columns(columns), rtol=0, atol=1e-6)
+    assert np.std(split) > 1e-4
+
+    bad = _cfg([train], [hold], StreamConfig(hash_buckets=300, item_columns=["cat_3", "ad_id"]))
+    with pytest.raises(ValueError, match=r"item_columns names \['ad_id'\], which are not columns"):
+        criteo_spec(bad)
