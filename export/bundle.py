@@ -29,7 +29,7 @@ from adsfm.export.parity import (
     require_parity,
     write_reference,
 )
-from adsfm.export.sparse import export_table, load_table
+from adsfm.export.sparse import StoredTable, export_table
 from adsfm.serving.engine import DenseGraphEngine
 from adsfm.training.checkpoint import load_into_unsharded
 from adsfm.training.data import FeatureSet, load_features, load_frame
@@ -55,18 +55,22 @@ def load_dense(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> nn.Module:
 
 @torch.no_grad()
 def streamed_eager_probs(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet, dense: nn.Module, idx: np.ndarray) -> np.ndarray:
-    """The eager model's probabilities for rows `idx`, one table in memory at a time: each table is loaded,
-    its features pooled for those rows with torch's embedding_bag, and dropped."""
+    """The eager model's probabilities for rows `idx`: each table's rows that those rows look up are read
+    from the checkpoint (a chunk at a time) and pooled with torch's embedding_bag."""
     batch = fs.take(idx)
     jts = batch.sparse_features.to_dict()
     pooled: dict[str, torch.Tensor] = {}
     for c in table_configs(fs.spec, table_dim(cfg.model)):
-        w = load_table(checkpoint, f"sparse.embedding_bags.{c.name}.weight", (c.num_embeddings, c.embedding_dim))
+        ids = torch.cat([jts[f].values() for f in c.feature_names])
+        used, where = torch.unique(ids, return_inverse=True)
+        w = stored_table(checkpoint, c.name, (c.num_embeddings, c.embedding_dim)).rows(used)
         mode = fs.spec.tables[c.name].pooling
+        start = 0
         for f in c.feature_names:
             jt = jts[f]
-            pooled[f] = F.embedding_bag(jt.values(), w, jt.offsets()[:-1], mode=mode)
-        del w
+            n = len(jt.values())
+            pooled[f] = F.embedding_bag(where[start : start + n], w, jt.offsets()[:-1], mode=mode)
+            start += n
     emb = torch.stack([pooled[f.name] for f in fs.spec.sparse], dim=1)
     return torch.sigmoid(dense(batch.dense_features, emb)).double().numpy()
 
@@ -99,15 +103,15 @@ def git_commit() -> str:
 def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: str = "") -> Manifest:
     """Write the bundle to `out` and check parity; raises ParityError (after writing) if it fails.
 
-    Tables are streamed from the checkpoint one at a time (load, quantize, write, drop), for the bundle and
-    for the eager reference alike, so export holds about 2x the largest table, never the whole model.
+    Tables are streamed from the checkpoint a stored chunk (a rank's shard) at a time: quantized and written
+    at their rows for the bundle, gathered to the rows it looks up for the eager reference; export holds
+    about the largest chunk, never a whole table or the model.
     """
     if cfg.model.arch == Arch.hstu:
         return _export_sequence(cfg, checkpoint, out, train_run_id)
     fs = load_features(cfg.data)
     configs = table_configs(fs.spec, table_dim(cfg.model))
-    streamed = ((c.name, load_table(checkpoint, f"sparse.embedding_bags.{c.name}.weight", (c.num_embeddings, c.embedding_dim)))
-                for c in configs)
+    streamed = [(c.name, stored_table(checkpoint, c.name, (c.num_embeddings, c.embedding_dim))) for c in configs]
     dense = load_dense(cfg, checkpoint, fs)
     manifest = write_dense_bundle(fs, out, streamed, dense, table_precisions(cfg, [c.name for c in configs]),
                                   table_dim(cfg.model), cfg.export.opset, provenance(cfg, checkpoint, fs, train_run_id),
@@ -126,7 +130,11 @@ def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: s
     return manifest
 
 
-def write_dense_bundle(fs: FeatureSet, out: Path, tables: Iterable[tuple[str, torch.Tensor]], dense: nn.Module,
+def stored_table(checkpoint: Path, name: str, shape: tuple[int, int]) -> StoredTable:
+    return StoredTable(checkpoint, f"sparse.embedding_bags.{name}.weight", shape)
+
+
+def write_dense_bundle(fs: FeatureSet, out: Path, tables: Iterable[tuple[str, torch.Tensor | StoredTable]], dense: nn.Module,
                        precision: dict[str, Precision], dim: int, opset: int, lineage: dict[str, Any],
                        arch: str = "dlrm") -> Manifest:
     """The files of a dense-graph bundle: each table as `tables` yields it (written, then dropped), dense.onnx,
