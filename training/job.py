@@ -192,6 +192,8 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     for name in ("loss_curve.png", "sharding_plan.json", "sharding_plan.txt", "train_result.json"):
         client.log_artifact(run_id, str(run_dir / name))
     client.log_metric(run_id, "samples_per_second", raw["samples_per_second"])
+    client.log_metric(run_id, "checkpoint_seconds", raw["checkpoint_seconds"])
+    client.log_metric(run_id, "peak_rss_gb_max_rank", max(raw["peak_rss_bytes"]) / 1e9)
     if cfg.train.baseline and cfg.model.arch != Arch.logreg:
         raw["baseline"] = compare(cfg, raw["holdout"], base or train_baseline(cfg, run_dir))
         for k in ("holdout_auc_vs_baseline", "holdout_logloss_vs_baseline", "baseline_holdout_auc", "baseline_holdout_logloss"):

@@ -267,7 +267,10 @@ class Trainer:
         if self.saver is not None:
             self.saver.wait()
         elapsed = time.time() - self.t0
+        t_ckpt = time.perf_counter()
         ckpt = self.checkpoint()
+        ckpt_seconds = time.perf_counter() - t_ckpt
+        peak_rss = gather_peak_rss()
         final = self.history[-1]
         chosen = ckpt
         if self.valid_idx is not None and self.best["checkpoint"]:  # export takes the best epoch's weights
@@ -288,6 +291,9 @@ class Trainer:
                 "epoch_rows": self.epoch_rows,
                 "holdout": {k: v for k, v in final.items() if k not in ("epoch", "step", "valid_logloss", "valid_auc")},
                 "sharding_plan": self.plan,
+                "checkpoint_seconds": ckpt_seconds,
+                "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()),
+                "peak_rss_bytes": peak_rss,
             }
             if self.valid_idx is not None:
                 result["early_stopping"] = {"best_epoch": self.best["epoch"], "best_step": self.best["step"],
@@ -297,6 +303,18 @@ class Trainer:
         import ray.train
 
         ray.train.report({"holdout_auc": final["auc"], "step": self.step})
+
+
+def gather_peak_rss() -> list[int]:
+    """Every rank's peak resident memory so far, in bytes, in rank order (a collective)."""
+    import resource
+
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    if not dist.is_initialized():
+        return [mine]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return [int(v) for v in out]
 
 
 def train_worker(config: dict[str, Any]) -> None:

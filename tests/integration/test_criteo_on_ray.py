@@ -35,6 +35,9 @@ def test_criteo_files_train_on_two_workers_and_export(ray_cluster: None, tmp_pat
     assert steps * 512 <= sum(rows) and (steps + 2) * 512 > sum(rows), steps
     assert result.raw["epoch_rows"] == [{"epoch": 0, "rows": sum(rows), "trained": steps * 512, "not_trained": sum(rows) - steps * 512}]
     assert result.raw["world_size"] == 2
+    # What the scale benchmark reads: each rank's peak memory, and a checkpoint holding at least the tables.
+    assert len(result.raw["peak_rss_bytes"]) == 2 and min(result.raw["peak_rss_bytes"]) > 100e6
+    assert result.raw["checkpoint_bytes"] >= 26 * 2000 * cfg.model.embedding_dim * 4 and result.raw["checkpoint_seconds"] > 0
     assert result.holdout["n"] == 3000 and result.holdout["auc"] > 0.6
 
     run_cfg, _ = load_run(result.run_dir)
