@@ -10,6 +10,7 @@ written at its rows, so export holds about the largest chunk, never a whole tabl
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -126,5 +127,11 @@ def export_table(weight: torch.Tensor | StoredTable, precision: str, path: Path)
                 f.seek(base + begin + first * a.shape[1] * a.itemsize)
                 f.write(np.ascontiguousarray(a).data)
             del w
+        # Flushed and dropped from the page cache: export does not keep the model's tables resident, and the
+        # parity check then reads the rows it needs as a replica on a fresh host would.
+        f.flush()
+        os.fsync(f.fileno())
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     tmp.replace(path)
     return path.stat().st_size

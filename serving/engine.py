@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,12 +42,20 @@ _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I6
 def mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
     """A safetensors file's arrays as read-only memory maps: a replica touches only the rows it looks up,
     and replicas on one host share the pages. The format is an 8-byte header length, a JSON header of
-    dtype, shape and byte range per array, then the raw little-endian data."""
+    dtype, shape and byte range per array, then the raw little-endian data.
+
+    The map is advised MADV_RANDOM: lookups are scattered rows, and without it the kernel maps (and reads
+    ahead) the pages around every row touched, which fills a large table's share of resident memory with
+    rows nobody asked for."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         if size > 100 << 20:
             raise ValueError(f"{path}: safetensors header of {size} bytes is not plausible")
         header = json.loads(f.read(size))
+        total = os.fstat(f.fileno()).st_size
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if total > 8 + size else None
+    if mapped is not None and hasattr(mmap, "MADV_RANDOM"):
+        mapped.madvise(mmap.MADV_RANDOM)
     out: dict[str, np.ndarray] = {}
     for key, meta in header.items():
         if key == "__metadata__":
@@ -58,10 +68,12 @@ def mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
         if end == begin:
             out[key] = np.zeros(shape, dtype)
             continue
+        if mapped is None or 8 + size + end > total:
+            raise ValueError(f"{path}: array {key!r} ends at byte {8 + size + end}, past the file's {total}")
         # a plain ndarray over the map (it keeps the map open): np.memmap's subclass hooks cost more than
         # the lookup itself on every indexing of a small table
-        out[key] = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r", offset=8 + size + begin,
-                             shape=shape).view(np.ndarray)
+        out[key] = np.frombuffer(mapped, dtype=np.dtype(dtype).newbyteorder("<"), count=int(np.prod(shape)),
+                                 offset=8 + size + begin).reshape(shape)
     return out
 
 
