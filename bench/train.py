@@ -46,7 +46,7 @@ def _batches(a: argparse.Namespace, world: int, rank: int) -> list[Any]:
     local = a.batch // world
     out = []
     for _ in range(a.steps + a.warmup):
-        ids = (rng.zipf(1.1, size=(a.batch, a.tables)) - 1) % a.rows
+        ids = (rng.zipf(1.1, size=(a.batch, a.tables)) - 1) % np.asarray(_rows(a))
         dense = rng.normal(size=(a.batch, 13)).astype(np.float32)
         labels = (rng.random(a.batch) < 0.3).astype(np.float32)
         sl = slice(rank * local, (rank + 1) * local)
@@ -59,6 +59,18 @@ def _batches(a: argparse.Namespace, world: int, rank: int) -> list[Any]:
     return out
 
 
+def _rows(a: argparse.Namespace) -> list[int]:
+    """Rows of each table: --rows for all, or a list (bench/scale.py's Criteo-shaped cardinalities)."""
+    return list(a.rows) if isinstance(a.rows, list | tuple) else [a.rows] * a.tables
+
+
+def _layout(a: argparse.Namespace, world: int) -> Any:
+    from adsfm.contract.config import ParallelConfig
+
+    kind = getattr(a, "sharding", "table_wise")
+    return ParallelConfig(name=f"{kind[0]}w{world}", num_workers=world, sharding_types=[kind])
+
+
 def _model_cfg(a: argparse.Namespace) -> Any:
     from adsfm.contract.config import ModelConfig
 
@@ -69,7 +81,7 @@ def _spec(a: argparse.Namespace) -> Any:
     from adsfm.contract.features import FeatureSpec
 
     sparse = [{"name": f"f{t}", "table": f"t{t}"} for t in range(a.tables)]
-    tables = {f"t{t}": {"rows": a.rows, "pooling": "sum"} for t in range(a.tables)}
+    tables = {f"t{t}": {"rows": r, "pooling": "sum"} for t, r in enumerate(_rows(a))}
     return FeatureSpec.model_validate({"sparse": sparse, "dense": [{"name": f"d{j}"} for j in range(13)], "tables": tables})
 
 
@@ -141,8 +153,8 @@ def raw_torchrec(a: argparse.Namespace, world: int, batches: list[Any]) -> float
         def __init__(self) -> None:
             super().__init__()
             self.sparse = EmbeddingBagCollection(
-                tables=[EmbeddingBagConfig(name=f"t{t}", embedding_dim=a.dim, num_embeddings=a.rows, feature_names=[f"f{t}"])
-                        for t in range(a.tables)],
+                tables=[EmbeddingBagConfig(name=f"t{t}", embedding_dim=a.dim, num_embeddings=r, feature_names=[f"f{t}"])
+                        for t, r in enumerate(_rows(a))],
                 device=torch.device("meta"),
             )
             self.dense = DLRMDense(13, a.tables, _model_cfg(a))
@@ -156,13 +168,17 @@ def raw_torchrec(a: argparse.Namespace, world: int, batches: list[Any]) -> float
     apply_optimizer_in_backward(RowWiseAdagrad, m.sparse.parameters(), {"lr": 0.05, "eps": 1e-8})
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world, compute_device="cpu"),
-        constraints={f"t{t}": ParameterConstraints(sharding_types=["table_wise"]) for t in range(a.tables)},
+        constraints={f"t{t}": ParameterConstraints(sharding_types=list(_layout(a, world).sharding_types)) for t in range(a.tables)},
     )
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 
-    sharders = [EmbeddingBagCollectionSharder()]
+    class CpuSharder(EmbeddingBagCollectionSharder):  # TorchRec offers row-wise for CUDA only; gloo has it too
+        def sharding_types(self, compute_device_type: str) -> list[str]:
+            return list(dict.fromkeys(super().sharding_types(compute_device_type) + super().sharding_types("cuda")))
+
+    sharders = [CpuSharder()]
     plan = planner.collective_plan(m, sharders) if world > 1 else planner.plan(m, sharders)  # type: ignore[arg-type]
-    dmp = DistributedModelParallel(m, device=torch.device("cpu"), plan=plan)
+    dmp = DistributedModelParallel(m, device=torch.device("cpu"), plan=plan, sharders=sharders)  # type: ignore[arg-type]
     opt = CombinedOptimizer([
         dmp.fused_optimizer,
         KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.Adam(p, lr=1e-3)),
@@ -178,15 +194,13 @@ def raw_torchrec(a: argparse.Namespace, world: int, batches: list[Any]) -> float
 
 
 def adsfm(a: argparse.Namespace, world: int, batches: list[Any]) -> float:
-    from adsfm.contract.config import ParallelConfig
     from adsfm.parallel.shard import OptimConfig, parallelize_model
     from adsfm.training.loop import LossMeter, train_step
     from adsfm.training.models.pooled import PooledRanker
 
     torch.manual_seed(0)
     model = PooledRanker(_spec(a), _model_cfg(a), device="meta")
-    layout = ParallelConfig(name=f"tw{world}", num_workers=world, sharding_types=["table_wise"])
-    dmp, opt, _ = parallelize_model(model, layout, OptimConfig("rowwise_adagrad", 0.05, "adam", 1e-3), torch.device("cpu"))
+    dmp, opt, _ = parallelize_model(model, _layout(a, world), OptimConfig("rowwise_adagrad", 0.05, "adam", 1e-3), torch.device("cpu"))
 
     meter, n = LossMeter(), [0]
 
@@ -201,7 +215,6 @@ def adsfm(a: argparse.Namespace, world: int, batches: list[Any]) -> float:
 
 def adsfm_pipelined(a: argparse.Namespace, world: int, batches: list[Any]) -> float:
     """adsfm with train.pipeline=sparse_dist: TorchRec's TrainPipelineSparseDist over the same batches."""
-    from adsfm.contract.config import ParallelConfig
     from adsfm.parallel.shard import OptimConfig, parallelize_model
     from adsfm.training.loop import LossMeter
     from adsfm.training.models.pooled import PooledRanker
@@ -209,8 +222,7 @@ def adsfm_pipelined(a: argparse.Namespace, world: int, batches: list[Any]) -> fl
 
     torch.manual_seed(0)
     model = PooledRanker(_spec(a), _model_cfg(a), device="meta")
-    layout = ParallelConfig(name=f"tw{world}", num_workers=world, sharding_types=["table_wise"])
-    dmp, opt, _ = parallelize_model(model, layout, OptimConfig("rowwise_adagrad", 0.05, "adam", 1e-3), torch.device("cpu"))
+    dmp, opt, _ = parallelize_model(model, _layout(a, world), OptimConfig("rowwise_adagrad", 0.05, "adam", 1e-3), torch.device("cpu"))
     batches = [StepBatch(b.dense_features, b.sparse_features, b.labels) for b in batches]
     for _ in sparse_dist_steps(dmp, opt, iter(batches[: a.warmup])):
         pass
@@ -245,6 +257,15 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, out: str) -> 
     os._exit(0)  # skip gloo teardown (a peer exiting first can abort the other)
 
 
+def samples_per_s(a: argparse.Namespace, loop: str, world: int) -> float:
+    """One run of `loop` on `world` fresh gloo processes: global samples per second over the timed steps."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "r.json")
+        a.loop = loop
+        mp.start_processes(_rank, args=(world, free_port(), a, out), nprocs=world, join=True, start_method="spawn")
+        return float(json.loads(Path(out).read_text()))
+
+
 def run(a: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, float] = {}
     # Each loop in fresh processes (no memory left behind by another), twice in alternating order; the
@@ -252,12 +273,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     for world in (1, 2):
         for round_ in range(a.rounds):
             for name in (a.loops if round_ % 2 == 0 else a.loops[::-1]):
-                with tempfile.TemporaryDirectory() as tmp:
-                    out = str(Path(tmp) / "r.json")
-                    a.loop = name
-                    mp.start_processes(_rank, args=(world, free_port(), a, out), nprocs=world, join=True, start_method="spawn")
-                    key = f"{name}_samples_per_s_w{world}"
-                    values[key] = max(values.get(key, 0.0), json.loads(Path(out).read_text()))
+                key = f"{name}_samples_per_s_w{world}"
+                values[key] = max(values.get(key, 0.0), samples_per_s(a, name, world))
     ratios: dict[str, float] = {}
     for w in (1, 2):
         if "adsfm" in a.loops and "torchrec_raw" in a.loops:
