@@ -44,9 +44,9 @@ def mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
     and replicas on one host share the pages. The format is an 8-byte header length, a JSON header of
     dtype, shape and byte range per array, then the raw little-endian data.
 
-    The map is advised MADV_RANDOM: lookups are scattered rows, and without it the kernel maps (and reads
-    ahead) the pages around every row touched, which fills a large table's share of resident memory with
-    rows nobody asked for."""
+    The map is advised MADV_RANDOM: lookups are scattered rows, so a row not in the page cache is read
+    alone rather than with a readahead window. (Pages already cached, e.g. a file just written, are still
+    mapped around each touched row; export drops its tables from the cache for that reason.)"""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         if size > 100 << 20:
