@@ -75,26 +75,29 @@ def test_a_run_that_trains_no_step_fails_instead_of_reporting_success(ray_cluste
     assert not (Path(cfg.run_dir) / "train_result.json").exists()
 
 
-def test_ray_data_reads_gzip_files_for_two_workers_each_row_once(ray_cluster: None, tmp_path: Path) -> None:
-    """`data.stream.reader=ray_data`: two gzip TSV files of unequal size become one Ray Data dataset,
-    featurized in map_batches and split between 2 Ray Train workers. The epoch's rows are the files' rows;
-    the steps took at most all of them (a row read twice would push past) and left fewer than a batch per
-    rank (rows lost to the split would show); the model learns."""
+@pytest.mark.parametrize(("workers", "rows"), [(2, [5000, 2000]), (4, [6000, 1200, 1100])])
+def test_ray_data_trains_every_row_once_on_every_worker(ray_cluster: None, tmp_path: Path, workers: int, rows: list[int]) -> None:
+    """`data.stream.reader=ray_data`: gzip TSV files of unequal size (one large, the others small) become one
+    Ray Data dataset, featurized in map_batches and split between 2 or 4 Ray Train workers; at 4 there are
+    more workers than files, and every worker still trains. The epoch's rows are the files' rows; the steps
+    took at most all of them (a row read twice would push past) and left fewer than a batch per rank (rows
+    lost to the split, or a worker left idle, would show); the model learns."""
     from adsfm.contract.config import compose
     from adsfm.training.job import run_training
     from adsfm.training.stream import write_synthetic_criteo
 
-    rows = [5000, 2000]
     train = [write_synthetic_criteo(tmp_path / f"day_{i}.gz", n, seed=i) for i, n in enumerate(rows)]
     holdout = write_synthetic_criteo(tmp_path / "day_23.gz", 3000, seed=23)
     cfg = compose([
         "experiment=criteo_dlrm", f"run_root={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
-        f"data.stream.paths=[{train[0]},{train[1]}]", f"data.stream.holdout_paths=[{holdout}]",
+        f"data.stream.paths=[{','.join(map(str, train))}]", f"data.stream.holdout_paths=[{holdout}]",
         "data.stream.hash_buckets=2000", "data.stream.reader=ray_data", "train.batch_size=512", "train.progress=false",
+        f"parallel.num_workers={workers}", f"parallel.cpu_per_worker={1 / workers}",  # a CPU left for Ray Data
     ])
     result = run_training(cfg)
     steps, total = result.raw["steps"], sum(rows)
     assert result.raw["epoch_rows"] == [{"epoch": 0, "rows": total, "trained": steps * 512, "not_trained": total - steps * 512}]
-    assert total - 2 * 256 < steps * 512 <= total, steps
-    assert result.raw["world_size"] == 2 and result.holdout["auc"] > 0.6
-
+    # Every step takes 512 / workers rows on each worker; each worker leaves less than a local batch.
+    assert total - workers * (512 // workers) < steps * 512 <= total, steps
+    assert result.raw["world_size"] == workers and len(result.raw["peak_rss_bytes"]) == workers
+    assert result.holdout["auc"] > 0.6

@@ -129,6 +129,13 @@ def test_whole_gzip_files_too_few_fail_and_unequal_ones_are_measured(tmp_path: P
     gz = [write_synthetic_criteo(tmp_path / f"day_{i}.gz", 300 * (i + 1), seed=i, s=SMALL) for i in range(3)]
     with pytest.raises(ValueError, match=r"data.stream.paths: 3 gzip file\(s\) for 4 data-parallel ranks: .* 1 rank\(s\) would have nothing"):
         rank_pieces(gz, 0, 4, "whole")
+    from adsfm.contract.config import compose
+    from adsfm.training.job import validate
+
+    cfg = compose(["experiment=criteo_dlrm", f"data.stream.paths=[{','.join(map(str, gz))}]", "data.stream.gzip_split=whole",
+                   "data.stream.num_dense=2", "data.stream.num_sparse=3", "parallel.num_workers=4", "train.batch_size=512"])
+    with pytest.raises(ValueError, match=r"1 rank\(s\) would have nothing to read"):
+        validate(cfg)  # what adsfm-train runs before any worker starts
     sizes = [f.stat().st_size for f in gz]  # dealt: the largest to rank 0, the other two to rank 1
     assert unread_share(gz, 2, "whole") == pytest.approx(1 - 2 * min(sizes[2], sizes[0] + sizes[1]) / sum(sizes))
     assert unread_share(gz, 1, "whole") == 0.0
