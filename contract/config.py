@@ -639,6 +639,34 @@ class MlflowConfig:
 
 
 @dataclass
+class ContinuousConfig:
+    """Continuous training (adsfm-continuous): a registered version's checkpoint trained on new event files as
+    they land, its changed embedding rows published as deltas that live replicas apply (contract/delta.py)."""
+
+    start_from: str = ""
+    """models:/NAME@ALIAS or models:/NAME/VERSION: the version whose checkpoint (its lineage names it) is the
+    start, and beside whose bundle precision the deltas are written."""
+    source_dir: str = ""
+    """Directory where event files land: parquet, the columns of a training frame (features, label, time).
+    Read in file-name order (name them by time), each file in data.time_column order. Write each file under
+    another name and rename it into place: a file is read once, as it is when first seen."""
+    delta_log: str = ""
+    """Where deltas are published; empty: <run_dir>/deltas. The registered version is tagged with it."""
+    publish_every_s: float = 10.0
+    """Seconds between deltas (a delta waits for at least one trained step)."""
+    dense_every: int = 0
+    """Every n-th delta also carries the dense graph; 0: tables only."""
+    max_row_change: float = 10.0
+    """Sanity gate: the largest L2 change of one row since the previous delta; a larger one holds the delta back."""
+    auc_floor: float = 0.0
+    """Sanity gate: the window's progressive AUC (events scored before trained on) must reach this."""
+    poll_s: float = 0.5
+    """How often the source directory is listed when it has nothing new."""
+    idle_exit_s: float = 0.0
+    """Publish and stop after this many seconds without a new file; 0: run until stopped."""
+
+
+@dataclass
 class AdsfmConfig:
     """The whole job, composed from conf/."""
 
@@ -650,6 +678,7 @@ class AdsfmConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    continuous: ContinuousConfig = field(default_factory=ContinuousConfig)
     experiment_name: str = "default"
     """Name of the run, also the MLflow run name prefix."""
     run_root: str = "${oc.env:ADSFM_RUNS,runs}"

@@ -68,6 +68,14 @@ class LRU(Generic[V]):
             self.max_entries, self.max_bytes = max_entries, max_bytes
             self._evict()
 
+    def drop_if(self, stale: Callable[[V], bool]) -> int:
+        """Drop the entries whose value `stale` says is out of date; returns how many."""
+        with self._lock:
+            gone = [k for k, (v, _) in self._data.items() if stale(v)]
+            for k in gone:
+                self._bytes -= self._data.pop(k)[1]
+        return len(gone)
+
     def clear(self) -> None:
         with self._lock:
             self._data.clear()

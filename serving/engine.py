@@ -25,7 +25,7 @@ from adsfm.contract.features import FeatureError, Featurizer, SparseFeatureSpec,
 from adsfm.contract.manifest import Manifest, TableFile, bundle_file
 from adsfm.serving.cache import LRU
 
-__all__ = ["Bag", "DenseGraphEngine", "FeatureError", "TableStore", "dequantize", "mmap_safetensors", "session_options"]
+__all__ = ["Bag", "DenseGraphEngine", "FeatureError", "Overlay", "TableStore", "dequantize", "mmap_safetensors", "session_options"]
 
 
 @dataclass
@@ -100,6 +100,33 @@ def dequantize(arrays: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
     return arrays["codes"][rows].astype(np.float32) * sb[:, :1] + sb[:, 1:2]
 
 
+@dataclass(frozen=True)
+class Overlay:
+    """A table's rows replaced by live deltas (adsfm.contract.delta) over its memory-mapped base: sorted row
+    numbers and their fp32 values, dequantized once from the delta's served precision exactly as the base's
+    rows are. Each delta merges into a new Overlay that replaces the old in one reference swap, so a lookup
+    sees a table either before or after a delta, never half of one."""
+
+    rows: np.ndarray
+    values: np.ndarray
+
+    def merged(self, rows: np.ndarray, values: np.ndarray) -> Overlay:
+        """This overlay with `rows` set to `values` (later wins)."""
+        all_rows = np.concatenate([self.rows, rows])
+        all_values = np.concatenate([self.values, values])
+        last = len(all_rows) - 1 - np.unique(all_rows[::-1], return_index=True)[1]  # the last write of each row
+        return Overlay(all_rows[last], all_values[last])
+
+    def patch(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """Write the overlay's values into `out` (the base's values of `rows`) where it has them."""
+        if not len(self.rows) or not len(rows):
+            return
+        pos = np.searchsorted(self.rows, rows).clip(max=len(self.rows) - 1)
+        hit = self.rows[pos] == rows
+        if hit.any():
+            out[hit] = self.values[pos[hit]]
+
+
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra_op_threads
@@ -130,6 +157,66 @@ class TableStore:
             self.item_store = json.loads(bundle_file(self.bundle, m.item_store_file).read_text())
         # Item key → its row among the engine's precomputed candidate inputs (built in item_store order).
         self._item_row = {i: r for r, i in enumerate(self.item_store)}
+        self.overlays: dict[str, Overlay] = {}
+        self.applied_seq, self.watermark = 0, 0.0
+        self._table_id = {name: i for i, name in enumerate(self.tables)}
+
+    def lookup(self, table: str, rows: np.ndarray) -> np.ndarray:
+        """fp32 values of a table's rows: the base's, with the rows live deltas replaced."""
+        out = dequantize(self.tables[table], rows)
+        overlay = self.overlays.get(table)
+        if overlay is not None:
+            if not out.flags.writeable:
+                out = out.copy()
+            overlay.patch(rows, out)
+        return out
+
+    def apply_delta(self, seq: int, watermark: float, tables: dict[str, dict[str, np.ndarray]],
+                    dense_graph: bytes | None = None) -> np.ndarray:
+        """Apply delta `seq` (the next in order): each table's overlay is replaced at once. Returns the
+        changed rows as dependency keys (see dependency_keys) for dropping what was computed from them."""
+        if seq != self.applied_seq + 1:
+            raise ValueError(f"delta {seq} out of order: this replica applied {self.applied_seq}")
+        m = self.manifest
+        staged: dict[str, Overlay] = {}
+        for name, parts in tables.items():
+            if name not in self.tables:
+                raise ValueError(f"delta {seq}: table {name!r} is not in the bundle (tables: {sorted(self.tables)})")
+            rows = parts["rows"].astype(np.int64)
+            stored = {k: v for k, v in parts.items() if k != "rows"}
+            if set(stored) != set(self.tables[name]):
+                raise ValueError(f"delta {seq}: table {name!r} holds {sorted(stored)}, the bundle stores {sorted(self.tables[name])} "
+                                 f"({m.tables[name].precision})")
+            n = m.features.tables[name].rows
+            if len(rows) and (rows.min() < 0 or rows.max() >= n or (np.diff(rows) <= 0).any()):
+                raise ValueError(f"delta {seq}: table {name!r} rows must be sorted, distinct and in [0, {n})")
+            for k, a in stored.items():
+                if a.dtype != self.tables[name][k].dtype or a.shape[1:] != self.tables[name][k].shape[1:]:
+                    raise ValueError(f"delta {seq}: table {name!r} {k} is {a.dtype} {a.shape[1:]}, the bundle's "
+                                     f"{self.tables[name][k].dtype} {self.tables[name][k].shape[1:]}")
+            values = dequantize(stored, np.arange(len(rows)))
+            if not np.isfinite(values).all():
+                raise ValueError(f"delta {seq}: table {name!r} has non-finite values")
+            old = self.overlays.get(name) or Overlay(np.zeros(0, np.int64), np.zeros((0, m.tables[name].dim), np.float32))
+            staged[name] = old.merged(rows, values.astype(np.float32, copy=False))
+        self._swap_dense_graph(dense_graph)
+        for name, overlay in staged.items():
+            self.overlays = {**self.overlays, name: overlay}
+        self.applied_seq, self.watermark = seq, watermark
+        return self.dependency_keys({name: parts["rows"] for name, parts in tables.items()})
+
+    def reset_deltas(self) -> None:
+        """Back to the bundle's base (a rolled-back delta log is then applied again from its start)."""
+        self.overlays, self.applied_seq, self.watermark = {}, 0, 0.0
+        self._swap_dense_graph(None, reset=True)
+
+    def _swap_dense_graph(self, graph: bytes | None, reset: bool = False) -> None:
+        """Engines with a dense graph replace it from a delta (or restore the bundle's)."""
+
+    def dependency_keys(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        """(table, row) pairs as one int64 key each, what a cached state records it was computed from."""
+        keys = [np.asarray(r, np.int64) + (self._table_id[t] << 40) for t, r in rows.items() if len(r)]
+        return np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
 
     def item_key(self, item: dict[str, Any], where: str) -> str | None:
         """The item id's key (as the item store and the vocabulary hold it), None when the id is missing."""
@@ -168,15 +255,15 @@ class TableStore:
         """Sum or mean of the bag's rows, per row of the batch; an empty bag pools to zeros."""
         n = len(bag.lengths)
         if n == 1 and len(bag.values):  # one bag (a user's feature): no scatter needed
-            v = dequantize(self.tables[table], bag.values).sum(axis=0, keepdims=True)
+            v = self.lookup(table, bag.values).sum(axis=0, keepdims=True)
             return v / np.float32(len(bag.values)) if self.manifest.features.tables[table].pooling == "mean" else v
         if len(bag.values) == n and (bag.lengths == 1).all():  # one row per bag: nothing to sum
-            return dequantize(self.tables[table], bag.values).astype(np.float32, copy=False)
+            return self.lookup(table, bag.values).astype(np.float32, copy=False)
         out = np.zeros((n, self.manifest.tables[table].dim), dtype=np.float32)
         if len(bag.values):  # each non-empty bag's rows summed in one pass (reduceat, not a scatter)
             full = bag.lengths > 0
             starts = (np.cumsum(bag.lengths) - bag.lengths)[full]
-            out[full] = np.add.reduceat(dequantize(self.tables[table], bag.values), starts, axis=0)
+            out[full] = np.add.reduceat(self.lookup(table, bag.values), starts, axis=0)
         if self.manifest.features.tables[table].pooling == "mean":
             out /= np.maximum(bag.lengths, 1)[:, None].astype(np.float32)
         return out
@@ -257,13 +344,15 @@ class DenseGraphEngine(TableStore):
                  user_cache_bytes: int | None = None) -> None:
         super().__init__(bundle)
         m = self.manifest
+        self._threads = intra_op_threads
         self.session = ort.InferenceSession(str(bundle_file(self.bundle, m.dense_graph.file)),
                                             session_options(intra_op_threads), providers=["CPUExecutionProvider"])
         self._user_j = [j for j, f in enumerate(m.sparse) if f.side == "user"]
         self._item_j = [j for j, f in enumerate(m.sparse) if f.side == "item"]
         self._user_k = sum(self.featurizer.dense_layout("user"), [])
         self._item_k = sum(self.featurizer.dense_layout("item"), [])
-        self.user_cache: LRU[tuple[np.ndarray, np.ndarray]] = LRU(user_cache_size, user_cache_bytes)
+        # (pooled user embeddings, user dense inputs, the (table, row) keys they were pooled from)
+        self.user_cache: LRU[tuple[np.ndarray, np.ndarray, np.ndarray]] = LRU(user_cache_size, user_cache_bytes)
         # The item store's candidates as table rows (one bag per item feature) and dense inputs, indexed once;
         # a request naming item ids gathers its candidates' rows and dequantizes them, so the store is never
         # held as float embeddings, whatever its size.
@@ -325,16 +414,38 @@ class DenseGraphEngine(TableStore):
 
     def user_inputs(self, user: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Pooled user-side embeddings [F_user, D] and user-side dense inputs, from the cache."""
-        return self.user_cache.get_or_compute(cache_key(user), lambda: self._user_inputs(user))
+        emb, dense, _ = self.user_cache.get_or_compute(cache_key(user), lambda: self._user_inputs(user))
+        return emb, dense
 
-    def _user_inputs(self, user: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    def _user_inputs(self, user: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         m = self.manifest
         emb = np.zeros((len(self._user_j), m.embedding_dim), dtype=np.float32)
+        used: dict[str, list[np.ndarray]] = {}
         for col, j in enumerate(self._user_j):
             f = m.sparse[j]
             rows = self.rows_of(f, user.get(f.field), f"user.{f.field}")
+            used.setdefault(f.table_name, []).append(rows)
             emb[col] = self.pool(f.table_name, Bag(rows, np.array([len(rows)])))[0]
-        return emb, self.featurizer.dense_row(user, "user", "user.")
+        deps = self.dependency_keys({t: np.concatenate(r) for t, r in used.items()})
+        return emb, self.featurizer.dense_row(user, "user", "user."), deps
+
+    def apply_delta(self, seq: int, watermark: float, tables: dict[str, dict[str, np.ndarray]],
+                    dense_graph: bytes | None = None) -> np.ndarray:
+        """TableStore.apply_delta, then drop exactly the cached user states pooled from a changed row."""
+        changed = super().apply_delta(seq, watermark, tables, dense_graph)
+        if len(changed):
+            self.user_cache.drop_if(lambda v: bool(np.isin(v[2], changed).any()))
+        return changed
+
+    def reset_deltas(self) -> None:
+        super().reset_deltas()
+        self.user_cache.clear()
+
+    def _swap_dense_graph(self, graph: bytes | None, reset: bool = False) -> None:
+        if graph is None and not reset:
+            return
+        source = graph if graph is not None else str(bundle_file(self.bundle, self.manifest.dense_graph.file))
+        self.session = ort.InferenceSession(source, session_options(self._threads), providers=["CPUExecutionProvider"])
 
     def _item_inputs(self, items: list[dict[str, Any]], where: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Pooled item-side embeddings [N, F_item, D] and dense inputs [N, K_item]; `where` numbers the

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from adsfm.contract.features import FeatureError
 from adsfm.contract.manifest import SequenceSpec, bundle_file
 from adsfm.serving.cache import LRU
-from adsfm.serving.engine import TableStore, cache_key, dequantize, session_options
+from adsfm.serving.engine import TableStore, cache_key, session_options
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,24 @@ class SequenceEngine(TableStore):
         key = self.manifest.item_column or ""
         self._item_rows = self.item_rows([{key: i} for i in ids]) if ids else {}
 
+    def apply_delta(self, seq: int, watermark: float, tables: dict[str, dict[str, np.ndarray]],
+                    dense_graph: bytes | None = None) -> np.ndarray:
+        """Table rows only (a split bundle has two graphs); every cached user state is dropped, since the
+        user graph mixes the whole history's rows through attention."""
+        if dense_graph is not None:
+            raise ValueError(f"delta {seq}: a split (sequence) bundle takes table rows only, not a dense graph")
+        changed = super().apply_delta(seq, watermark, tables)
+        self.user_cache.clear()
+        return changed
+
+    def reset_deltas(self) -> None:
+        super().reset_deltas()
+        self.user_cache.clear()
+
     # ------------------------------------------------------------------------------------ indexed path
 
     def _rows(self, feature: str, rows: np.ndarray) -> np.ndarray:
-        return dequantize(self.tables[self.features[feature].table_name], rows)
+        return self.lookup(self.features[feature].table_name, rows)
 
     def encode(self, history: np.ndarray, actions: np.ndarray, times: np.ndarray, context: dict[str, int],
                request_time: int) -> UserState:

@@ -205,6 +205,12 @@ def load_checkpoint(model: nn.Module, directory: Path, optimizer: torch.optim.Op
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def has_optimizer_state(directory: Path) -> bool:
+    """Whether the checkpoint holds optimizer state (a model saved alone does not)."""
+    meta = dcp.FileSystemReader(str(directory)).read_metadata()
+    return any(k.startswith("optim") for k in meta.state_dict_metadata)
+
+
 def load_into_unsharded(model: nn.Module, directory: Path) -> None:
     """Load a checkpoint written by any number of ranks into a plain (unsharded, CPU) model, in place."""
     if not directory.exists():
