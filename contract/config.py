@@ -563,6 +563,9 @@ class ServeConfig:
     """ONNX Runtime threads per session."""
     reload_interval_s: float = 2.0
     """How often replicas read the registry (aliases and champion/challenger split) and follow it (0: never)."""
+    delta_poll_s: float = 0.5
+    """How often a replica reads the delta log its champion version is tagged with (adsfm.delta_log, written
+    by adsfm-continuous) and applies new deltas; 0: never. The tag is looked up with the registry reads."""
     batch_max_requests: int = 16
     """Concurrent requests whose candidates go through one run of the dense graph (@serve.batch)."""
     batch_wait_ms: float = 1.0

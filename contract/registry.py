@@ -196,10 +196,44 @@ def describe(name: str, tracking_uri: str) -> str:
             f"{t.get('adsfm.holdout_auc', '-'):>8} {t.get('adsfm.precision', '-'):<10} {t.get('adsfm.table_bytes', '-'):>10} "
             f"{t.get('adsfm.git_commit', '-')[:8]:<9} {t.get('adsfm.parent_version', '') or '-':>6}  {created}"
         )
+        if t.get("adsfm.delta_log"):
+            lines.extend("       " + line for line in delta_lines(t["adsfm.delta_log"]))
     lines.append("champion history (oldest first):")
     for h in champion_history(client, name):
         lines.append(f"  {h['at']}  {h['previous'] or '-':>4} -> {h['version']:<4} {h['kind']:<8} by {h['by']}: {h['reason']}")
     return "\n".join(lines)
+
+
+def delta_lines(path: str) -> list[str]:
+    """A version's delta log, newest last: what `adsfm-models` prints under the version."""
+    from adsfm.contract.delta import DeltaLog
+
+    log = DeltaLog(path)
+    deltas = log.published()
+    lines = [f"deltas: {len(deltas)} in {path} (generation {log.generation()})"]
+    for d in deltas:
+        auc = f"{d.window['auc']:.4f}" if "auc" in d.window else "-"
+        lines.append(f"  delta {d.seq:>5}  events to {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(d.watermark))}  "
+                     f"{sum(d.rows.values()):>8} rows {d.bytes:>10} bytes  window auc {auc}{'  +dense' if d.dense else ''}  "
+                     f"published {time.strftime('%H:%M:%S', time.gmtime(d.published_at))}")
+    return lines
+
+
+def rollback_deltas(name: str, tracking_uri: str, to_seq: int, version: str | None = None) -> tuple[str, list[int]]:
+    """Withdraw the deltas after `to_seq` from the delta log of `version` (default: the champion); replicas
+    go back to the base plus the deltas left. Returns (version, withdrawn sequence numbers)."""
+    from mlflow.tracking import MlflowClient
+
+    from adsfm.contract.delta import DeltaLog
+
+    client = MlflowClient(tracking_uri)
+    version = version or alias_version(client, name, CHAMPION)
+    if version is None:
+        raise LookupError(f"model {name!r} has no champion in {tracking_uri}")
+    path = client.get_model_version(name, version).tags.get("adsfm.delta_log")
+    if not path:
+        raise LookupError(f"model {name!r} version {version} has no delta log (adsfm.delta_log tag): nothing to roll back")
+    return version, DeltaLog(path).rollback(to_seq)
 
 
 @dataclass(frozen=True)

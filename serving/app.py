@@ -37,6 +37,7 @@ from adsfm.contract.registry import Split, Traffic, download_version, read_traff
 from adsfm.contract.request import ErrorResponse, Health, RankResponse
 from adsfm.serving import limits, metrics
 from adsfm.serving.bundle import open_engine
+from adsfm.serving.deltas import DeltaFollower
 from adsfm.serving.monitor import Reporter
 from adsfm.serving.router import Router, ShadowLog, answer_now
 from adsfm.serving.service import RankService, RequestInvalid, Scored, score_one, score_together
@@ -132,7 +133,11 @@ class RankingDeployment:
                              report=(reporter := Reporter(cfg.model_name)), shadow=shadow, report_quality=reporter.quality,
                              compare_rate=cfg.compare_rate)
         self.in_flight = 0
+        self._deltas: DeltaFollower | None = None
         metrics.QUEUE.set_function(lambda: self.in_flight)  # read at scrape time, not set per request
+        metrics.DELTA_SEQ.set_function(lambda: self.service.engine.applied_seq)
+        metrics.FRESHNESS_LAG.set_function(self._freshness_lag)
+        metrics.DELTA_ERRORS.set_function(lambda: self._deltas.errors if self._deltas else 0)
         self._cache_generation: Any = None
         self._lease_lapsed = False
         self._openapi: tuple[RankService, dict[str, Any]] | None = None
@@ -140,8 +145,31 @@ class RankingDeployment:
         self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)  # type: ignore[attr-defined]
         limits.SETTINGS["limits"] = limits.Limits.of(cfg)  # for the middleware; one replica per process
 
+        self._attach_deltas()
         if cfg.reload_interval_s > 0:
             threading.Thread(target=self._follow_registry, daemon=True, name="adsfm-registry-watch").start()
+
+    def _freshness_lag(self) -> float:
+        lag = self._deltas.lag_s() if self._deltas is not None else None
+        return float("nan") if lag is None else lag
+
+    def _attach_deltas(self) -> None:
+        """Follow the delta log the champion version is tagged with, once the tag exists (adsfm-continuous
+        writes it when it starts); a new champion version stops the old follower and starts its own."""
+        if self.cfg.delta_poll_s <= 0:
+            return
+        service = self.service
+        if self._deltas is not None and self._deltas.engine is service.engine:
+            return
+        from mlflow.tracking import MlflowClient
+
+        path = MlflowClient(self.tracking_uri).get_model_version(service.model_name, service.model_version).tags.get("adsfm.delta_log")
+        if self._deltas is not None:
+            self._deltas.stop()
+            self._deltas = None
+        if path:
+            self._deltas = DeltaFollower(service.engine, path).start(self.cfg.delta_poll_s)
+            logger.info("adsfm: version %s follows the delta log %s", service.model_version, path)
 
     def reconfigure(self, knobs: dict[str, Any]) -> None:
         """Runtime knobs (Ray Serve's user_config), applied to live replicas without a restart: batching, the
@@ -216,6 +244,7 @@ class RankingDeployment:
             metrics.REGISTRY_UP.set(1)
             try:
                 self._apply(traffic)
+                self._attach_deltas()
             except Exception:  # a version that fails to load must not kill the replica either
                 logger.exception("adsfm: applying the registry's aliases failed; still serving version %s", self.service.model_version)
 

@@ -27,3 +27,6 @@ LEASE_LAPSED = Gauge("adsfm_split_lease_lapsed",
                      "1 while the split's controller (adsfm-shift) has let its lease lapse: its share is back on the champion")
 REGISTRY_UP = Gauge("adsfm_registry_up", "1 when the last registry read succeeded, 0 while the registry is unreachable")
 REGISTRY_ERRORS = Counter("adsfm_registry_errors", "Registry reads that failed (the replica kept serving what it had)")
+DELTA_SEQ = Gauge("adsfm_delta_applied_seq", "Sequence number of the last embedding delta the champion applied (0: none)")
+FRESHNESS_LAG = Gauge("adsfm_freshness_lag_seconds", "Now minus the event-time watermark of the champion's last applied delta")
+DELTA_ERRORS = Gauge("adsfm_delta_errors", "Deltas or delta-log reads that failed on this replica (it kept serving the last good delta)")

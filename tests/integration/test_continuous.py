@@ -187,3 +187,102 @@ def test_a_rolled_back_log_takes_a_live_replica_back(small_cfg: Any, features: A
     a, b = _all_rows(live), _all_rows(two)
     assert all(np.array_equal(a[t], b[t]) for t in a)
     assert [p.name for p in (log.path / "rolled_back" / "generation_1").iterdir()] != []
+
+
+def test_a_delta_drops_exactly_the_user_states_built_on_its_rows(features: Any, trained: dict[str, Any]) -> None:
+    import torch
+
+    from adsfm.export.sparse import quantize
+    from adsfm.serving.engine import DenseGraphEngine
+
+    engine = DenseGraphEngine(trained["bundle"])
+    m = engine.manifest
+    items = [{"item_id": i} for i in list(features.item_store)[:20]]
+    one = {"user_id": "1", "gender": "M", "occupation": "technician", "age": 24}
+    two = {"user_id": "2", "gender": "M", "occupation": "technician", "age": 24}
+    before = engine.score(one, items), engine.score(two, items)
+    uid = m.features.sparse_feature("user_id")
+    row = engine.rows_of(uid, "1", "user_id")
+    assert len(row) == 1 and row[0] != engine.rows_of(uid, "2", "user_id")[0]
+    table = uid.table_name
+    moved = torch.from_numpy(engine.lookup(table, row) + 0.5)
+    engine.apply_delta(1, 1e9, {table: {"rows": row, **quantize(moved, m.tables[table].precision)}})
+    assert engine.user_cache_info().currsize == 1  # user 1's state went; user 2's, built on other rows, stayed
+    hits = engine.user_cache_info().hits
+    assert np.array_equal(engine.score(two, items), before[1]) and engine.user_cache_info().hits == hits + 1
+    assert not np.allclose(engine.score(one, items), before[0])
+    # A bad delta changes nothing and says why.
+    n = m.features.tables[table].rows
+    bad = {table: {"rows": np.array([n]), **quantize(moved, m.tables[table].precision)}}
+    with pytest.raises(ValueError, match=r"rows must be sorted, distinct and in \[0, "):
+        engine.apply_delta(2, 2e9, bad)
+    with pytest.raises(ValueError, match="delta 3 out of order: this replica applied 1"):
+        engine.apply_delta(3, 3e9, {})
+    assert engine.applied_seq == 1 and engine.watermark == 1e9
+
+
+def test_a_served_replica_follows_its_versions_delta_log_over_http(ray_cluster: None, serve_port: int, small_cfg: Any, features: Any,
+                                                                   trained: dict[str, Any], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ray Serve replica of a registered version picks up the delta log the version is tagged with, applies
+    deltas as the trainer publishes them, and answers over HTTP exactly as a replica that replayed the log;
+    /metrics shows the applied sequence number and the freshness lag. ML ops list the deltas under the
+    version and roll the last two back; the replica follows."""
+    import requests
+    from mlflow.tracking import MlflowClient
+
+    from adsfm.contract.config import ServeConfig
+    from adsfm.contract.delta import DeltaLog
+    from adsfm.contract.tracking import ensure_experiment
+    from adsfm.export.register import log_and_register
+    from adsfm.serving import app
+    from adsfm.serving.deltas import DeltaFollower
+    from adsfm.serving.engine import DenseGraphEngine
+    from adsfm.training.data import example_request, load_frame
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_and_register(trained["bundle"], "fresh", uri, run_id=None, experiment_id=ensure_experiment(uri, "fresh", str(tmp_path)))
+    MlflowClient(uri).set_model_version_tag("fresh", "1", "adsfm.delta_log", str(tmp_path / "deltas"))  # as adsfm-continuous does
+    cfg = ServeConfig(port=serve_port, model_name="fresh", max_candidates=100, batch_wait_ms=1, reload_interval_s=0.5, delta_poll_s=0.1)
+    url = app.start(cfg, uri, name="fresh-test")
+    try:
+        df, _ = load_frame(small_cfg.data)
+        req = example_request(df, features.spec, int(features.holdout_idx[7]), [str(i) for i in range(1, 41)])
+        before = requests.post(f"{url}/v1/rank", json=req, timeout=30).json()
+        _events(small_cfg, features, tmp_path / "events", files=1, rows=512)
+        _train(_cfg(small_cfg, tmp_path / "events", tmp_path / "deltas"), trained, tmp_path)
+        last = DeltaLog(tmp_path / "deltas").last()
+        assert last is not None and last.seq == 4
+        deadline = time.time() + 60
+        while f"adsfm_delta_applied_seq {last.seq}.0" not in (text := requests.get(f"{url}/metrics", timeout=10).text):
+            assert time.time() < deadline, [ln for ln in text.splitlines() if "delta" in ln]
+            time.sleep(0.2)
+        lag = float(next(ln for ln in text.splitlines() if ln.startswith("adsfm_freshness_lag_seconds")).split()[1])
+        assert lag >= time.time() - last.watermark - 60  # now minus the newest event trained (MovieLens: 1997)
+        after = requests.post(f"{url}/v1/rank", json=req, timeout=30).json()
+        replayed = DenseGraphEngine(trained["bundle"])
+        DeltaFollower(replayed, tmp_path / "deltas").poll()
+        want = replayed.score(req["user"], req["candidates"])
+        got = {c["item"]["item_id"]: c["score"] for c in after["candidates"]}
+        assert all(abs(got[c["item_id"]] - float(w)) <= 1e-6 for c, w in zip(req["candidates"], want, strict=True))
+        assert {c["item"]["item_id"]: c["score"] for c in before["candidates"]} != got
+
+        # ML ops: the version lists its deltas, and withdrawing the last two takes the replica back.
+        from adsfm.launch import models, rollback
+
+        models.main(["fresh", "--tracking-uri", uri])
+        listed = capsys.readouterr().out
+        assert "deltas: 4 in" in listed and "  delta     4  events to 1997-" in listed, listed
+        rollback.main(["fresh", "--delta", "2", "--tracking-uri", uri])
+        assert "deltas [3, 4] withdrawn" in capsys.readouterr().out
+        while "adsfm_delta_applied_seq 2.0" not in (text := requests.get(f"{url}/metrics", timeout=10).text):
+            assert time.time() < deadline + 60, [ln for ln in text.splitlines() if "delta" in ln]
+            time.sleep(0.2)
+        two = DenseGraphEngine(trained["bundle"])
+        DeltaFollower(two, tmp_path / "deltas").poll()
+        assert two.applied_seq == 2
+        got = {c["item"]["item_id"]: c["score"] for c in requests.post(f"{url}/v1/rank", json=req, timeout=30).json()["candidates"]}
+        want = two.score(req["user"], req["candidates"])
+        assert all(abs(got[c["item_id"]] - float(w)) <= 1e-6 for c, w in zip(req["candidates"], want, strict=True))
+    finally:
+        app.stop("fresh-test")
