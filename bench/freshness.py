@@ -68,11 +68,11 @@ def applied_seq(base: str) -> int:
     return 0
 
 
-def covering_seq(log: Any, file_index: int, events: int) -> int | None:
-    """The first delta whose source position is past file `file_index` (of `events` events)."""
+def covering_seq(log: Any, name: str) -> int | None:
+    """The first delta whose source position is past the file `name`."""
     for d in log.published():
-        f, r = d.position.get("file", 0), d.position.get("row", 0)
-        if f > file_index or (f == file_index and r >= events):
+        f, r, n = str(d.position.get("file", "")), int(d.position.get("row", 0)), int(d.position.get("rows", 0))
+        if f > name or (f == name and r >= n):
             return d.seq
     return None
 
@@ -149,7 +149,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             for k, t0 in list(landed.items()):
                 if k in probes:
                     continue
-                cover = covering_seq(delta_log, k, len(files[k]))
+                cover = covering_seq(delta_log, f"events_{k:05d}.parquet")
                 if cover is not None and seq >= cover:
                     probes[k] = {"seconds": time.time() - t0, "seq": float(cover)}
             time.sleep(0.1)

@@ -52,9 +52,9 @@ class DeltaInfo(BaseModel):
     """auc, logloss and n of the recent window, scored before training on it (progressive validation)."""
     dense: bool = False
     """Whether dense.onnx replaces the dense graph."""
-    position: dict[str, int] = Field(default_factory=dict)
-    """The trainer's place in its source after this delta (files done, rows of the current file): a restarted
-    trainer resumes exactly here."""
+    position: dict[str, int | str] = Field(default_factory=dict)
+    """The trainer's place in its source after this delta: rows [0, row) of `file` (of `rows`) and every file
+    named before it are trained; a restarted trainer resumes exactly here."""
     checkpoint: str = ""
     """The trainer checkpoint holding the state this delta publishes."""
     sha256: dict[str, str] = Field(default_factory=dict)

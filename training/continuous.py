@@ -13,6 +13,7 @@ that state, and no event is trained twice into a published model or skipped.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -94,7 +95,8 @@ class ContinuousTrainer:
         # a base saved without optimizer state starts its optimizer afresh; every delta's checkpoint has it
         load_checkpoint(self.model, start, self.optimizer if has_optimizer_state(start) else None)
         self.seq = last.seq if last else 0
-        self.position = dict(last.position) if last else {"file": 0, "row": 0}
+        # rows [0, row) of `file` (of `rows`) and every file named before it are trained
+        self.position: dict[str, int | str] = dict(last.position) if last else {"file": "", "row": 0, "rows": 0}
         self.watermark = last.watermark if last else 0.0
         if self.rank == 0:
             print(f"[adsfm] continuous: from {start} at delta {self.seq}, position {self.position}", flush=True)
@@ -119,25 +121,41 @@ class ContinuousTrainer:
     def run(self) -> list[DeltaInfo]:
         """Train on every event as it lands; publish every publish_every_s; stop after idle_exit_s idle."""
         c = self.cfg.continuous
-        last_publish = last_new = time.monotonic()
+        self._last_publish = last_new = time.monotonic()
         while True:
-            files = self.source.ready()
-            if self.position["file"] < len(files):
-                self._train_file(files[self.position["file"]], last_publish)
-                self.position = {"file": self.position["file"] + 1, "row": 0}
+            path = self._next_file()
+            if path is not None:
+                self._train_file(path)
                 last_new = time.monotonic()
             elif c.idle_exit_s and time.monotonic() - last_new > c.idle_exit_s:
                 self.maybe_publish(force=True)
                 return self.published
             else:
                 time.sleep(c.poll_s)
-            if time.monotonic() - last_publish >= c.publish_every_s and self.maybe_publish():
-                last_publish = time.monotonic()
+            self._publish_if_due()
 
-    def _train_file(self, path: Path, last_publish: float) -> None:
-        fs, times = self.source.read(path)
+    def _next_file(self) -> Path | None:
+        """The file being read (a partly trained one, after a restart), else the first named after it."""
+        p = self.position
+        for f in self.source.ready():
+            if (f.name == p["file"] and int(p["row"]) < int(p["rows"])) or f.name > str(p["file"]):
+                return f
+        return None
+
+    def _publish_if_due(self) -> None:
+        if time.monotonic() - self._last_publish >= self.cfg.continuous.publish_every_s and self.maybe_publish():
+            self._last_publish = time.monotonic()
+
+    def _train_file(self, path: Path) -> None:
+        try:
+            fs, times = self.source.read(path)
+        except (OSError, ValueError) as e:  # a bad file is passed over, said and recorded, never half-trained
+            self.position = {"file": path.name, "row": 0, "rows": 0}
+            self._reject(path, str(e))
+            return
         bs = self.cfg.train.batch_size
-        start = self.position["row"]
+        start = int(self.position["row"]) if self.position["file"] == path.name else 0
+        self.position = {"file": path.name, "row": start, "rows": len(times)}
         for lo in range(start, len(times), bs):  # the file's tail trains as a smaller batch: nothing waits for more
             idx = np.arange(lo, min(lo + bs, len(times)))
             batch = fs.take(idx)
@@ -145,10 +163,17 @@ class ContinuousTrainer:
             self._remember_first(batch)
             train_step(self.model, self.optimizer, batch)
             self.steps_since += 1
-            self.position = {"file": self.position["file"], "row": int(idx[-1]) + 1}
+            self.position = {"file": path.name, "row": int(idx[-1]) + 1, "rows": len(times)}
             self.watermark = max(self.watermark, float(times[idx[-1]]))
-            if time.monotonic() - last_publish >= self.cfg.continuous.publish_every_s and self.maybe_publish():
-                last_publish = time.monotonic()
+            self._publish_if_due()
+
+    def _reject(self, path: Path, why: str) -> None:
+        """A file that cannot be trained on: named on the console and in rejected.jsonl beside the deltas."""
+        print(f"[adsfm] continuous: {path.name} passed over: {why}", flush=True)
+        if self.rank == 0:
+            self.log.path.mkdir(parents=True, exist_ok=True)
+            with open(self.log.path / "rejected.jsonl", "a") as f:
+                f.write(json.dumps({"file": str(path), "reason": why, "at": time.time()}) + "\n")
 
     @torch.no_grad()
     def _score(self, batch: Any) -> None:

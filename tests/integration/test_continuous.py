@@ -103,7 +103,7 @@ def test_live_and_replayed_replicas_match_a_full_export(small_cfg: Any, features
     log = DeltaLog(tmp_path / "deltas")
     infos = log.published()
     assert len(published) == len(infos) >= 8 and [i.seq for i in infos] == list(range(1, len(infos) + 1))
-    assert infos[-1].position == {"file": 1, "row": 500} and sum(infos[-1].rows.values()) > 0
+    assert infos[-1].position == {"file": "events_0001.parquet", "row": 500, "rows": 500} and sum(infos[-1].rows.values()) > 0
     assert [i.dense for i in infos] == [i.seq % 3 == 0 for i in infos]
     assert all(0.0 <= i.window["auc"] <= 1.0 for i in infos if "auc" in i.window)
     assert live.applied_seq == infos[-1].seq and follower.errors == 0
@@ -156,7 +156,7 @@ def test_a_killed_trainer_resumes_after_its_last_delta_exactly_once(small_cfg: A
     subprocess.run([sys.executable, "-m", "tests.integration.continuous", str(spec)], cwd=ROOT, check=True, timeout=300)
     infos = log.published()
     assert [i.seq for i in infos] == list(range(1, len(infos) + 1)) and len(infos) > killed_at.seq
-    assert infos[-1].position == {"file": 2, "row": 500}
+    assert infos[-1].position == {"file": "events_0002.parquet", "row": 500, "rows": 500}
 
     a = build_model(trained["manifest"].features, small_cfg.model, device="cpu")
     b = build_model(trained["manifest"].features, small_cfg.model, device="cpu")
@@ -286,3 +286,16 @@ def test_a_served_replica_follows_its_versions_delta_log_over_http(ray_cluster: 
         assert all(abs(got[c["item_id"]] - float(w)) <= 1e-6 for c, w in zip(req["candidates"], want, strict=True))
     finally:
         app.stop("fresh-test")
+
+
+def test_a_bad_event_file_is_passed_over_and_recorded(small_cfg: Any, features: Any, trained: dict[str, Any], tmp_path: Path) -> None:
+    """A file without the label column is not trained on, is named with the reason in rejected.jsonl,
+    and the files after it train as usual."""
+    part = _events(small_cfg, features, tmp_path / "events", files=3, rows=384)
+    bad = tmp_path / "events" / "events_0001.parquet"
+    part.iloc[128:256].drop(columns=[small_cfg.data.label]).to_parquet(bad)
+    published = _train(_cfg(small_cfg, tmp_path / "events", tmp_path / "deltas"), trained, tmp_path)
+    assert published[-1].position == {"file": "events_0002.parquet", "row": 128, "rows": 128}
+    [rejected] = [json.loads(line) for line in (tmp_path / "deltas" / "rejected.jsonl").read_text().splitlines()]
+    assert rejected["file"] == str(bad) and f"data.label={small_cfg.data.label!r} is not a column" in rejected["reason"]
+    assert len(published) == 2  # a delta per trained file (one batch each), none for the bad one
