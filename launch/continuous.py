@@ -43,19 +43,26 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"adsfm-continuous: {bad}: only continuous.*, train.* and mlflow.* overrides\n{_USAGE}")
 
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from adsfm.contract.config import AdsfmConfig, ContinuousConfig, typed
     from adsfm.contract.delta import DeltaLog
     from adsfm.contract.registry import alias_version, download_version
     from adsfm.contract.tracking import tracking_uri
 
-    given = OmegaConf.from_dotlist(args)
-    c = typed(ContinuousConfig, given.get("continuous", {}))
+    try:
+        given = OmegaConf.from_dotlist(args)
+        c = typed(ContinuousConfig, given.get("continuous", {}))
+    except OmegaConfBaseException as e:  # a misspelt key or a wrong type: said before anything starts
+        raise SystemExit(f"adsfm-continuous: {e}\n{_USAGE}") from None
     if not c.start_from or not c.source_dir:
         raise SystemExit(f"adsfm-continuous: continuous.start_from and continuous.source_dir are required\n{_USAGE}")
     if not Path(c.source_dir).is_dir():
         raise SystemExit(f"adsfm-continuous: continuous.source_dir={c.source_dir!r} is not a directory")
-    name, alias, version = _split_ref(c.start_from)
+    try:
+        name, alias, version = _split_ref(c.start_from)
+    except ValueError as e:
+        raise SystemExit(f"adsfm-continuous: {e}") from None
     uri = tracking_uri(given.get("mlflow", {}).get("tracking_uri"), os.environ.get("ADSFM_RUNS", "runs"))
 
     # setup: the version's bundle (precision, features) and its training run (model, optimizer, layout)
@@ -76,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     from adsfm.export.bundle import load_run
 
     run_cfg, _ = load_run(checkpoint.parent.parent)
-    cfg = typed(AdsfmConfig, OmegaConf.merge(OmegaConf.structured(run_cfg), {k: v for k, v in given.items() if k != "mlflow"}))
+    try:
+        cfg = typed(AdsfmConfig, OmegaConf.merge(OmegaConf.structured(run_cfg), {k: v for k, v in given.items() if k != "mlflow"}))
+    except OmegaConfBaseException as e:
+        raise SystemExit(f"adsfm-continuous: {e}\n{_USAGE}") from None
     cfg.parallel.num_workers = 1
     log_dir = Path(cfg.continuous.delta_log or checkpoint.parent.parent / "deltas").resolve()
     cfg.continuous.delta_log = str(log_dir)

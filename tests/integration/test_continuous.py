@@ -299,3 +299,39 @@ def test_a_bad_event_file_is_passed_over_and_recorded(small_cfg: Any, features: 
     [rejected] = [json.loads(line) for line in (tmp_path / "deltas" / "rejected.jsonl").read_text().splitlines()]
     assert rejected["file"] == str(bad) and f"data.label={small_cfg.data.label!r} is not a column" in rejected["reason"]
     assert len(published) == 2  # a delta per trained file (one batch each), none for the bad one
+
+
+def test_adsfm_continuous_starts_from_a_registered_version(small_cfg: Any, features: Any, trained: dict[str, Any], tmp_path: Path) -> None:
+    """The command: models:/NAME@champion → the version's training run (its lineage), the version tagged
+    with the delta log, deltas published until the source is idle; bad arguments fail before anything starts."""
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from adsfm.contract.delta import DeltaLog
+    from adsfm.contract.tracking import ensure_experiment
+    from adsfm.export.register import log_and_register
+
+    run_dir = Path(trained["manifest"].source_checkpoint).parent.parent  # what adsfm-train leaves beside its checkpoints
+    if not (run_dir / "config.yaml").exists():
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(small_cfg)))
+        (run_dir / "train_result.json").write_text(json.dumps({"checkpoint": str(trained["checkpoint"])}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_and_register(trained["bundle"], "cont", uri, run_id=None, experiment_id=ensure_experiment(uri, "cont", str(tmp_path)))
+    _events(small_cfg, features, tmp_path / "events", files=2, rows=256)
+    cli = Path(sys.executable).parent / "adsfm-continuous"
+    env = {**os.environ, "ADSFM_RUNS": str(tmp_path)}
+    args = [str(cli), "continuous.start_from=models:/cont@champion", f"continuous.source_dir={tmp_path / 'events'}",
+            f"continuous.delta_log={tmp_path / 'deltas'}", "continuous.publish_every_s=0", "continuous.idle_exit_s=1",
+            "train.batch_size=128", f"mlflow.tracking_uri={uri}"]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert MlflowClient(uri).get_model_version("cont", "1").tags["adsfm.delta_log"] == str(tmp_path / "deltas")
+    infos = DeltaLog(tmp_path / "deltas").published()
+    assert [i.seq for i in infos] == [1, 2] and infos[-1].position == {"file": "events_0001.parquet", "row": 128, "rows": 128}
+    for bad, why in [(["model.arch=hstu"], "only continuous.*, train.* and mlflow.* overrides"),
+                     (["continuous.start_from=cont"], "use models:/NAME@ALIAS or models:/NAME/VERSION"),
+                     (["continuous.publish_everys=1"], "publish_everys"),
+                     (["continuous.start_from=models:/cont@champion", "continuous.source_dir=/nonexistent"], "is not a directory")]:
+        out = subprocess.run([str(cli), *bad, *([] if any("source_dir" in b for b in bad) else [f"continuous.source_dir={tmp_path}"])],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and why in out.stderr, (bad, out.stderr[-2000:])
