@@ -566,6 +566,9 @@ class ServeConfig:
     delta_poll_s: float = 0.5
     """How often a replica reads the delta log its champion version is tagged with (adsfm.delta_log, written
     by adsfm-continuous) and applies new deltas; 0: never. The tag is looked up with the registry reads."""
+    delta_compact_fraction: float = 0.05
+    """A table whose live-delta overlay holds this share of its rows is folded into a local copy of its base
+    file (off the request path), so the overlay stays small; 0: never."""
     batch_max_requests: int = 16
     """Concurrent requests whose candidates go through one run of the dense graph (@serve.batch)."""
     batch_wait_ms: float = 1.0

@@ -72,19 +72,23 @@ class DeltaLog:
         g = self.path / "generation"
         return int(g.read_text()) if g.exists() else 0
 
-    def published(self) -> list[DeltaInfo]:
-        """Every complete delta, by sequence number."""
+    def published(self, after: int = 0) -> list[DeltaInfo]:
+        """Every complete delta numbered above `after`, by sequence number (a follower reads only the new
+        ones: the names are listed, and only their delta.json files parsed)."""
         if not self.path.is_dir():
             return []
         out = []
-        for d in sorted(self.path.iterdir()):
-            if _NAME.match(d.name) and (d / "delta.json").is_file():
-                out.append(DeltaInfo.model_validate_json((d / "delta.json").read_text()))
+        for name in sorted(os.listdir(self.path)):
+            m = _NAME.match(name)
+            if m and int(m.group(1)) > after and (self.path / name / "delta.json").is_file():
+                out.append(DeltaInfo.model_validate_json((self.path / name / "delta.json").read_text()))
         return sorted(out, key=lambda i: i.seq)
 
     def last(self) -> DeltaInfo | None:
-        deltas = self.published()
-        return deltas[-1] if deltas else None
+        if not self.path.is_dir():
+            return None
+        names = sorted(n for n in os.listdir(self.path) if _NAME.match(n) and (self.path / n / "delta.json").is_file())
+        return DeltaInfo.model_validate_json((self.path / names[-1] / "delta.json").read_text()) if names else None
 
     def directory(self, seq: int) -> Path:
         return self.path / f"seq_{seq:08d}"

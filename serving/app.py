@@ -168,7 +168,7 @@ class RankingDeployment:
             self._deltas.stop()
             self._deltas = None
         if path:
-            self._deltas = DeltaFollower(service.engine, path).start(self.cfg.delta_poll_s)
+            self._deltas = DeltaFollower(service.engine, path, self.cfg.delta_compact_fraction).start(self.cfg.delta_poll_s)
             logger.info("adsfm: version %s follows the delta log %s", service.model_version, path)
 
     def reconfigure(self, knobs: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import mmap
 import os
+import shutil
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -103,19 +104,20 @@ def dequantize(arrays: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Overlay:
     """A table's rows replaced by live deltas (adsfm.contract.delta) over its memory-mapped base: sorted row
-    numbers and their fp32 values, dequantized once from the delta's served precision exactly as the base's
-    rows are. Each delta merges into a new Overlay that replaces the old in one reference swap, so a lookup
-    sees a table either before or after a delta, never half of one."""
+    numbers and the rows as the delta stores them (the served precision), dequantized per lookup exactly as
+    the base's rows are. Each delta merges into a new Overlay that replaces the old in one reference swap,
+    so a lookup sees a table either before or after a delta, never half of one."""
 
     rows: np.ndarray
-    values: np.ndarray
+    parts: dict[str, np.ndarray]
 
-    def merged(self, rows: np.ndarray, values: np.ndarray) -> Overlay:
-        """This overlay with `rows` set to `values` (later wins)."""
+    def merged(self, rows: np.ndarray, parts: dict[str, np.ndarray]) -> Overlay:
+        """This overlay with `rows` set to `parts` (later wins)."""
+        if not len(self.rows):
+            return Overlay(rows, parts)
         all_rows = np.concatenate([self.rows, rows])
-        all_values = np.concatenate([self.values, values])
         last = len(all_rows) - 1 - np.unique(all_rows[::-1], return_index=True)[1]  # the last write of each row
-        return Overlay(all_rows[last], all_values[last])
+        return Overlay(all_rows[last], {k: np.concatenate([self.parts[k], parts[k]])[last] for k in parts})
 
     def patch(self, rows: np.ndarray, out: np.ndarray) -> None:
         """Write the overlay's values into `out` (the base's values of `rows`) where it has them."""
@@ -124,7 +126,7 @@ class Overlay:
         pos = np.searchsorted(self.rows, rows).clip(max=len(self.rows) - 1)
         hit = self.rows[pos] == rows
         if hit.any():
-            out[hit] = self.values[pos[hit]]
+            out[hit] = dequantize(self.parts, pos[hit])
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -159,11 +161,12 @@ class TableStore:
         self._item_row = {i: r for r, i in enumerate(self.item_store)}
         self.overlays: dict[str, Overlay] = {}
         self.applied_seq, self.watermark = 0, 0.0
+        self._table_files: dict[str, Path] = {}  # tables compacted with their deltas: the copy now mapped
         self._table_id = {name: i for i, name in enumerate(self.tables)}
 
     def lookup(self, table: str, rows: np.ndarray) -> np.ndarray:
         """fp32 values of a table's rows: the base's, with the rows live deltas replaced."""
-        out = dequantize(self.tables[table], rows)
+        out = dequantize(self.tables[table], rows)  # the base first: compaction swaps it before the overlay
         overlay = self.overlays.get(table)
         if overlay is not None:
             if not out.flags.writeable:
@@ -194,20 +197,54 @@ class TableStore:
                 if a.dtype != self.tables[name][k].dtype or a.shape[1:] != self.tables[name][k].shape[1:]:
                     raise ValueError(f"delta {seq}: table {name!r} {k} is {a.dtype} {a.shape[1:]}, the bundle's "
                                      f"{self.tables[name][k].dtype} {self.tables[name][k].shape[1:]}")
-            values = dequantize(stored, np.arange(len(rows)))
-            if not np.isfinite(values).all():
+            if not np.isfinite(dequantize(stored, np.arange(len(rows)))).all():
                 raise ValueError(f"delta {seq}: table {name!r} has non-finite values")
-            old = self.overlays.get(name) or Overlay(np.zeros(0, np.int64), np.zeros((0, m.tables[name].dim), np.float32))
-            staged[name] = old.merged(rows, values.astype(np.float32, copy=False))
+            old = self.overlays.get(name) or Overlay(np.zeros(0, np.int64), {})
+            staged[name] = old.merged(rows, stored)
         self._swap_dense_graph(dense_graph)
         for name, overlay in staged.items():
             self.overlays = {**self.overlays, name: overlay}
         self.applied_seq, self.watermark = seq, watermark
         return self.dependency_keys({name: parts["rows"] for name, parts in tables.items()})
 
+    def compact(self, table: str, directory: Path) -> Path:
+        """Fold a table's overlay into a copy of its base file under `directory` (the served bytes, so every
+        lookup is unchanged), map the copy, then drop the overlay. Runs beside lookups: the base is swapped
+        before the overlay is dropped, so a lookup between the two reads the same row twice over."""
+        overlay = self.overlays[table]
+        src = self._table_files.get(table) or bundle_file(self.bundle, self.manifest.tables[table].file)
+        directory.mkdir(parents=True, exist_ok=True)
+        dst = directory / f"table_{table}.seq{self.applied_seq}.safetensors"
+        tmp = dst.with_name(dst.name + ".partial")
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for key, part in overlay.parts.items():
+            meta = header[key]
+            arr = np.memmap(tmp, dtype=_SAFETENSORS_DTYPES[meta["dtype"]], mode="r+", offset=8 + size + meta["data_offsets"][0],
+                            shape=tuple(meta["shape"]))
+            arr[overlay.rows] = part
+            arr.flush()
+            del arr
+        os.replace(tmp, dst)
+        arrays = _load_table(dst.parent, table, self.manifest.features.tables[table].rows,
+                             self.manifest.tables[table].model_copy(update={"file": dst.name}))
+        self.tables = {**self.tables, table: arrays}
+        self.overlays = {k: v for k, v in self.overlays.items() if k != table}
+        previous, self._table_files[table] = self._table_files.get(table), dst
+        if previous is not None:
+            previous.unlink(missing_ok=True)  # an earlier compaction's copy (never the bundle's file)
+        return dst
+
     def reset_deltas(self) -> None:
         """Back to the bundle's base (a rolled-back delta log is then applied again from its start)."""
+        m = self.manifest
+        self.tables = {name: _load_table(self.bundle, name, m.features.tables[name].rows, t) for name, t in m.tables.items()}
         self.overlays, self.applied_seq, self.watermark = {}, 0, 0.0
+        for f in self._table_files.values():
+            f.unlink(missing_ok=True)
+        self._table_files = {}
         self._swap_dense_graph(None, reset=True)
 
     def _swap_dense_graph(self, graph: bytes | None, reset: bool = False) -> None:

@@ -1,8 +1,9 @@
 """Continuous training end to end, without Ray: a trained model follows event files, publishes deltas,
 and replicas apply them.
 
-- A replica that applied the deltas live, one that replayed them onto the base afterwards, and a bundle
-  exported whole from the last delta's checkpoint look up the same bits for every row of every table.
+- A replica that applied the deltas live (compacting its overlays into copies of its tables as they
+  grew), one that replayed them onto the base afterwards (overlays only), and a bundle exported whole from
+  the last delta's checkpoint look up the same bits for every row of every table.
 - A trainer SIGKILLed mid-stream and restarted ends with exactly the weights of one that never stopped
   (an event trained twice, or skipped, would change them), and its deltas pick up where they stopped.
 - A rollback takes a live replica back to the base plus the deltas left.
@@ -84,7 +85,7 @@ def test_live_and_replayed_replicas_match_a_full_export(small_cfg: Any, features
     _events(small_cfg, features, tmp_path / "events", files=2, rows=1000)
     cfg = _cfg(small_cfg, tmp_path / "events", tmp_path / "deltas", dense_every=3)
     live = DenseGraphEngine(trained["bundle"])
-    follower = DeltaFollower(live, tmp_path / "deltas")
+    follower = DeltaFollower(live, tmp_path / "deltas", compact_fraction=0.02, compact_dir=tmp_path / "compacted")
     stop = threading.Event()
 
     def follow() -> None:  # applies deltas while the trainer publishes them
@@ -107,9 +108,10 @@ def test_live_and_replayed_replicas_match_a_full_export(small_cfg: Any, features
     assert [i.dense for i in infos] == [i.seq % 3 == 0 for i in infos]
     assert all(0.0 <= i.window["auc"] <= 1.0 for i in infos if "auc" in i.window)
     assert live.applied_seq == infos[-1].seq and follower.errors == 0
+    assert follower.compactions > 0 and list((tmp_path / "compacted").glob("table_*.safetensors"))  # overlays folded into copies
 
     replayed = DenseGraphEngine(trained["bundle"])
-    DeltaFollower(replayed, tmp_path / "deltas").poll()
+    DeltaFollower(replayed, tmp_path / "deltas", compact_fraction=0).poll()  # all of it in the overlay
     whole = tmp_path / "whole"
     export_bundle(cfg, Path(infos[-1].checkpoint), whole)
     reference = DenseGraphEngine(whole)

@@ -91,3 +91,14 @@ def test_rollback_withdraws_the_later_deltas_and_bumps_the_generation(tmp_path: 
     assert log.rollback(2) == []  # nothing after 2: nothing moves
     log.publish(DeltaInfo(seq=3, watermark=9), _tables(9))  # training goes on from delta 2
     assert [i.seq for i in log.published()] == [1, 2, 3]
+
+
+def test_a_follower_reads_only_the_new_deltas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = DeltaLog(tmp_path)
+    for seq in range(1, 6):
+        log.publish(DeltaInfo(seq=seq, watermark=seq), _tables(seq))
+    parsed: list[str] = []
+    real = DeltaInfo.model_validate_json
+    monkeypatch.setattr(DeltaInfo, "model_validate_json", classmethod(lambda cls, raw: parsed.append(raw) or real(raw)))
+    assert [i.seq for i in log.published(after=3)] == [4, 5] and len(parsed) == 2
+    assert log.last() is not None and log.last().seq == 5  # type: ignore[union-attr]
