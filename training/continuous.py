@@ -80,6 +80,9 @@ class ContinuousTrainer:
         c = cfg.continuous
         if not c.source_dir:
             raise ValueError("continuous.source_dir is required: the directory where event files land")
+        if c.publish_every_s < 0 or c.dense_every < 0 or c.max_row_change <= 0 or not 0 <= c.auc_floor < 1 or c.poll_s <= 0:
+            raise ValueError(f"continuous: publish_every_s({c.publish_every_s}) >= 0, dense_every({c.dense_every}) >= 0, "
+                             f"max_row_change({c.max_row_change}) > 0, 0 <= auc_floor({c.auc_floor}) < 1, poll_s({c.poll_s}) > 0")
         if any("column" in str(st) for st in cfg.parallel.sharding_types):
             raise ValueError(f"parallel.sharding_types={list(cfg.parallel.sharding_types)}: a delta holds whole rows; "
                              "column-wise shards hold parts of rows: use table_wise or row_wise")
@@ -128,7 +131,7 @@ class ContinuousTrainer:
                 self._train_file(path)
                 last_new = time.monotonic()
             elif c.idle_exit_s and time.monotonic() - last_new > c.idle_exit_s:
-                self.maybe_publish(force=True)
+                self.maybe_publish()
                 return self.published
             else:
                 time.sleep(c.poll_s)
@@ -200,7 +203,7 @@ class ContinuousTrainer:
 
     # ---------------------------------------------------------------------------------------- publish
 
-    def maybe_publish(self, force: bool = False) -> bool:
+    def maybe_publish(self) -> bool:
         """Checkpoint, gate and publish the rows changed since the last delta; False when nothing was trained
         or the gate held the delta back (its rows then wait for the next one)."""
         if self.steps_since == 0:

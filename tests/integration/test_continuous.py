@@ -337,3 +337,13 @@ def test_adsfm_continuous_starts_from_a_registered_version(small_cfg: Any, featu
         out = subprocess.run([str(cli), *bad, *([] if any("source_dir" in b for b in bad) else [f"continuous.source_dir={tmp_path}"])],
                              env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and why in out.stderr, (bad, out.stderr[-2000:])
+
+
+def test_the_gate_holds_back_a_delta_that_moves_a_row_too_far(small_cfg: Any, features: Any, trained: dict[str, Any],
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _events(small_cfg, features, tmp_path / "events", files=1, rows=256)
+    published = _train(_cfg(small_cfg, tmp_path / "events", tmp_path / "deltas", max_row_change=1e-9), trained, tmp_path)
+    assert published == [] and not (tmp_path / "deltas").exists()  # nothing reached the log
+    assert "delta 1 held back: table " in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"max_row_change\(-1.0\) > 0"):
+        _train(_cfg(small_cfg, tmp_path / "events", tmp_path / "deltas", max_row_change=-1.0), trained, tmp_path)
