@@ -42,10 +42,12 @@ class LRU(Generic[V]):
         self._bytes = self.hits = self.misses = 0
         self._lock = threading.Lock()
 
-    def get_or_compute(self, key: bytes, compute: Callable[[], V]) -> V:
+    def get_or_compute(self, key: bytes, compute: Callable[[], V], valid: Callable[[V], bool] | None = None) -> V:
+        """`valid`: whether a cached value still holds (a replica's live deltas may have changed what it was
+        computed from); one that does not is computed again, as a miss."""
         with self._lock:
             hit = self._data.get(key)
-            if hit is not None:
+            if hit is not None and (valid is None or valid(hit[0])):
                 self._data.move_to_end(key)
                 self.hits += 1
                 return hit[0]
@@ -67,14 +69,6 @@ class LRU(Generic[V]):
         with self._lock:
             self.max_entries, self.max_bytes = max_entries, max_bytes
             self._evict()
-
-    def drop_if(self, stale: Callable[[V], bool]) -> int:
-        """Drop the entries whose value `stale` says is out of date; returns how many."""
-        with self._lock:
-            gone = [k for k, (v, _) in self._data.items() if stale(v)]
-            for k in gone:
-                self._bytes -= self._data.pop(k)[1]
-        return len(gone)
 
     def clear(self) -> None:
         with self._lock:

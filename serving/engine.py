@@ -367,6 +367,10 @@ class TableStore:
             start = end
 
 
+CHANGED_HISTORY = 64
+"""Deltas whose changed rows a replica keeps to check its cached user states; an older state is recomputed."""
+
+
 def _plain(v: Any) -> Any:
     """A frame cell as a request carries it: arrays as lists, numpy scalars as Python ones."""
     if isinstance(v, np.ndarray):
@@ -388,8 +392,10 @@ class DenseGraphEngine(TableStore):
         self._item_j = [j for j, f in enumerate(m.sparse) if f.side == "item"]
         self._user_k = sum(self.featurizer.dense_layout("user"), [])
         self._item_k = sum(self.featurizer.dense_layout("item"), [])
-        # (pooled user embeddings, user dense inputs, the (table, row) keys they were pooled from)
-        self.user_cache: LRU[tuple[np.ndarray, np.ndarray, np.ndarray]] = LRU(user_cache_size, user_cache_bytes)
+        # (pooled user embeddings, user dense inputs, the (table, row) keys they were pooled from, the delta
+        # applied when they were computed): a hit is checked against the rows later deltas changed
+        self.user_cache: LRU[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = LRU(user_cache_size, user_cache_bytes)
+        self._changed: dict[int, np.ndarray] = {}  # the last CHANGED_HISTORY deltas' changed keys, by seq
         # The item store's candidates as table rows (one bag per item feature) and dense inputs, indexed once;
         # a request naming item ids gathers its candidates' rows and dequantizes them, so the store is never
         # held as float embeddings, whatever its size.
@@ -451,10 +457,28 @@ class DenseGraphEngine(TableStore):
 
     def user_inputs(self, user: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Pooled user-side embeddings [F_user, D] and user-side dense inputs, from the cache."""
-        emb, dense, _ = self.user_cache.get_or_compute(cache_key(user), lambda: self._user_inputs(user))
+        seq = self.applied_seq  # before computing: a delta applied meanwhile is checked at the next hit
+        emb, dense, _, _ = self.user_cache.get_or_compute(cache_key(user), lambda: self._user_inputs(user, seq), self._still_valid)
         return emb, dense
 
-    def _user_inputs(self, user: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _still_valid(self, state: tuple[np.ndarray, np.ndarray, np.ndarray, int]) -> bool:
+        """A cached user state holds unless a delta since its computation changed a row it was pooled from."""
+        deps, seq = state[2], state[3]
+        if seq == self.applied_seq:
+            return True
+        if seq < self.applied_seq - CHANGED_HISTORY or seq > self.applied_seq:  # too old to check, or a rolled-back log
+            return False
+        for s in range(seq + 1, self.applied_seq + 1):
+            changed = self._changed.get(s)
+            if changed is None:
+                return False
+            if len(changed) and len(deps):
+                pos = np.searchsorted(changed, deps).clip(max=len(changed) - 1)
+                if (changed[pos] == deps).any():
+                    return False
+        return True
+
+    def _user_inputs(self, user: dict[str, Any], seq: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         m = self.manifest
         emb = np.zeros((len(self._user_j), m.embedding_dim), dtype=np.float32)
         used: dict[str, list[np.ndarray]] = {}
@@ -464,18 +488,21 @@ class DenseGraphEngine(TableStore):
             used.setdefault(f.table_name, []).append(rows)
             emb[col] = self.pool(f.table_name, Bag(rows, np.array([len(rows)])))[0]
         deps = self.dependency_keys({t: np.concatenate(r) for t, r in used.items()})
-        return emb, self.featurizer.dense_row(user, "user", "user."), deps
+        return emb, self.featurizer.dense_row(user, "user", "user."), deps, seq
 
     def apply_delta(self, seq: int, watermark: float, tables: dict[str, dict[str, np.ndarray]],
                     dense_graph: bytes | None = None) -> np.ndarray:
-        """TableStore.apply_delta, then drop exactly the cached user states pooled from a changed row."""
+        """TableStore.apply_delta; the changed rows are kept, so a cached user state pooled from one of them
+        is computed again at its next request (and only such a state: the others stay hits). No sweep of the
+        cache holds up requests here."""
         changed = super().apply_delta(seq, watermark, tables, dense_graph)
-        if len(changed):
-            self.user_cache.drop_if(lambda v: bool(np.isin(v[2], changed).any()))
+        self._changed[seq] = changed
+        self._changed.pop(seq - CHANGED_HISTORY, None)
         return changed
 
     def reset_deltas(self) -> None:
         super().reset_deltas()
+        self._changed = {}
         self.user_cache.clear()
 
     def _swap_dense_graph(self, graph: bytes | None, reset: bool = False) -> None:
