@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-__all__ = ["DeltaInfo", "DeltaLog", "TableRows"]
+__all__ = ["DeltaInfo", "DeltaLog", "TableRows", "fsync_path"]
 
 TableRows = dict[str, np.ndarray]
 """One table's part of a delta: "rows" and the stored arrays ("weight", or "codes" and "scale_bias")."""
@@ -147,7 +147,7 @@ class DeltaLog:
                 f.flush()
                 os.fsync(f.fileno())
         os.rename(tmp, self.directory(info.seq))
-        _fsync_dir(self.path)
+        fsync_path(self.path)
         return info
 
     def rollback(self, to_seq: int) -> list[int]:
@@ -163,11 +163,12 @@ class DeltaLog:
         tmp = self.path / "generation.partial"
         tmp.write_text(str(self.generation() + 1))
         os.replace(tmp, self.path / "generation")
-        _fsync_dir(self.path)
+        fsync_path(self.path)
         return gone
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory: so the names renamed into it survive a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

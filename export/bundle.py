@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from adsfm.contract.config import AdsfmConfig, Arch, Precision, to_plain, typed
+from adsfm.contract.features import FeatureSpec
 from adsfm.contract.manifest import Manifest, TableFile
 from adsfm.export.card import write_card
 from adsfm.export.onnx import export_dense
@@ -44,9 +45,9 @@ def load_trained_model(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> nn
     return model.eval()
 
 
-def load_dense(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> nn.Module:
+def load_dense(cfg: AdsfmConfig, checkpoint: Path, spec: FeatureSpec) -> nn.Module:
     """Only the dense module from the checkpoint (no tables)."""
-    dense = dense_module(len(fs.spec.dense_inputs()), len(fs.spec.sparse), cfg.model, fs.spec.outputs)
+    dense = dense_module(len(spec.dense_inputs()), len(spec.sparse), cfg.model, spec.outputs)
     state = {"model": {f"dense.{k}": v for k, v in dense.state_dict().items()}}
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     dense.load_state_dict({k.removeprefix("dense."): v for k, v in state["model"].items()})
@@ -112,7 +113,7 @@ def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: s
     fs = load_features(cfg.data)
     configs = table_configs(fs.spec, table_dim(cfg.model))
     streamed = [(c.name, stored_table(checkpoint, c.name, (c.num_embeddings, c.embedding_dim))) for c in configs]
-    dense = load_dense(cfg, checkpoint, fs)
+    dense = load_dense(cfg, checkpoint, fs.spec)
     manifest = write_dense_bundle(fs, out, streamed, dense, table_precisions(cfg, [c.name for c in configs]),
                                   table_dim(cfg.model), cfg.export.opset, provenance(cfg, checkpoint, fs, train_run_id),
                                   arch=str(cfg.model.arch))

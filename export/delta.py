@@ -16,7 +16,6 @@ from adsfm.contract.manifest import Manifest
 from adsfm.export.bundle import load_dense
 from adsfm.export.onnx import export_dense
 from adsfm.export.sparse import quantize
-from adsfm.training.data import FeatureSet
 
 
 class DeltaPublisher:
@@ -35,9 +34,7 @@ class DeltaPublisher:
 
     def dense_graph(self, checkpoint: Path) -> bytes:
         spec = self.manifest.features
-        fs = FeatureSet(dense=np.zeros((0, 0), np.float32), sparse={}, labels=np.zeros(0, np.float32), train_idx=np.zeros(0, np.int64),
-                        holdout_idx=np.zeros(0, np.int64), users=None, times=None, spec=spec)
-        dense = load_dense(self.cfg, checkpoint, fs)
+        dense = load_dense(self.cfg, checkpoint, spec)
         with tempfile.TemporaryDirectory(prefix="adsfm-delta-") as d:
             path = export_dense(dense, len(spec.dense_inputs()), len(spec.sparse), self.manifest.embedding_dim, Path(d) / "dense.onnx",
                                 self.cfg.export.opset)

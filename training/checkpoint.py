@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from adsfm.contract.delta import fsync_path
+
 STATE_FILE = "state.json"
 
 
@@ -126,27 +128,19 @@ def _begin(model: nn.Module, directory: Path, optimizer: torch.optim.Optimizer |
     return partial, payload
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_own(partial: Path) -> None:
     """This rank's shard files (DCP names them __<rank>_<n>.distcp), before the barrier that lets rank 0
     publish: on a file system shared between nodes, rank 0's fsync does not cover another node's writes."""
     for f in partial.glob(f"__{_rank()}_*.distcp"):
-        _fsync(f)
+        fsync_path(f)
 
 
 def _fsync_tree(root: Path) -> None:
     """Every file under root, then every directory bottom-up (their entries), on disk."""
     for parent, _dirs, files in os.walk(root, topdown=False):
         for name in files:
-            _fsync(Path(parent) / name)
-        _fsync(Path(parent))
+            fsync_path(Path(parent) / name)
+        fsync_path(Path(parent))
 
 
 def _publish(partial: Path, directory: Path, keep: int) -> None:
@@ -158,7 +152,7 @@ def _publish(partial: Path, directory: Path, keep: int) -> None:
             shutil.rmtree(aside)
         directory.rename(aside)
     partial.rename(directory)
-    _fsync(directory.parent)
+    fsync_path(directory.parent)
     _cleanup(directory, keep)
 
 

@@ -25,7 +25,7 @@ def test_streamed_reference_equals_the_whole_eager_model(trained: dict[str, Any]
     from adsfm.export.parity import eager_probs
 
     idx = features.holdout_idx[:3000]
-    dense = load_dense(small_cfg, trained["checkpoint"], features)
+    dense = load_dense(small_cfg, trained["checkpoint"], features.spec)
     got = streamed_eager_probs(small_cfg, trained["checkpoint"], features, dense, idx)
     np.testing.assert_allclose(got, eager_probs(trained["model"], features, idx), atol=1e-6, rtol=0)
 
