@@ -37,14 +37,10 @@ class DeltaFollower:
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
-    @property
-    def applied_seq(self) -> int:
-        return int(self.engine.applied_seq)
-
-    def lag_s(self, now: float | None = None) -> float | None:
+    def lag_s(self) -> float | None:
         """Seconds from the newest applied event to now; None before the first delta."""
         w = self.engine.watermark
-        return ((now or time.time()) - w) if w else None
+        return (time.time() - w) if w else None
 
     def poll(self) -> int:
         """Apply the deltas published since the last poll; returns how many were applied."""

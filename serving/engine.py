@@ -40,6 +40,14 @@ class Bag:
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I64": np.int64, "F64": np.float64}
 
 
+def _safetensors_header(f: Any, path: Path) -> tuple[int, dict[str, Any]]:
+    """(header bytes, header) of an open safetensors file; the data starts at 8 + header bytes."""
+    (size,) = struct.unpack("<Q", f.read(8))
+    if size > 100 << 20:
+        raise ValueError(f"{path}: safetensors header of {size} bytes is not plausible")
+    return size, json.loads(f.read(size))
+
+
 def mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
     """A safetensors file's arrays as read-only memory maps: a replica touches only the rows it looks up,
     and replicas on one host share the pages. The format is an 8-byte header length, a JSON header of
@@ -49,10 +57,7 @@ def mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
     alone rather than with a readahead window. (Pages already cached, e.g. a file just written, are still
     mapped around each touched row; export drops its tables from the cache for that reason.)"""
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        if size > 100 << 20:
-            raise ValueError(f"{path}: safetensors header of {size} bytes is not plausible")
-        header = json.loads(f.read(size))
+        size, header = _safetensors_header(f, path)
         total = os.fstat(f.fileno()).st_size
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if total > 8 + size else None
     if mapped is not None and hasattr(mmap, "MADV_RANDOM"):
@@ -218,8 +223,7 @@ class TableStore:
         tmp = dst.with_name(dst.name + ".partial")
         shutil.copyfile(src, tmp)
         with open(tmp, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
+            size, header = _safetensors_header(f, tmp)
         for key, part in overlay.parts.items():
             meta = header[key]
             arr = np.memmap(tmp, dtype=_SAFETENSORS_DTYPES[meta["dtype"]], mode="r+", offset=8 + size + meta["data_offsets"][0],
