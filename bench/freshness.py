@@ -18,9 +18,17 @@ One run on this machine, 127.0.0.1 only, through the real commands:
    against idle. To measure the replica rather than the trainer's CPU, the trainer is stopped first and
    the run's deltas are withdrawn and published again, one every --interval, while wrk runs; --runs times.
 
+6. New ids (`--collisions-only` runs just this part, merged into --out): MovieLens' user and item tables at
+   the same size under hashing and under managed collision (LFU eviction), trained in one process
+   (training/local.py, the configured optimizers and epochs) with the full vocabulary as the reference.
+   The collision rate is the share of the training ids that share a row with another id: under hashing,
+   ids whose bucket holds another; under managed collision, ids holding no row at the end of training
+   (they share the unknown row). Two sizes: about the vocabulary (the headline keys) and half of it.
+
 Reported: values.freshness_p50_s / freshness_p99_s, ratios.progressive_auc_fresh_vs_static (the two AUCs in
 values), ratios.delta_bytes_vs_full (median delta bytes over the int8 bundle's table bytes), values.p99_ms_c8
-idle / during deltas and their ratio.
+idle / during deltas and their ratio; values.collision_rate_hash / collision_rate_managed and
+holdout_auc_hash / holdout_auc_managed (holdout_auc_vocabulary for reference), and the same with `_half`.
 """
 
 from __future__ import annotations
@@ -221,6 +229,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     values["deltas_applied_per_load_run"] = statistics.median(r["applied"] for r in busy)
     values["load_errors"] = float(sum(r["errors"] for r in idle + busy))
     serve_app.stop("adsfm")
+    print("[bench] 6. new ids: hashed and managed tables at the same size", flush=True)
+    new_ids, new_ids_config = collisions()
+    values.update(new_ids)
     ratios = {
         "progressive_auc_fresh_vs_static": fresh_m["auc"] / static_m["auc"],
         "delta_bytes_vs_full": values["delta_bytes_median"] / full_bytes,
@@ -235,7 +246,65 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     return result("freshness", {"events": a.events, "events_per_file": a.events_per_file, "interval_s": a.interval,
                                 "publish_every_s": a.publish_every, "runs": a.runs, "seconds": a.seconds,
                                 "load_generator": "wrk -t1 -c8 (closed loop), 1 user x 100 candidates, holdout moments",
-                                "delta_poll_s": 0.2, "precision": "int8"}, values, ratios)
+                                "delta_poll_s": 0.2, "precision": "int8", "collisions": new_ids_config}, values, ratios)
+
+
+SIZES = {"": {"user_id": 1024, "item": 2048}, "_half": {"user_id": 512, "item": 1024}}
+"""Table rows per point: MovieLens-100k's training vocabularies are 943 users and 1,614 items."""
+
+
+def collisions(seeds: tuple[int, ...] = (0, 1, 2)) -> tuple[dict[str, float], dict[str, Any]]:
+    """Collision rates and holdout AUCs of hashed and managed user and item tables at the same sizes: the
+    median over `seeds` (training's initialization and batch order), with the smallest and largest."""
+    runs = [_collisions(seed) for seed in seeds]
+    values: dict[str, float] = {}
+    for k in runs[0][0]:
+        got = [r[0][k] for r in runs]
+        values[k] = statistics.median(got)
+        if k.startswith("holdout_auc"):
+            values[f"{k}_min"], values[f"{k}_max"] = min(got), max(got)
+    return values, {**runs[0][1], "seeds": list(seeds)}
+
+
+def _collisions(seed: int) -> tuple[dict[str, float], dict[str, Any]]:
+    import numpy as np
+
+    from adsfm.contract.config import as_config, compose
+    from adsfm.contract.features import managed_id, stable_hash
+    from adsfm.training.data import load_features
+    from adsfm.training.local import train_local
+    from adsfm.training.loop import evaluate
+
+    def trained(tables: dict[str, str]) -> tuple[Any, float]:
+        over = [f"+model.tables.{t}={v}" for t, v in tables.items()]
+        cfg = as_config(compose(["parallel=single", "train.progress=false", f"train.seed={seed}", *over]))
+        fs = load_features(cfg.data, cfg.model.tables)
+        model = train_local(cfg, fs, seed=seed)
+        return fs, float(evaluate(model, fs, fs.holdout_idx, cfg.train.eval_batch_size)["auc"])
+
+    vocab_fs, vocab_auc = trained({})
+    keys = {t: vocab_fs.spec.tables[t].vocab for t in SIZES[""]}  # every training id (min_count 1)
+    values: dict[str, float] = {"holdout_auc_vocabulary": vocab_auc}
+    for suffix, sizes in SIZES.items():
+        _, values[f"holdout_auc_hash{suffix}"] = trained({t: f"{{collision:hash,size:{n}}}" for t, n in sizes.items()})
+        fs, values[f"holdout_auc_managed{suffix}"] = trained(
+            {t: f"{{collision:managed,size:{n},eviction:lfu}}" for t, n in sizes.items()})
+        shared_hash = shared_managed = 0
+        for t, n in sizes.items():
+            buckets = np.array([stable_hash(k, n) for k in keys[t]])
+            _, inverse, counts = np.unique(buckets, return_inverse=True, return_counts=True)
+            shared_hash += int((counts[inverse] > 1).sum())
+            assert fs.managed is not None
+            held = set(fs.managed.slot_keys(t).tolist())
+            homeless = sum(managed_id(k) not in held for k in keys[t])
+            shared_managed += homeless if homeless > 1 else 0
+            values[f"collision_rate_hash_{t}{suffix}"] = float((counts[inverse] > 1).mean())
+            values[f"collision_rate_managed_{t}{suffix}"] = homeless / len(keys[t]) if homeless > 1 else 0.0
+        total = sum(len(keys[t]) for t in sizes)
+        values[f"collision_rate_hash{suffix}"] = shared_hash / total
+        values[f"collision_rate_managed{suffix}"] = shared_managed / total
+    config = {"tables": SIZES, "eviction": "lfu", "ids": {t: len(k) for t, k in keys.items()}, "trainer": "training/local.py"}
+    return values, config
 
 
 def offset_of(files: list[list[int]], k: int) -> int:
@@ -310,7 +379,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds per wrk run")
     ap.add_argument("--work", help="work directory (default: a new temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--collisions-only", action="store_true", help="only part 6, merged into --out's figures")
     a = ap.parse_args()
+    if a.collisions_only:
+        import json
+
+        values, config = collisions()
+        for k, v in values.items():
+            print(f"  {k:<40} {v:,.4g}", flush=True)
+        old = json.loads(a.out.read_text()) if a.out and a.out.exists() else result("freshness", {}, {}, {})
+        old["values"].update(values)
+        old["config"]["collisions"] = config
+        write(old, a.out)
+        return
     if a.quick:
         a.events, a.runs, a.seconds = 2000, 1, 5.0
     if shutil.which("wrk") is None:

@@ -134,6 +134,16 @@ class StreamReader(StrEnum):
     ray_data = "ray_data"
 
 
+class Collision(StrEnum):
+    hash = "hash"
+    managed = "managed"
+
+
+class Eviction(StrEnum):
+    lru = "lru"
+    lfu = "lfu"
+
+
 class Ingress(StrEnum):
     """Ray Serve ingress of a local cluster (adsfm.contract.cluster says what each is)."""
 
@@ -357,6 +367,25 @@ class SequenceModelConfig:
 
 
 @dataclass
+class TableConfig:
+    """How one id table's values find their rows (`model.tables.<table>`, the table as data.sparse names it:
+    its `table`, else the feature's name)."""
+
+    collision: Collision = Collision.hash
+    """hash: the table data.sparse builds (a vocabulary, or hash_buckets rows, where distinct ids may share
+    a row); managed: `size` rows, each held by one id that torchrec's MCHManagedCollisionModule admitted
+    while training, with `eviction` freeing rows for new ids; an id no row holds takes the unknown row.
+    The id → row remap travels in the bundle and in every delta."""
+    size: int = 0
+    """managed: the table's managed rows (required), of which size - 1 hold ids (torchrec keeps the last as
+    its free-row mark); hash: the hash buckets, in place of data.sparse's hash_buckets (0: as data.sparse says)."""
+    eviction: Eviction = Eviction.lru
+    """managed: lru (the id unseen longest leaves) or lfu (the id seen least often leaves)."""
+    eviction_interval: int = 1
+    """managed: training steps between admissions of new ids (torchrec's eviction_interval)."""
+
+
+@dataclass
 class ModelConfig:
     """DLRM (arch=dlrm): embeddings + bottom MLP → pairwise dot interaction → top MLP; DCN-v2 (arch=dcnv2):
     low-rank cross layers over [bottom MLP output, embeddings] → top MLP; logistic regression (arch=logreg):
@@ -378,6 +407,10 @@ class ModelConfig:
     cross_rank: int = 16
     """dcnv2: rank of each cross layer's weight (W = U V with U, V of (F+1)·embedding_dim × cross_rank)."""
     sequence: SequenceModelConfig = field(default_factory=SequenceModelConfig)
+    tables: dict[str, Any] = field(default_factory=dict)
+    """Per id table, a TableConfig: hash or managed collision, e.g. `+model.tables.item={collision:managed,size:4096}`
+    (typed when the features are built: OmegaConf cannot merge an override into a dict of dataclasses); a
+    table not named here is as data.sparse says."""
 
 
 # ---------------------------------------------------------------------------------------------- parallel

@@ -13,7 +13,9 @@ The rules (the README's data section states them too):
   rarer than min_count). A table whose training values had missing ones gets row 1 for missing values
   (the model learns what "missing" means); in a table whose training values had none, a missing value
   takes row 0 too. Then the vocabulary (sorted), or the hash buckets: a hashed key takes
-  first + stable_hash(key) % buckets.
+  first + stable_hash(key) % buckets, or the managed rows: a key's id is managed_id(key), and the row
+  first + i holds the id `slot_keys[i]` (training admits and evicts ids, deltas move them); an id no row
+  holds takes row 0.
 - Multi-valued features: a list (or tuple or array), or a string split at the feature's `sep`; missing
   elements and empty parts are dropped; a missing value is an empty bag, which pools to zeros.
 - Raw features (integers used as they are, e.g. timestamps): integers, integral floats or integer strings.
@@ -62,6 +64,18 @@ def stable_hash(key: str, buckets: int) -> int:
     lone surrogates included."""
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little") % buckets
+
+
+MANAGED_IDS = (1 << 63) - 3
+"""How many ids managed_id gives: [2, 2**63 - 1), clear of the rows 0 and 1 a missing or unknown value
+takes before the remap, and of int64's max, torchrec's mark of a free row."""
+
+
+def managed_id(key: str) -> int:
+    """A managed-collision table's id of a key: 63 bits of blake2b, so two keys share an id with odds of
+    about n²/2⁶⁴ (none in practice), where hashing into the table's rows shares one in n/rows."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return 2 + int.from_bytes(digest, "little") % MANAGED_IDS
 
 
 def is_missing(v: Any, na_values: frozenset[str] = frozenset()) -> bool:
@@ -237,6 +251,15 @@ class TableSpec(BaseModel):
     """Row 1 is the missing-value row (training saw missing values); else a missing value takes row 0."""
     edges: list[float] = Field(default_factory=list)
     """A bucketized dense feature's quantile edges: a value x takes row first + #(edges <= x)."""
+    managed: int = 0
+    """Managed collision: rows first .. first + managed - 1 each hold one key's id (`slot_keys`)."""
+    slot_keys: list[int] = Field(default_factory=list)
+    """managed: the id (managed_id) row first + i holds, -1 while the row is free; the trainer's remap as
+    exported, moved on by deltas."""
+    eviction: Literal["lru", "lfu"] = "lru"
+    """managed: which id leaves a full table for a new one (training only)."""
+    eviction_interval: int = 1
+    """managed: training steps between admissions (training only)."""
 
     @property
     def missing_row(self) -> int:
@@ -312,6 +335,11 @@ def hashed_table(buckets: int, pooling: str, missing: bool) -> TableSpec:
     return TableSpec(rows=1 + missing + buckets, pooling=pooling, hash_buckets=buckets, missing=missing)  # type: ignore[arg-type]
 
 
+def managed_table(size: int, pooling: str, missing: bool, eviction: str, eviction_interval: int) -> TableSpec:
+    return TableSpec(rows=1 + missing + size, pooling=pooling, managed=size, slot_keys=[-1] * size, missing=missing,  # type: ignore[arg-type]
+                     eviction=eviction, eviction_interval=eviction_interval)  # type: ignore[arg-type]
+
+
 def bucket_table(x: np.ndarray, buckets: int) -> TableSpec:
     """A bucketized dense feature's table from its training values `x` (float64, NaN where missing): the
     edges at the 1/buckets .. (buckets-1)/buckets quantiles of the present values, repeated ones merged."""
@@ -340,11 +368,15 @@ def dense_stats(name: str, column: str | None, side: str, log1p: bool, x: np.nda
 class Featurizer:
     """A FeatureSpec compiled for lookups (vocabulary indexes built once); every path calls these."""
 
-    def __init__(self, spec: FeatureSpec) -> None:
-        self.spec = spec
+    def __init__(self, spec: FeatureSpec, ids: bool = False) -> None:
+        """`ids`: a managed table's keys give their ids (managed_id), for training's remap, not their rows."""
+        self.spec, self.ids = spec, ids
         self.na = frozenset(spec.na_values)
         self._index = {name: {tok: t.first + i for i, tok in enumerate(t.vocab)}
-                       for name, t in spec.tables.items() if not t.hash_buckets and not t.edges}
+                       for name, t in spec.tables.items() if not t.hash_buckets and not t.edges and not t.managed}
+        self._held = {name: np.array(t.slot_keys, np.int64) for name, t in spec.tables.items() if t.managed}
+        self._slots = {name: {int(k): t.first + i for i, k in enumerate(t.slot_keys) if k >= 0}
+                       for name, t in spec.tables.items() if t.managed}
         self._edges = {name: np.array(t.edges, np.float64) for name, t in spec.tables.items() if t.edges}
         self._by_name = {f.name: f for f in spec.sparse}
         self._dense_by_name = {d.name: d for d in spec.dense}
@@ -353,9 +385,29 @@ class Featurizer:
 
     def row_of_key(self, table: str, key: str) -> int:
         t = self.spec.tables[table]
+        if t.managed:
+            return managed_id(key) if self.ids else self._slots[table].get(managed_id(key), OOV_ROW)
         if t.hash_buckets:
             return t.first + stable_hash(key, t.hash_buckets)
         return self._index[table].get(key, OOV_ROW)
+
+    def update_slots(self, table: str, rows: np.ndarray, keys: np.ndarray) -> None:
+        """A delta's remap of a managed table: row `rows[i]` now holds id `keys[i]` (-1: free). Rows before
+        the table's first managed row (the unknown and missing rows) hold no id and are passed over."""
+        slots, held, first = self._slots[table], self._held[table], self.spec.tables[table].first
+        for row, key in zip(rows.tolist(), keys.tolist(), strict=True):
+            if row < first:
+                continue
+            old = int(held[row - first])
+            if old >= 0 and slots.get(old) == row:
+                del slots[old]
+            held[row - first] = key
+            if key >= 0:
+                slots[int(key)] = row
+
+    def slot_keys(self, table: str) -> np.ndarray:
+        """The id each managed row holds now (-1: free), the bundle's remap moved on by the applied deltas."""
+        return self._held[table].copy()
 
     def keys(self, f: SparseFeatureSpec, raw: Any, where: str) -> list[str] | None:
         return value_keys(raw, f.multi, f.sep, self.na, where)

@@ -32,7 +32,7 @@ from adsfm.export.parity import (
 )
 from adsfm.export.sparse import StoredTable, export_table
 from adsfm.serving.engine import DenseGraphEngine
-from adsfm.training.checkpoint import load_into_unsharded
+from adsfm.training.checkpoint import load_into_unsharded, load_managed
 from adsfm.training.data import FeatureSet, load_features, load_frame
 from adsfm.training.models import build_model
 from adsfm.training.models.pooled import dense_module, table_configs, table_dim
@@ -43,6 +43,16 @@ def load_trained_model(cfg: AdsfmConfig, checkpoint: Path, fs: FeatureSet) -> nn
     model = build_model(fs.spec, cfg.model, device="cpu")
     load_into_unsharded(model, checkpoint)
     return model.eval()
+
+
+def features_at(cfg: AdsfmConfig, checkpoint: Path) -> FeatureSet:
+    """The training features, and with managed tables the checkpoint's remap: taken batches look ids up as
+    the checkpoint's model did, and the spec (what the manifest carries) holds the remap as slot keys."""
+    fs = load_features(cfg.data, cfg.model.tables)
+    if fs.managed:
+        load_managed(fs.managed, checkpoint)
+        fs.spec = fs.managed.spec_with_slots()
+    return fs
 
 
 def load_dense(cfg: AdsfmConfig, checkpoint: Path, spec: FeatureSpec) -> nn.Module:
@@ -110,7 +120,7 @@ def export_bundle(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id: s
     """
     if cfg.model.arch == Arch.hstu:
         return _export_sequence(cfg, checkpoint, out, train_run_id)
-    fs = load_features(cfg.data)
+    fs = features_at(cfg, checkpoint)
     configs = table_configs(fs.spec, table_dim(cfg.model))
     streamed = [(c.name, stored_table(checkpoint, c.name, (c.num_embeddings, c.embedding_dim))) for c in configs]
     dense = load_dense(cfg, checkpoint, fs.spec)
@@ -173,7 +183,7 @@ def _export_sequence(cfg: AdsfmConfig, checkpoint: Path, out: Path, train_run_id
     from adsfm.export.sequence import export_sequence_bundle, sequence_parity
     from adsfm.training.models.hstu import HSTU
 
-    fs = load_features(cfg.data)
+    fs = features_at(cfg, checkpoint)
     model = load_trained_model(cfg, checkpoint, fs)
     assert isinstance(model, HSTU)
     precision = table_precisions(cfg, [c.name for c in model.sparse.embedding_configs()])

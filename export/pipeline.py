@@ -48,7 +48,7 @@ def run_pipeline(cfg_in: DictConfig | AdsfmConfig, keep_serving: bool = False) -
     print("[adsfm] 4/4 serve + rank over HTTP", flush=True)
     init_ray_for(cfg)
     url = serve_app.start(cfg.serve, tr.tracking_uri)
-    fs = load_features(cfg.data)
+    fs = load_features(cfg.data, cfg.model.tables)
     df, _ = load_frame(cfg.data)
     row = int(fs.holdout_idx[0])
     # 100 candidates from the catalogue, the item this user actually rated next among them.

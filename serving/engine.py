@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from adsfm.contract.features import FeatureError, Featurizer, SparseFeatureSpec, is_missing, key_of
+from adsfm.contract.features import OOV_ROW, FeatureError, Featurizer, SparseFeatureSpec, is_missing, key_of
 from adsfm.contract.manifest import Manifest, TableFile, bundle_file
 from adsfm.serving.cache import LRU
 
@@ -187,11 +187,17 @@ class TableStore:
             raise ValueError(f"delta {seq} out of order: this replica applied {self.applied_seq}")
         m = self.manifest
         staged: dict[str, Overlay] = {}
+        moved: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name, parts in tables.items():
             if name not in self.tables:
                 raise ValueError(f"delta {seq}: table {name!r} is not in the bundle (tables: {sorted(self.tables)})")
             rows = parts["rows"].astype(np.int64)
-            stored = {k: v for k, v in parts.items() if k != "rows"}
+            if bool(m.features.tables[name].managed) != ("keys" in parts):
+                raise ValueError(f"delta {seq}: table {name!r} " + ("is managed: its rows need the ids they hold (keys)"
+                                                                     if m.features.tables[name].managed else "is not managed: it has no keys"))
+            if "keys" in parts:
+                moved[name] = (rows, parts["keys"].astype(np.int64))
+            stored = {k: v for k, v in parts.items() if k not in ("rows", "keys")}
             if set(stored) != set(self.tables[name]):
                 raise ValueError(f"delta {seq}: table {name!r} holds {sorted(stored)}, the bundle stores {sorted(self.tables[name])} "
                                  f"({m.tables[name].precision})")
@@ -209,8 +215,23 @@ class TableStore:
         self._swap_dense_graph(dense_graph)
         for name, overlay in staged.items():
             self.overlays = {**self.overlays, name: overlay}
+        changed = {name: parts["rows"] for name, parts in tables.items()}
+        remapped = set()
+        for name, (rows, keys) in moved.items():
+            first = m.features.tables[name].first
+            held = self.featurizer.slot_keys(name)
+            at = rows >= first
+            if (held[rows[at] - first] != keys[at]).any():
+                self.featurizer.update_slots(name, rows, keys)
+                remapped.add(name)
+                changed[name] = np.concatenate([changed[name], [OOV_ROW]])  # ids that left a row fall back to it
+        if remapped:
+            self._remapped(remapped)
         self.applied_seq, self.watermark = seq, watermark
-        return self.dependency_keys({name: parts["rows"] for name, parts in tables.items()})
+        return self.dependency_keys(changed)
+
+    def _remapped(self, tables: set[str]) -> None:
+        """Managed tables whose ids moved between rows: engines re-index what they computed rows for."""
 
     def compact(self, table: str, directory: Path) -> Path:
         """Fold a table's overlay into a copy of its base file under `directory` (the served bytes, so every
@@ -245,6 +266,10 @@ class TableStore:
         """Back to the bundle's base (a rolled-back delta log is then applied again from its start)."""
         m = self.manifest
         self.tables = {name: _load_table(self.bundle, name, m.features.tables[name].rows, t) for name, t in m.tables.items()}
+        managed = {name for name, t in m.features.tables.items() if t.managed}
+        if managed:
+            self.featurizer = Featurizer(m.features)  # the bundle's remap
+            self._remapped(managed)
         self.overlays, self.applied_seq, self.watermark = {}, 0, 0.0
         for f in self._table_files.values():
             f.unlink(missing_ok=True)
@@ -403,9 +428,16 @@ class DenseGraphEngine(TableStore):
         # The item store's candidates as table rows (one bag per item feature) and dense inputs, indexed once;
         # a request naming item ids gathers its candidates' rows and dequantizes them, so the store is never
         # held as float embeddings, whatever its size.
+        self._index_items()
+
+    def _index_items(self) -> None:
         ids = list(self.item_store)
-        key = m.item_column or ""
+        key = self.manifest.item_column or ""
         self._item_bags, self._item_dense = self._item_index([self.item_features({key: i}) for i in ids], list(range(len(ids))))
+
+    def _remapped(self, tables: set[str]) -> None:
+        if any(self.manifest.sparse[j].table_name in tables for j in self._item_j):
+            self._index_items()
 
     # ------------------------------------------------------------------------------------ indexed path
 

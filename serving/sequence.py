@@ -55,6 +55,10 @@ class SequenceEngine(TableStore):
         self.user_cache: LRU[UserState] = LRU(user_cache_size, user_cache_bytes)
         # Every item of the store as table rows, indexed once; a request naming ids gathers and dequantizes
         # its candidates' rows (the store is never held as float embeddings, whatever its size).
+        self._remapped(set())
+
+    def _remapped(self, tables: set[str]) -> None:
+        """The item store's rows (again, after managed tables' ids moved between rows)."""
         ids = list(self.item_store)
         key = self.manifest.item_column or ""
         self._item_rows = self.item_rows([{key: i} for i in ids]) if ids else {}

@@ -40,10 +40,11 @@ def _barrier() -> None:
 
 def save_checkpoint(
     model: nn.Module, directory: Path, optimizer: torch.optim.Optimizer | None = None,
-    state: dict[str, Any] | None = None, keep: int = 0,
+    state: dict[str, Any] | None = None, keep: int = 0, managed: nn.Module | None = None,
 ) -> Path:
-    """Save model (and optimizer) shards from every rank; publish atomically; keep the newest `keep`."""
-    partial, payload = _begin(model, directory, optimizer)
+    """Save model (and optimizer, and the managed tables' remap) shards from every rank; publish
+    atomically; keep the newest `keep`."""
+    partial, payload = _begin(model, directory, optimizer, managed)
     dcp.save(payload, checkpoint_id=str(partial))
     _fsync_own(partial)
     if _rank() == 0:
@@ -72,9 +73,9 @@ class AsyncCheckpointer:
         self.pending: Future[Path] | None = None
 
     def save(self, model: nn.Module, directory: Path, optimizer: torch.optim.Optimizer | None = None,
-             state: dict[str, Any] | None = None, keep: int = 0) -> None:
+             state: dict[str, Any] | None = None, keep: int = 0, managed: nn.Module | None = None) -> None:
         self.wait()
-        partial, payload = _begin(model, directory, optimizer)
+        partial, payload = _begin(model, directory, optimizer, managed)
         self.pending = self.pool.submit(self._write, _stage(payload), partial, directory, json.dumps(state or {}), keep)
 
     def _write(self, staged: dict[str, Any], partial: Path, directory: Path, state: str, keep: int) -> Path:
@@ -116,7 +117,8 @@ def _stage(obj: Any) -> Any:
     return obj
 
 
-def _begin(model: nn.Module, directory: Path, optimizer: torch.optim.Optimizer | None) -> tuple[Path, dict[str, Any]]:
+def _begin(model: nn.Module, directory: Path, optimizer: torch.optim.Optimizer | None, managed: nn.Module | None = None
+           ) -> tuple[Path, dict[str, Any]]:
     """A clean `<dir>.partial` on every rank, and the state to write into it."""
     partial = directory.with_name(directory.name + ".partial")
     if _rank() == 0 and partial.exists():
@@ -125,6 +127,8 @@ def _begin(model: nn.Module, directory: Path, optimizer: torch.optim.Optimizer |
     payload: dict[str, Any] = {"model": model.state_dict()}
     if optimizer is not None:
         payload["optim"] = optimizer.state_dict()
+    if managed:
+        payload["managed"] = managed.state_dict()
     return partial, payload
 
 
@@ -186,23 +190,41 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(model: nn.Module, directory: Path, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load into a (possibly sharded, possibly differently laid out) model and optimizer; returns state.json."""
+def load_checkpoint(model: nn.Module, directory: Path, optimizer: torch.optim.Optimizer | None = None,
+                    managed: nn.Module | None = None) -> dict[str, Any]:
+    """Load into a (possibly sharded, possibly differently laid out) model and optimizer, and the managed
+    tables' remap; returns state.json."""
     payload: dict[str, Any] = {"model": model.state_dict()}
     if optimizer is not None:
         payload["optim"] = optimizer.state_dict()
+    if managed:
+        payload["managed"] = managed.state_dict()
     dcp.load(payload, checkpoint_id=str(directory))
     model.load_state_dict(payload["model"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optim"])
+    if managed:
+        managed.load_state_dict(payload["managed"])
     path = directory / STATE_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def has_optimizer_state(directory: Path) -> bool:
     """Whether the checkpoint holds optimizer state (a model saved alone does not)."""
+    return checkpoint_holds(directory, "optim")
+
+
+def checkpoint_holds(directory: Path, part: str) -> bool:
+    """Whether the checkpoint holds `part` ("optim", "managed"): a model may be saved without them."""
     meta = dcp.FileSystemReader(str(directory)).read_metadata()
-    return any(k.startswith("optim") for k in meta.state_dict_metadata)
+    return any(k.split(".", 1)[0] == part for k in meta.state_dict_metadata)
+
+
+def load_managed(managed: nn.Module, directory: Path) -> None:
+    """The managed tables' remap of a checkpoint (export's: no process group needed)."""
+    state = {"managed": managed.state_dict()}
+    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    managed.load_state_dict(state["managed"])
 
 
 def load_into_unsharded(model: nn.Module, directory: Path) -> None:

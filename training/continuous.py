@@ -30,25 +30,27 @@ from adsfm.contract.config import AdsfmConfig
 from adsfm.contract.delta import DeltaInfo, DeltaLog
 from adsfm.contract.features import FeatureSpec
 from adsfm.parallel.shard import parallelize_model
-from adsfm.training.checkpoint import has_optimizer_state, load_checkpoint, save_checkpoint
+from adsfm.training.checkpoint import checkpoint_holds, has_optimizer_state, load_checkpoint, save_checkpoint
 from adsfm.training.data import FeatureSet, featurize_frame, task_labels, timestamps
 from adsfm.training.loop import train_step
+from adsfm.training.managed import ManagedIds, reset_rows, table_shards
 from adsfm.training.metrics import ranking_metrics
 from adsfm.training.models import build_model
 from adsfm.training.worker import optim_config
 
 logger = logging.getLogger(__name__)
 
-Publish = Callable[[DeltaInfo, dict[str, tuple[np.ndarray, torch.Tensor]], bool], DeltaInfo]
-"""publish(info, {table: (sorted rows, their fp32 values)}, with_dense_graph) -> the published DeltaInfo;
-adsfm.export.delta writes the rows in the served precision."""
+Publish = Callable[[DeltaInfo, dict[str, tuple[np.ndarray, torch.Tensor]], bool, dict[str, np.ndarray]], DeltaInfo]
+"""publish(info, {table: (sorted rows, their fp32 values)}, with_dense_graph, {managed table: slot keys}) ->
+the published DeltaInfo; adsfm.export.delta writes the rows in the served precision, with the id each
+managed row holds."""
 
 
 class EventFiles:
     """Parquet files in `directory`, in name order; file `i` featurized by the base model's spec."""
 
-    def __init__(self, directory: Path, cfg: AdsfmConfig, spec: FeatureSpec) -> None:
-        self.directory, self.cfg, self.spec = directory, cfg, spec
+    def __init__(self, directory: Path, cfg: AdsfmConfig, spec: FeatureSpec, managed: ManagedIds | None = None) -> None:
+        self.directory, self.cfg, self.spec, self.managed = directory, cfg, spec, managed
 
     def ready(self) -> list[Path]:
         return sorted(p for p in self.directory.glob("*.parquet") if p.is_file())
@@ -70,7 +72,7 @@ class EventFiles:
             raise ValueError(f"{path}: {e}") from None
         n = len(df)
         fs = FeatureSet(dense=dense, sparse=sparse, labels=labels, train_idx=np.arange(n), holdout_idx=np.zeros(0, np.int64),
-                        users=None, times=times, spec=self.spec)
+                        users=None, times=times, spec=self.spec, managed=self.managed)
         return fs, times
 
 
@@ -88,7 +90,8 @@ class ContinuousTrainer:
                              "column-wise shards hold parts of rows: use table_wise or row_wise")
         self.cfg, self.spec, self.work_dir, self.publish_fn = cfg, spec, work_dir, publish
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.source = EventFiles(Path(c.source_dir), cfg, spec)
+        self.managed = ManagedIds(spec) if any(t.managed for t in spec.tables.values()) else None  # from the bundle's remap
+        self.source = EventFiles(Path(c.source_dir), cfg, spec, self.managed)
         self.log = DeltaLog(c.delta_log or work_dir / "deltas")
         model = build_model(spec, cfg.model, device="meta")
         self.model, self.optimizer, _ = parallelize_model(model, cfg.parallel, optim_config(cfg), torch.device("cpu"))  # type: ignore[arg-type]
@@ -96,7 +99,8 @@ class ContinuousTrainer:
         last = self.log.last()
         start = Path(last.checkpoint) if last else base_checkpoint
         # a base saved without optimizer state starts its optimizer afresh; every delta's checkpoint has it
-        load_checkpoint(self.model, start, self.optimizer if has_optimizer_state(start) else None)
+        load_checkpoint(self.model, start, self.optimizer if has_optimizer_state(start) else None,
+                        self.managed if self.managed and checkpoint_holds(start, "managed") else None)
         self.seq = last.seq if last else 0
         # rows [0, row) of `file` (of `rows`) and every file named before it are trained
         self.position: dict[str, int | str] = dict(last.position) if last else {"file": "", "row": 0, "rows": 0}
@@ -105,13 +109,8 @@ class ContinuousTrainer:
             print(f"[adsfm] continuous: from {start} at delta {self.seq}, position {self.position}", flush=True)
         self.model.init_torchrec_delta_tracker(DeltaTrackerConfig(tracking_mode=TrackingMode.ID_ONLY, delete_on_read=True))
         self.tracker = self.model.get_delta_tracker()
-        # Each table's rows as this rank holds them (live views of the fused tables), with their first global row.
-        self.shards: dict[str, tuple[torch.Tensor, int]] = {}
-        for key, w in self.model.state_dict().items():
-            if key.startswith("sparse.embedding_bags.") and key.endswith(".weight"):
-                table = key.removeprefix("sparse.embedding_bags.").removesuffix(".weight")
-                shard = w.local_shards()[0] if hasattr(w, "local_shards") and w.local_shards() else None
-                self.shards[table] = (shard.tensor, shard.metadata.shard_offsets[0]) if shard else (w, 0)
+        self.shards = table_shards(self.model)
+        self.slots = self._slot_keys()  # the remap as the last delta published it
         self.tables_of = {f.name: f.table_name for f in spec.sparse}
         self.first: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # rows touched this window: values before
         self.window: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])  # probabilities, labels
@@ -161,8 +160,10 @@ class ContinuousTrainer:
         self.position = {"file": path.name, "row": start, "rows": len(times)}
         for lo in range(start, len(times), bs):  # the file's tail trains as a smaller batch: nothing waits for more
             idx = np.arange(lo, min(lo + bs, len(times)))
-            batch = fs.take(idx)
-            self._score(batch)
+            self._score(fs.take(idx))
+            batch = fs.take(idx, train=True)  # managed tables: its new ids may take rows first
+            if self.managed:
+                reset_rows(self.shards, self.managed.evicted())
             self._remember_first(batch)
             train_step(self.model, self.optimizer, batch)
             self.steps_since += 1
@@ -219,26 +220,39 @@ class ContinuousTrainer:
             return False
         seq = self.seq + 1
         ckpt = save_checkpoint(self.model, self.work_dir / "checkpoints" / f"step_{seq}", self.optimizer,
-                               {"seq": seq, "position": self.position}, keep=3)
+                               {"seq": seq, "position": self.position}, keep=3, managed=self.managed)
         every = self.cfg.continuous.dense_every
         info = DeltaInfo(seq=seq, watermark=self.watermark, window=window, position=self.position, checkpoint=str(ckpt))
         if self.rank == 0:
-            info = self.publish_fn(info, {t: (r, v) for t, (r, v) in changed.items()}, bool(every) and seq % every == 0)
+            info = self.publish_fn(info, {t: (r, v) for t, (r, v) in changed.items()}, bool(every) and seq % every == 0,
+                                   self._slot_keys())
             self.published.append(info)
             print(f"[adsfm] delta {seq}: {sum(info.rows.values()):,} rows, {info.bytes:,} bytes, window auc "
                   f"{window.get('auc', float('nan')):.4f} over {int(window.get('n', 0))} events", flush=True)
         self.seq, self.steps_since, self.first, self.window = seq, 0, {}, ([], [])
-        self._pending = {}
+        self._pending, self.slots = {}, self._slot_keys()
         return True
+
+    def _slot_keys(self) -> dict[str, np.ndarray]:
+        return {t: self.managed.slot_keys(t) for t in self.managed.tables} if self.managed else {}
+
+    def _moved(self, table: str) -> torch.Tensor:
+        """Rows of a managed table that hold another id than at the last delta (global row numbers)."""
+        if table not in self.slots:
+            return torch.zeros(0, dtype=torch.long)
+        now = self.managed.slot_keys(table) if self.managed else self.slots[table]
+        return torch.from_numpy(np.flatnonzero(now != self.slots[table]) + self.spec.tables[table].first)
 
     def _local_changed(self) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
         """This rank's rows the tracker saw since the last read (with any held back), as global row numbers,
         and their values now."""
         out: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
-        for fqn, local in self.tracker.get_unique_ids().items():
-            table = fqn.removeprefix("sparse.embedding_bags.")
+        touched = {fqn.removeprefix("sparse.embedding_bags."): local.long() for fqn, local in self.tracker.get_unique_ids().items()}
+        for table in set(touched) | set(self.slots):
             weight, offset = self.shards[table]
-            rows = local.long()
+            moved = self._moved(table)  # a row given to another id goes out with its new id, looked up or not
+            moved = moved[(moved >= offset) & (moved < offset + weight.shape[0])] - offset
+            rows = torch.cat([touched.get(table, torch.zeros(0, dtype=torch.long)), moved])
             held = self._pending.get(table)
             if held is not None:
                 rows = torch.cat([rows, torch.from_numpy(held[0]) - offset])

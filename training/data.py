@@ -27,7 +27,16 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from adsfm.contract.config import DataConfig, DataSource, DenseFeature, SparseFeature, typed
+from adsfm.contract.config import (
+    Collision,
+    DataConfig,
+    DataSource,
+    DenseFeature,
+    SparseFeature,
+    TableConfig,
+    to_plain,
+    typed,
+)
 from adsfm.contract.features import (
     DenseFeatureSpec,
     FeatureError,
@@ -43,10 +52,12 @@ from adsfm.contract.features import (
     is_missing,
     key_of,
     labels,
+    managed_table,
     timestamps,
     vocabulary_table,
 )
 from adsfm.contract.tasks import check_task_names
+from adsfm.training.managed import ManagedIds
 
 MOVIELENS_WHEEL = "recbole==1.2.1"
 MOVIELENS_FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item")
@@ -185,13 +196,20 @@ class FeatureSet:
     spec: FeatureSpec
     item_store: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Raw item-side values by item id (the latest row of each item), so a request may send only ids."""
+    managed: ManagedIds | None = None
+    """The remap of the managed tables (their features hold ids until take); None without such tables."""
+
+    def __post_init__(self) -> None:
+        if self.managed is None and any(t.managed for t in self.spec.tables.values()):
+            self.managed = ManagedIds(self.spec)
 
     @property
     def sparse_names(self) -> list[str]:
         return list(self.sparse)
 
-    def take(self, idx: np.ndarray) -> Batch:
-        """Rows `idx` as a TorchRec Batch (dense, KeyedJaggedTensor, labels)."""
+    def take(self, idx: np.ndarray, train: bool = False) -> Batch:
+        """Rows `idx` as a TorchRec Batch (dense, KeyedJaggedTensor, labels). Managed tables' ids become
+        rows by the remap (`managed`); `train`: a training batch, whose ids the remap profiles first."""
         lengths, values = [], []
         for name in self.sparse:
             v, ln = self.sparse[name]
@@ -207,6 +225,8 @@ class FeatureSet:
             values=torch.from_numpy(np.concatenate(values)),
             lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
         )
+        if self.managed is not None:
+            kjt = self.managed.remap(kjt, train)
         return Batch(
             dense_features=torch.from_numpy(self.dense[idx]),
             sparse_features=kjt,
@@ -365,11 +385,14 @@ def validation_split(fs: FeatureSet, fraction: float, seed: int) -> tuple[np.nda
     return train[~valid], train[valid]
 
 
-def learn_spec(df: pd.DataFrame, cfg: DataConfig, train_idx: np.ndarray) -> FeatureSpec:
-    """The feature spec from the training rows: each table's vocabulary (or hashing), each dense feature's
-    mean and std. Features naming the same table share one vocabulary built from all of their values."""
+def learn_spec(df: pd.DataFrame, cfg: DataConfig, train_idx: np.ndarray, collisions: dict[str, TableConfig] | None = None
+               ) -> FeatureSpec:
+    """The feature spec from the training rows: each table's vocabulary (or hashing, or managed rows by
+    `collisions`, model.tables), each dense feature's mean and std. Features naming the same table share one
+    vocabulary built from all of their values."""
     if not cfg.sparse:
         raise ValueError("data.sparse is empty: declare at least one sparse feature")
+    collisions = collisions or {}
     declared: list[SparseFeature | DenseFeature] = [*cfg.sparse, *cfg.dense]
     for f in declared:
         if _column(f) not in df.columns:
@@ -389,7 +412,12 @@ def learn_spec(df: pd.DataFrame, cfg: DataConfig, train_idx: np.ndarray) -> Feat
             where = f"data.sparse[{f.name}] (column {_column(f)!r})"
             n_missing = count_keys(train[_column(f)], f.multi, f.sep, na, where, counts)
             missing += 0 if f.multi else n_missing  # a missing bag is empty: it takes no row
-        if first.hash_buckets:
+        c = collisions.get(table)
+        if c is not None and c.collision == Collision.managed:
+            tables[table] = managed_table(c.size, first.pooling, missing > 0, str(c.eviction), c.eviction_interval)
+        elif c is not None and c.size:
+            tables[table] = hashed_table(c.size, first.pooling, missing > 0)
+        elif first.hash_buckets:
             tables[table] = hashed_table(first.hash_buckets, first.pooling, missing > 0)
         else:
             tables[table] = vocabulary_table(counts, first.min_count, first.pooling, missing > 0)
@@ -428,8 +456,9 @@ def bucketized(d: DenseFeature, x: np.ndarray, tables: dict[str, TableSpec]) -> 
 
 
 def featurize_frame(df: pd.DataFrame, spec: FeatureSpec) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Every row of a raw frame through the contract: (dense input, {feature: (rows, lengths)})."""
-    fz = Featurizer(spec)
+    """Every row of a raw frame through the contract: (dense input, {feature: (rows, lengths)}); a managed
+    table's keys as their ids, which FeatureSet.take remaps."""
+    fz = Featurizer(spec, ids=True)
     sparse = {}
     for f in spec.sparse:
         try:
@@ -443,11 +472,11 @@ def featurize_frame(df: pd.DataFrame, spec: FeatureSpec) -> tuple[np.ndarray, di
     return dense, sparse
 
 
-def featurize(df: pd.DataFrame, cfg: DataConfig) -> FeatureSet:
+def featurize(df: pd.DataFrame, cfg: DataConfig, collisions: dict[str, TableConfig] | None = None) -> FeatureSet:
     """Frame (with history columns, see load_frame) → FeatureSet. Vocabularies and normalisation
-    statistics come from training rows only."""
+    statistics come from training rows only; `collisions` (model.tables) may hash or manage tables."""
     train_idx, holdout_idx = split_by_user_time(df, cfg)
-    spec = learn_spec(df, cfg, train_idx)
+    spec = learn_spec(df, cfg, train_idx, collisions)
     dense, sparse = featurize_frame(df, spec)
     return FeatureSet(
         dense=dense,
@@ -492,10 +521,40 @@ def _jsonable(v: Any, na: frozenset[str]) -> Any:
 # ------------------------------------------------------------------------------------------ entry point
 
 
-def data_fingerprint(cfg: DataConfig) -> str:
+def check_collisions(cfg: DataConfig, collisions: dict[str, Any]) -> dict[str, TableConfig]:
+    """model.tables typed and checked against data.sparse's tables; returns the entries that change a table."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    names = sorted({f.table or f.name for f in cfg.sparse if not f.raw})
+    out = {}
+    for name, given in collisions.items():
+        where = f"model.tables.{name}"
+        try:
+            c = typed(TableConfig, given)
+        except OmegaConfBaseException as e:
+            raise ValueError(f"{where}: {str(e).splitlines()[0]} (fields: collision, size, eviction, eviction_interval)") from None
+        if c.collision == Collision.managed and cfg.source == DataSource.criteo:
+            raise ValueError(f"{where}.collision=managed: remaps in-memory sources (movielens, tabular, synthetic); "
+                             "data.source=criteo streams ids the remap does not see: use collision=hash")
+        if cfg.source == DataSource.criteo and c.size:
+            raise ValueError(f"{where}.size: data.source=criteo sizes its tables by data.stream.hash_buckets")
+        if name not in names:
+            raise ValueError(f"{where}: no such table; data.sparse's tables are {names}")
+        if c.size < 0 or c.eviction_interval < 1:
+            raise ValueError(f"{where}: size({c.size}) >= 0 and eviction_interval({c.eviction_interval}) >= 1")
+        if c.collision == Collision.managed and c.size < 2:
+            raise ValueError(f"{where}.size({c.size}): collision=managed needs the table's rows (>= 2)")
+        if c.collision == Collision.managed or c.size:
+            out[name] = c
+    return out
+
+
+def data_fingerprint(cfg: DataConfig, collisions: dict[str, TableConfig] | None = None) -> str:
     from omegaconf import OmegaConf
 
     blob = json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False), sort_keys=True, default=str)
+    if collisions:  # only when set, so the caches of configs without model.tables stay theirs
+        blob += json.dumps({n: to_plain(c) for n, c in sorted(collisions.items())}, sort_keys=True)
     blob += f"format={FEATURE_FORMAT}"
     if cfg.source == DataSource.tabular and cfg.path and Path(cfg.path).exists():
         blob += hashlib.sha256(Path(cfg.path).read_bytes()).hexdigest()
@@ -543,10 +602,12 @@ def _build_frame(cfg: DataConfig) -> tuple[pd.DataFrame, DataConfig]:
     return add_history(df, cfg), cfg
 
 
-def load_features(cfg: DataConfig) -> FeatureSet:
-    """Build (or load from the cache) the FeatureSet for this data config."""
+def load_features(cfg: DataConfig, collisions: dict[str, Any] | None = None) -> FeatureSet:
+    """Build (or load from the cache) the FeatureSet for this data config, its tables hashed or managed as
+    `collisions` (model.tables) says."""
     cache = Path(cfg.cache_dir).expanduser()
-    key = data_fingerprint(cfg)
+    collisions = check_collisions(cfg, collisions or {})
+    key = data_fingerprint(cfg, collisions)
     path = cache / "features" / f"{cfg.source}-{key}"
     if (path / "done").exists():
         return _load_cached(path)
@@ -556,7 +617,7 @@ def load_features(cfg: DataConfig) -> FeatureSet:
         fs = criteo_features(cfg)
     else:
         df, cfg = load_frame(cfg)
-        fs = featurize(df, cfg)
+        fs = featurize(df, cfg, collisions)
     fs.spec.fingerprint = key
     _save_cached(fs, path)
     return fs

@@ -27,7 +27,7 @@ from adsfm.parallel.config import dense_degrees, validate_parallel
 from adsfm.parallel.dense_plan import SparseDenseModel
 from adsfm.parallel.plan import table_names
 from adsfm.training.baseline import compare, starts_from_baseline, train_baseline
-from adsfm.training.data import data_fingerprint, load_features
+from adsfm.training.data import check_collisions, data_fingerprint, load_features
 from adsfm.training.models import POOLED_ARCHS, build_model
 from adsfm.training.models.pooled import table_dim
 from adsfm.training.sweep import PARENT_ENV
@@ -86,7 +86,7 @@ def validate(cfg: AdsfmConfig) -> FeatureSpec:
             print(f"[adsfm] warning: data.stream.gzip_split=whole: gzip files are read whole, one rank each, and ranks stop "
                   f"together when the smallest share runs dry: about {unread:.0%} of the training bytes go unread each epoch "
                   f"over {dp} data-parallel ranks; use gzip_split=striped, more equal-sized files, or TSV or parquet", flush=True)
-    fs = load_features(cfg.data)
+    fs = load_features(cfg.data, cfg.model.tables)
     model = build_model(fs.spec, cfg.model, device="meta")  # raises on inconsistent sizes and features
     validate_parallel(p, table_names(model), table_dim(cfg.model), t.sparse_optimizer)
     cast(SparseDenseModel, model).parallel_plan(dense_degrees(p, p.num_workers)[1])  # raises when it cannot split over tp
@@ -150,7 +150,7 @@ def run_training(cfg_in: DictConfig | AdsfmConfig) -> TrainResult:
     run_id = run.info.run_id
     flat = _flatten(resolved)  # type: ignore[arg-type]
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:500]) for k, v in flat.items()])
-    client.set_tag(run_id, "adsfm.data_fingerprint", data_fingerprint(cfg.data))
+    client.set_tag(run_id, "adsfm.data_fingerprint", data_fingerprint(cfg.data, check_collisions(cfg.data, cfg.model.tables)))
     client.log_artifact(run_id, str(run_dir / "config.yaml"))
 
     init_ray_for(cfg)  # first: it sets the environment Ray reads on import

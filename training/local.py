@@ -10,6 +10,7 @@ from adsfm.contract.config import AdsfmConfig
 from adsfm.parallel.shard import unsharded_optimizer
 from adsfm.training.data import FeatureSet
 from adsfm.training.loop import train_step
+from adsfm.training.managed import fresh_rows
 from adsfm.training.models import build_model
 from adsfm.training.stream import train_source
 from adsfm.training.worker import optim_config
@@ -24,7 +25,7 @@ def train_local(cfg: AdsfmConfig, fs: FeatureSet, max_steps: int = 0, seed: int 
     weights = torch.tensor([lt.weight for lt in cfg.data.labels]) if cfg.data.labels else None
     step = 0
     for epoch in range(cfg.train.epochs):
-        for batch in source.epoch(epoch, 0, 1, skip=0):
+        for batch in fresh_rows(source.epoch(epoch, 0, 1, skip=0), fs.managed, model):
             if max_steps and step >= max_steps:
                 return model.eval()
             train_step(model, opt, batch, weights)

@@ -386,7 +386,7 @@ class MemorySource:
         self.rows = None
         for i, rows in enumerate(iter_batches(self.fs.train_idx, self.batch_size, rank, world, seed=self.seed + epoch)):
             if i >= skip:
-                yield self.fs.take(rows)
+                yield self.fs.take(rows, train=True)
         self.rows = EpochRows(len(self.fs.train_idx), (self.steps_per_epoch or 0) * self.batch_size)
 
 

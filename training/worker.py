@@ -31,6 +31,7 @@ from adsfm.parallel.shard import OptimConfig, parallelize_model
 from adsfm.training.checkpoint import AsyncCheckpointer, latest_checkpoint, load_checkpoint, save_checkpoint
 from adsfm.training.data import load_features, validation_split
 from adsfm.training.loop import LossMeter, evaluate, train_step
+from adsfm.training.managed import fresh_rows
 from adsfm.training.models import build_model
 from adsfm.training.pipeline import sparse_dist_steps
 from adsfm.training.stream import train_source
@@ -55,7 +56,7 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(cfg.train.seed)
         torch.set_num_threads(max(1, int(os.environ.get("ADSFM_THREADS_PER_WORKER", "1"))))
-        self.fs = load_features(cfg.data)
+        self.fs = load_features(cfg.data, cfg.model.tables)
         self.valid_idx = None
         if cfg.train.early_stopping:  # the validation rows leave the training rows; the holdout stays untouched
             fit, self.valid_idx = validation_split(self.fs, cfg.train.validation_fraction, cfg.data.seed)
@@ -106,7 +107,7 @@ class Trainer:
             self.start()
             return
         self.optimizer.init_state()  # materialize lazy optimizer state so the checkpoint loads in place
-        state = load_checkpoint(self.model, resume, self.optimizer)
+        state = load_checkpoint(self.model, resume, self.optimizer, self.fs.managed)
         self.step, self.losses, self.history = state["step"], state["losses"], state["eval_history"]
         per_epoch = self.source.steps_per_epoch
         if "epoch" in state:
@@ -152,7 +153,7 @@ class Trainer:
         # The same sample order per epoch on every run: a resumed run skips the batches it already took.
         coords = data_coords()  # tensor-parallel peers take the same rows
         weights = torch.tensor(self.task_weights) if self.task_weights else None
-        batches = self.source.epoch(self.epoch, coords.dp_rank, coords.dp, skip=self.epoch_step)
+        batches = fresh_rows(self.source.epoch(self.epoch, coords.dp_rank, coords.dp, skip=self.epoch_step), self.fs.managed, self.model)
         steps: Generator[float, None, None]
         if t.pipeline == TrainPipeline.sparse_dist:  # the next batch's ids travel while this one trains
             steps = sparse_dist_steps(self.model, self.optimizer, batches, weights)
@@ -213,9 +214,9 @@ class Trainer:
         directory = self.run_dir / "checkpoints" / f"step_{self.step}"
         keep = self.cfg.train.keep_checkpoints
         if background and self.saver is not None:
-            self.saver.save(self.model, directory, self.optimizer, self.position(), keep=keep)
+            self.saver.save(self.model, directory, self.optimizer, self.position(), keep=keep, managed=self.fs.managed)
             return directory
-        return save_checkpoint(self.model, directory, self.optimizer, self.position(), keep=keep)
+        return save_checkpoint(self.model, directory, self.optimizer, self.position(), keep=keep, managed=self.fs.managed)
 
     # ---------------------------------------------------------------------------------------- evaluate
 
@@ -247,7 +248,7 @@ class Trainer:
         if loss < self.best["logloss"]:
             directory = self.run_dir / "best" / f"step_{self.step}"
             self.best.update(logloss=loss, epoch=epoch, step=self.step, checkpoint=str(directory), stale=0)
-            save_checkpoint(self.model, directory, self.optimizer, self.position(), keep=1)
+            save_checkpoint(self.model, directory, self.optimizer, self.position(), keep=1, managed=self.fs.managed)
         else:
             self.best["stale"] += 1
             self.best["stopped"] = self.best["stale"] >= t.patience

@@ -45,7 +45,7 @@ def _rank_setup(rank: int, world: int, port: int, cfg_yaml: str) -> tuple[Any, A
     from adsfm.training.worker import optim_config
 
     cfg = as_config(OmegaConf.create(cfg_yaml))
-    fs = load_features(cfg.data)
+    fs = load_features(cfg.data, cfg.model.tables)
     dmp, opt, _ = parallelize_model(build_model(fs.spec, cfg.model, device="meta"), cfg.parallel, optim_config(cfg),  # type: ignore[arg-type]
                                     torch.device("cpu"))
     return cfg, fs, dmp, opt
@@ -56,6 +56,7 @@ def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, 
     from adsfm.parallel.shard import load_full_state
     from adsfm.training.checkpoint import save_checkpoint
     from adsfm.training.loop import LossMeter, train_step
+    from adsfm.training.managed import fresh_rows
 
     cfg, fs, dmp, opt = _rank_setup(rank, world, port, cfg_yaml)
     load_full_state(dmp, torch.load(init_path))
@@ -65,7 +66,9 @@ def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, 
     c = data_coords()  # tensor-parallel peers take the same rows
     local = BATCH // c.dp
     meter = LossMeter()
-    batches = (fs.take(rows[c.dp_rank * local : (c.dp_rank + 1) * local]) for rows in _batches(fs.train_idx))
+    # managed tables: each rank's ids are profiled with every other rank's, so all hold one remap
+    batches = fresh_rows((fs.take(rows[c.dp_rank * local : (c.dp_rank + 1) * local], train=True) for rows in _batches(fs.train_idx)),
+                         fs.managed, dmp)
     if cfg.train.pipeline == "sparse_dist":  # TorchRec's TrainPipelineSparseDist drives the same batches
         from adsfm.training.pipeline import sparse_dist_steps
 
@@ -75,7 +78,7 @@ def _rank_main(rank: int, world: int, port: int, cfg_yaml: str, init_path: str, 
     for loss in steps:
         meter.add(loss)
     losses = meter.flush()
-    save_checkpoint(dmp, Path(out_dir) / "ckpt", opt)
+    save_checkpoint(dmp, Path(out_dir) / "ckpt", opt, managed=fs.managed)
     if rank == 0:
         (Path(out_dir) / "losses.json").write_text(json.dumps(losses))
         dense = dmp.module.dense
@@ -218,6 +221,44 @@ def test_a_planted_gradient_scale_bug_fails_the_sgd_check(small_cfg: Any, featur
     with pytest.raises(AssertionError) as caught:
         _compare("dp2 with x2 planted", cfg, features, reference, tmp_path)
     print(f"planted x2 on rank 1's dense gradients: the SGD check failed as intended: {str(caught.value).splitlines()[0][:160]}")
+
+
+MANAGED = ("+model.tables.item={collision:managed,size:1024,eviction:lru}",
+           "+model.tables.user_id={collision:managed,size:512,eviction:lfu}")
+
+
+def test_managed_tables_train_on_two_ranks_as_on_one(small_cfg: Any, tmp_path: Path) -> None:
+    """Item and user tables too small for their ids, managed, row-wise over 2 ranks: the remap (every rank
+    profiling all ranks' ids), the rows new ids take (zeroed in whichever shard holds them) and the
+    weights match one process taking the global batches."""
+    from adsfm.contract.config import as_config, compose
+    from adsfm.parallel.shard import unsharded_optimizer
+    from adsfm.training.checkpoint import load_managed
+    from adsfm.training.data import load_features
+    from adsfm.training.loop import train_step
+    from adsfm.training.managed import ManagedIds, fresh_rows
+    from adsfm.training.models.pooled import PooledRanker
+    from adsfm.training.worker import optim_config
+
+    cfg1 = as_config(compose(["parallel=single", *_optim("sgd", "sgd"), *MANAGED]))
+    cfg1.data = small_cfg.data
+    fs = load_features(cfg1.data, cfg1.model.tables)
+    torch.manual_seed(123)
+    model = PooledRanker(fs.spec, cfg1.model, device="cpu")
+    init = tmp_path / "init.pt"
+    torch.save(model.state_dict(), init)
+    opt = unsharded_optimizer(model, optim_config(cfg1))
+    batches = fresh_rows((fs.take(rows, train=True) for rows in _batches(fs.train_idx)), fs.managed, model)
+    reference = {"init": init, "losses": [train_step(model, opt, b) for b in batches],
+                 "state": {k: v.clone() for k, v in model.state_dict().items()}}
+    assert fs.managed and fs.managed.evicted() == {} and (fs.managed.slot_keys("item") >= 0).sum() == 1023
+    ref_slots = {t: fs.managed.slot_keys(t) for t in ("item", "user_id")}
+    cfg = _train_layout("rw2", ("sgd", "sgd"), small_cfg, reference, tmp_path, extra=MANAGED)
+    _compare("rw2 managed", cfg, fs, reference, tmp_path)
+    ranks = ManagedIds(fs.spec)
+    load_managed(ranks, tmp_path / "ckpt")
+    for t, want in ref_slots.items():
+        assert np.array_equal(ranks.slot_keys(t), want), t
 
 
 def _rank_reload(rank: int, world: int, port: int, cfg_yaml: str, ckpt: str, out_dir: str) -> None:

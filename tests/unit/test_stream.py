@@ -60,7 +60,8 @@ def test_hand_checked_lines_parse_and_hash(tmp_path: Path) -> None:
     assert spec.dense[0].mean == pytest.approx(col0.mean()) and spec.dense[0].std == pytest.approx(col0.std())
     assert spec.dense[1].mean == pytest.approx(col1.mean()) and spec.dense[1].std == pytest.approx(col1.std())
     assert spec.tables["cat_0"].model_dump() == {"rows": 1001, "pooling": "sum", "hash_buckets": 1000, "vocab": [], "missing": False,
-                                              "edges": []}
+                                              "edges": [], "managed": 0, "slot_keys": [], "eviction": "lru",
+                                              "eviction_interval": 1}
     assert spec.tables["cat_1"].rows == 1002 and spec.tables["cat_1"].missing  # an empty value in the stats rows
 
     batch = next(CriteoSource(cfg, spec, batch_size=3).epoch(0, 0, 1, skip=0))
