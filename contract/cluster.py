@@ -115,6 +115,19 @@ def apply_ingress(mode: Ingress | str) -> Ingress:
 # ------------------------------------------------------------------------------------------- start / join
 
 
+def ray_auth_as_ray_start() -> None:
+    """Token authentication for a driver joining a cluster by address, decided as `ray start` decides it
+    for the cluster (Ray 2.60): on when this machine has a token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token), off when it has none. Ray decides nothing for an explicit address: a driver that
+    asks for tokens without one is refused, and one that does not ask is refused by a cluster that does.
+    A RAY_AUTH_MODE already set is the user's choice and stays."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or (path.is_file() and path.read_text().strip()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def init_ray(address: str | None, num_cpus: int | None = None, serve_ingress: Ingress | str = Ingress.auto,
              log_file: str | None = None) -> None:
     """Join `address` (or RAY_ADDRESS), else start a local cluster that stays on 127.0.0.1, with the Ray
@@ -122,9 +135,7 @@ def init_ray(address: str | None, num_cpus: int | None = None, serve_ingress: In
     chatter goes there instead of the console (see `RayConsole`; commands install it first thing)."""
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        # `ray start` enables token authentication by default in Ray 2.60; a driver that does not also
-        # ask for it is refused (InvalidAuthToken). The token is read from ~/.ray/auth_token.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        ray_auth_as_ray_start()
     if log_file:
         RayConsole.install(Path(log_file))
     import ray
@@ -336,9 +347,7 @@ def jobs_client(address: str | None) -> Any:
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ValueError("no cluster given: pass --address http://HEAD:8265 or set RAY_ADDRESS (the dashboard URL)")
-    # `ray start` turns token authentication on by default in Ray 2.60 and the client reads the mode when
-    # ray is first imported; the token comes from RAY_AUTH_TOKEN or ~/.ray/auth_token.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray_auth_as_ray_start()  # the client reads the mode when ray is first imported
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)
