@@ -242,10 +242,15 @@ class FeatureSet:
         return cache[name]
 
     def row_values(self, row: int, name: str) -> np.ndarray:
-        """One row's values of a (jagged) feature."""
+        """One row's values of a (jagged) feature (a managed table's as rows, remapped as take does)."""
         values, lengths = self.sparse[name]
         start = self.offsets(name)[row]
-        return values[start : start + lengths[row]]
+        out = values[start : start + lengths[row]]
+        table = self.managed.table_of.get(name) if self.managed is not None else None
+        if table is not None:
+            assert self.managed is not None
+            out = self.managed.rows(table, torch.from_numpy(out)).numpy()
+        return out
 
 
 def _column(f: SparseFeature | DenseFeature) -> str:

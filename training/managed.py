@@ -42,6 +42,7 @@ class ManagedIds(nn.Module):
         self.spec = spec
         self.tables = nn.ModuleDict({name: _module(name, t) for name, t in spec.tables.items() if t.managed})
         self.features = {name: [f.name for f in spec.sparse if f.table == name] for name in self.tables}
+        self.table_of = {f: name for name, fs in self.features.items() for f in fs}
         self._evicted: dict[str, list[torch.Tensor]] = {}
         for name, t in spec.tables.items():  # a spec that already holds a remap (a bundle's) starts from it
             if t.managed and any(k >= 0 for k in t.slot_keys):
