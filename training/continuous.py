@@ -160,9 +160,10 @@ class ContinuousTrainer:
         self.position = {"file": path.name, "row": start, "rows": len(times)}
         for lo in range(start, len(times), bs):  # the file's tail trains as a smaller batch: nothing waits for more
             idx = np.arange(lo, min(lo + bs, len(times)))
-            self._score(fs.take(idx))
-            batch = fs.take(idx, train=True)  # managed tables: its new ids may take rows first
-            if self.managed:
+            batch = fs.take(idx)
+            self._score(batch)
+            if self.managed:  # taken again to train: its new ids may take rows (zeroed) first
+                batch = fs.take(idx, train=True)
                 reset_rows(self.shards, self.managed.evicted())
             self._remember_first(batch)
             train_step(self.model, self.optimizer, batch)
