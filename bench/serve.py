@@ -1,12 +1,15 @@
 """Serving under load: adsfm's Ray Serve app against Ray Serve's own floor and a naive FastAPI server.
 
-    python bench/serve.py [--quick] [--out FILE.json] [--seconds 8] [--concurrency 1,8,32] [--runs 3]
+    python bench/serve.py [--quick] [--out FILE.json] [--seconds 8] [--concurrency 1,8,32] [--runs 3] [--replicas N]
 
 One run on this machine, 127.0.0.1 only. It trains the MovieLens DLRM (one process, 1 epoch) and the
 MovieLens HSTU (one process, 40 steps, 200-event histories), exports and registers them, then serves each
 three ways, fed the same request streams:
-- adsfm: the Ray Serve app in its shipped configuration (conf/serve/default.yaml, HAProxy ingress);
-- noop: a Ray Serve deployment that answers a constant, in the same configuration (Ray Serve's own cost);
+- adsfm: the Ray Serve app in its shipped configuration (conf/serve/default.yaml, HAProxy ingress) with one
+  replica per core (--replicas, default the host's cores: a replica is one Python process);
+- noop: a Ray Serve deployment that answers a constant, in the same configuration (Ray Serve's own cost),
+  deployed twice, with adsfm's replicas and with one ("noop1"): the floor adsfm is compared with is the
+  better of the two at each point;
 - naive: bench/naive_server.py, FastAPI + uvicorn running the eager PyTorch model as trained, one forward
   per request, no cross-request batching, no cache; as many worker processes as the host has cores,
   uvloop, httptools and orjson (the CPU budget adsfm's replica, HAProxy and Ray share).
@@ -14,8 +17,9 @@ Streams (every request a real MovieLens moment: the user's features and history 
 rated among the candidates, the rest drawn from the catalogue):
 - holdout (the headline): the holdout's ratings in time order, each a distinct (user, moment), so the
   user state is new unless the user really came back with the same history; every point starts with
-  adsfm's user caches empty (a new cache_generation through the replica's reconfigure, called on its
-  handle: a redeploy would restart the replica) and the hit rate it reached is reported. Workload A: the DLRM, 100 candidates; workload B: the HSTU (split graphs and the
+  adsfm's user caches empty (a new cache_generation: the app deployed again with that knob, which every
+  replica takes through reconfigure, without a restart) and the hit rate it reached, summed over the
+  replicas, is reported. Workload A: the DLRM, 100 candidates; workload B: the HSTU (split graphs and the
   cached user state in adsfm, the whole model per request in the naive server), 500 candidates, the
   holdout moments of users with a full 200-event history.
 - returning (labelled as such, workload A): 64 (user, moment) pairs over and over, to show what the cache
@@ -118,13 +122,22 @@ def wrk_point(url: str, bodies: Path, connections: int, seconds: float) -> dict[
             "errors": float(errors), "n": float(w["requests"])}
 
 
-def cache_counts(base: str) -> tuple[float, float]:
-    """The replica's user-cache (hits, misses), from its Prometheus text."""
+def cache_counts(base: str, replicas: int) -> tuple[float, float]:
+    """The user-cache (hits, misses) summed over the replicas, from their Prometheus text: /metrics is
+    scraped until each replica (named in adsfm_replica_info) has answered once."""
     import requests
 
-    text = requests.get(f"{base}/metrics", timeout=10).text
-    got = {k: float(v) for k, v in re.findall(r'^adsfm_user_cache\{kind="(hits|misses)"\} ([0-9.e+]+)$', text, re.M)}
-    return got.get("hits", 0.0), got.get("misses", 0.0)
+    seen: dict[str, tuple[float, float]] = {}
+    for _ in range(50 * replicas):
+        text = requests.get(f"{base}/metrics", timeout=10).text
+        replica = re.search(r'^adsfm_replica_info\{replica="([^"]+)"\}', text, re.M)
+        got = {k: float(v) for k, v in re.findall(r'^adsfm_user_cache\{kind="(hits|misses)"\} ([0-9.e+]+)$', text, re.M)}
+        seen[replica.group(1) if replica else "?"] = (got.get("hits", 0.0), got.get("misses", 0.0))
+        if len(seen) >= replicas:
+            break
+    if len(seen) < replicas:
+        raise RuntimeError(f"/metrics answered from {len(seen)} of {replicas} replicas")
+    return sum(h for h, _ in seen.values()), sum(m for _, m in seen.values())
 
 
 def _wait_http(url: str, seconds: float = 180) -> None:
@@ -166,14 +179,15 @@ def setup(root: Path, overrides: list[str], name: str, max_steps: int = 0) -> tu
     return cfg, ckpt, uri
 
 
-def deploy_noop(serve_cfg: Any) -> None:
-    """Ray Serve's own floor: a deployment answering a constant at /noop, in the ranker's configuration."""
+def deploy_noop(serve_cfg: Any, name: str, replicas: int) -> None:
+    """Ray Serve's own floor: a deployment answering a constant at /NAME, in the ranker's configuration
+    with `replicas` replicas. It reserves no CPU (the ranker's replicas hold the host's), so both deploy."""
     from fastapi import FastAPI
     from ray import serve
 
     noop_api = FastAPI()
 
-    @serve.deployment(max_ongoing_requests=serve_cfg.max_ongoing_requests, num_replicas=serve_cfg.num_replicas,
+    @serve.deployment(max_ongoing_requests=serve_cfg.max_ongoing_requests, num_replicas=replicas, ray_actor_options={"num_cpus": 0},
                       logging_config={"enable_access_log": serve_cfg.access_log, "log_level": "WARNING"})
     @serve.ingress(noop_api)
     class Noop:
@@ -182,7 +196,7 @@ def deploy_noop(serve_cfg: Any) -> None:
             return {"candidates": []}
 
     serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
-    serve.run(Noop.bind(), name="noop", route_prefix="/noop", blocking=False)  # type: ignore[attr-defined]
+    serve.run(Noop.bind(), name=name, route_prefix=f"/{name}", blocking=False)  # type: ignore[attr-defined]
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -211,7 +225,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     init_ray(None)
     cfg = models["a"][0]
     cfg.serve.port = free_port()
-    deploy_noop(cfg.serve)
+    cfg.serve.num_replicas = a.replicas
+    # The floor is the no-op's best: with the ranker's replicas, and with one (on a small host more
+    # replicas of a no-op only share the same cores with more processes).
+    noops = {"noop": a.replicas} if a.replicas == 1 else {"noop": a.replicas, "noop1": 1}
+    for name, n in noops.items():
+        deploy_noop(cfg.serve, name, n)
     base = f"http://{cfg.serve.host}:{cfg.serve.port}"
     values: dict[str, float] = {}
     table: list[tuple[str, str, str, dict[str, Any]]] = []
@@ -228,7 +247,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             naive = subprocess.Popen([sys.executable, str(Path(__file__).with_name("naive_server.py")),
                                       str(root / name_ / "config.yaml"), str(ckpt), str(naive_port), str(os.cpu_count() or 1)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-            servers = {"adsfm": f"{base}/v1/rank", "noop": f"{base}/noop/v1/rank", "naive": f"http://127.0.0.1:{naive_port}/v1/rank"}
+            servers = {"adsfm": f"{base}/v1/rank", **{n: f"{base}/{n}/v1/rank" for n in noops},
+                       "naive": f"http://127.0.0.1:{naive_port}/v1/rank"}
             _wait_http(f"{base}/healthz")
             _wait_http(f"http://127.0.0.1:{naive_port}/healthz")
             for url in servers.values():  # warm-up: connections, first-call costs (the caches are emptied below)
@@ -241,15 +261,16 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     runs: dict[str, list[dict[str, float]]] = {n: [] for n in servers}
                     for _ in range(a.runs):
                         for name, url in servers.items():
-                            if name == "noop" and stream == "a_returning":
+                            if name in noops and stream == "a_returning":
                                 continue
                             if name == "adsfm":  # every point starts as cold as real traffic finds it
                                 generation += 1
-                                serve.get_app_handle("adsfm").reconfigure.remote({"cache_generation": generation}).result()
-                                before = cache_counts(base)
+                                # the same app with a new knob: every replica's reconfigure, no restart
+                                serve_app.start(serve_cfg, uri, name="adsfm", knobs={"cache_generation": generation})  # type: ignore[arg-type]
+                                before = cache_counts(base, a.replicas)
                             r = wrk_point(url, files[stream], c, a.seconds)
                             if name == "adsfm":
-                                after = cache_counts(base)
+                                after = cache_counts(base, a.replicas)
                                 hits, misses = after[0] - before[0], after[1] - before[1]
                                 r["cache_hit_rate"] = hits / max(hits + misses, 1.0)
                             runs[name].append(r)
@@ -281,7 +302,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         ratios[f"adsfm_vs_naive_qps_c{top}{suffix}"] = values[f"adsfm_qps_c{top}{suffix}"] / values[f"naive_qps_c{top}{suffix}"]
         ratios[f"naive_vs_adsfm_p99_c{top}{suffix}"] = values[f"naive_p99_ms_c{top}{suffix}"] / values[f"adsfm_p99_ms_c{top}{suffix}"]
     for suffix in ("", "_b"):
-        ratios[f"adsfm_vs_noop_qps_c{top}{suffix}"] = values[f"adsfm_qps_c{top}{suffix}"] / values[f"noop_qps_c{top}{suffix}"]
+        floor = max(values[f"{n}_qps_c{top}{suffix}"] for n in noops)
+        ratios[f"adsfm_vs_noop_qps_c{top}{suffix}"] = values[f"adsfm_qps_c{top}{suffix}"] / floor
     print(f"\n{'stream':<12} {'server':<7} {'load':<5} {'p50 ms':>8} {'p99 ms (min-max)':>22} {'req/s (min-max)':>24} {'errors':>7} {'cache hits':>10}")
     for stream, name, tag, r in table:
         hit = f"{r['cache_hit_rate']:.1%}" if "cache_hit_rate" in r else "-"
@@ -293,7 +315,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     return result("serve", {"seconds": a.seconds, "concurrency": a.concurrency, "runs": a.runs, "quick": a.quick,
                             "load_generator": "wrk -t1 (closed loop), Lua body list",
                             "streams": {k: len(v) for k, v in streams.items()},
-                            "naive_workers": os.cpu_count(),
+                            "naive_workers": os.cpu_count(), "noop_replicas": noops,
                             "serve": {k: getattr(cfg.serve, k) for k in ("num_replicas", "max_ongoing_requests", "batch_max_requests",
                                                                           "batch_wait_ms", "user_cache_size", "intra_op_threads")},
                             "ray_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE")}}, values, ratios)
@@ -314,6 +336,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, help="duration of each load point (default 8; --quick 3)")
     ap.add_argument("--concurrency", default="1,8,32", help="closed-loop connection counts")
     ap.add_argument("--runs", type=int, default=3, help="runs per point (median and spread reported)")
+    ap.add_argument("--replicas", type=int, default=os.cpu_count() or 1,
+                    help="adsfm replicas (serve.num_replicas; default one per core, as the naive server's workers)")
     ap.add_argument("--out", type=Path, help="write the figures as JSON")
     a = ap.parse_args()
     a.seconds = a.seconds or (3.0 if a.quick else 8.0)

@@ -611,6 +611,11 @@ class ServeConfig:
     model version, least recently used out, keyed by a 16-byte hash of the user's values."""
     user_cache_bytes: int = 256 << 20
     """The same cache bounded in bytes (a sequence model's state grows with the history)."""
+    item_cache_bytes: int = 64 << 20
+    """A DLRM bundle's item store is kept pooled (every item-side feature's embedding, float32) when it fits
+    in this many bytes per replica and model version, so a request gathers its candidates in one step; a
+    larger store (or 0) gathers and pools each candidate's table rows per request. Deltas re-pool the items
+    they touch."""
     access_log: bool = False
     """Ray Serve's per-request access log (off: it costs more than scoring on small hosts)."""
     max_request_bytes: int = 1 << 20

@@ -134,6 +134,7 @@ class RankingDeployment:
                              compare_rate=cfg.compare_rate)
         self.in_flight = 0
         self._deltas: DeltaFollower | None = None
+        metrics.REPLICA.info({"replica": serve.get_replica_context().replica_id.unique_id})
         metrics.QUEUE.set_function(lambda: self.in_flight)  # read at scrape time, not set per request
         metrics.DELTA_SEQ.set_function(lambda: self.service.engine.applied_seq)
         metrics.FRESHNESS_LAG.set_function(self._freshness_lag)
@@ -203,7 +204,8 @@ class RankingDeployment:
             version, bundle = resolve(name, alias or self.cfg.alias, self.tracking_uri, self.cache)
         else:
             bundle = download_version(name, version, self.tracking_uri, self.cache)
-        engine = open_engine(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size, self.cfg.user_cache_bytes)
+        engine = open_engine(bundle, self.cfg.intra_op_threads, self.cfg.user_cache_size, self.cfg.user_cache_bytes,
+                             self.cfg.item_cache_bytes)
         return RankService(engine, name, version, self.cfg.max_candidates, self.cfg.max_values, self.cfg.rank_by)
 
     def _load_spillover(self, ref: str) -> RankService:
@@ -318,7 +320,7 @@ class RankingDeployment:
         metrics.CANDIDATES.observe(len(req.candidates))
         metrics.REQUESTS.labels("200").inc()
         # Serialized here, once: FastAPI would validate the response model again on its way out.
-        return Response(content=res.model_dump_json(), media_type="application/json")
+        return Response(content=RankService.encode(res), media_type="application/json")
 
     @api.get("/healthz")
     def healthz(self) -> Health:

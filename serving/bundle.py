@@ -10,8 +10,8 @@ from adsfm.serving.sequence import SequenceEngine
 
 
 def open_engine(bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000,
-                user_cache_bytes: int | None = None) -> DenseGraphEngine | SequenceEngine:
+                user_cache_bytes: int | None = None, item_cache_bytes: int = 64 << 20) -> DenseGraphEngine | SequenceEngine:
     """A DenseGraphEngine for a dense-graph bundle (DLRM), a SequenceEngine for a split one (HSTU)."""
     if Manifest.read(Path(bundle)).sequence is not None:
         return SequenceEngine(bundle, intra_op_threads, user_cache_size, user_cache_bytes)
-    return DenseGraphEngine(bundle, intra_op_threads, user_cache_size, user_cache_bytes)
+    return DenseGraphEngine(bundle, intra_op_threads, user_cache_size, user_cache_bytes, item_cache_bytes)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import orjson
 
 from adsfm.contract.features import OOV_ROW, FeatureError, Featurizer, SparseFeatureSpec, is_missing, key_of
 from adsfm.contract.manifest import Manifest, TableFile, bundle_file
@@ -146,7 +147,10 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
 
 def cache_key(values: dict[str, Any]) -> bytes:
     """A fixed-size key for a user's raw values (the cache holds 16 bytes per user, not its JSON)."""
-    blob = json.dumps(values, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    try:
+        blob = orjson.dumps(values, option=orjson.OPT_SORT_KEYS, default=str)
+    except orjson.JSONEncodeError:  # what orjson refuses (an int past 64 bits, a lone surrogate): the json module's text
+        blob = json.dumps(values, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8", "surrogatepass")
     return hashlib.blake2b(blob, digest_size=16).digest()
 
 
@@ -411,7 +415,8 @@ class DenseGraphEngine(TableStore):
     """Scores candidates for a user from a bundle directory (manifest.json, dense.onnx, tables)."""
 
     def __init__(self, bundle: str | Path, intra_op_threads: int = 1, user_cache_size: int = 10_000,
-                 user_cache_bytes: int | None = None) -> None:
+                 user_cache_bytes: int | None = None, item_cache_bytes: int = 64 << 20) -> None:
+        """`item_cache_bytes`: serve.item_cache_bytes (the item store kept pooled when it fits)."""
         super().__init__(bundle)
         m = self.manifest
         self._threads = intra_op_threads
@@ -427,13 +432,43 @@ class DenseGraphEngine(TableStore):
         self._changed: dict[int, np.ndarray] = {}  # the last CHANGED_HISTORY deltas' changed keys, by seq
         # The item store's candidates as table rows (one bag per item feature) and dense inputs, indexed once;
         # a request naming item ids gathers its candidates' rows and dequantizes them, so the store is never
-        # held as float embeddings, whatever its size.
+        # held as float embeddings beyond item_cache_bytes, whatever its size. Within it, the candidates'
+        # pooled embeddings are kept (a gather per request), recomputed for the items a delta touches.
+        self.item_cache_bytes = item_cache_bytes
+        self._item_emb: np.ndarray | None = None
+        self._item_tables = {m.sparse[j].table_name for j in self._item_j}
         self._index_items()
 
     def _index_items(self) -> None:
         ids = list(self.item_store)
         key = self.manifest.item_column or ""
         self._item_bags, self._item_dense = self._item_index([self.item_features({key: i}) for i in ids], list(range(len(ids))))
+        self._pool_items()
+
+    def _pool_items(self) -> None:
+        """Every stored item's pooled embeddings, kept when they fit in item_cache_bytes."""
+        n = len(self._item_dense)
+        size = n * len(self._item_j) * self.manifest.embedding_dim * 4
+        self._item_emb = self._pooled(self._item_bags, None, n) if n and size <= self.item_cache_bytes else None
+
+    def _repool_items(self, changed: dict[str, np.ndarray]) -> None:
+        """The kept pooled embeddings of the items whose rows `changed` ({table: rows}), in a new array
+        swapped in at once: a request gathers from the old or the new, never from one half written."""
+        if self._item_emb is None:
+            return
+        hit = np.zeros(len(self._item_emb), dtype=bool)
+        for col, j in enumerate(self._item_j):
+            rows = changed.get(self.manifest.sparse[j].table_name)
+            if rows is None or not len(rows):
+                continue
+            values, offsets = self._item_bags[col]
+            touched = np.flatnonzero(np.isin(values, rows))  # positions in values → the items holding them
+            hit[np.searchsorted(offsets, touched, side="right") - 1] = True
+        items = np.flatnonzero(hit)
+        if len(items):
+            emb = self._item_emb.copy()
+            emb[items] = self._pooled(self._item_bags, items)
+            self._item_emb = emb
 
     def _remapped(self, tables: set[str]) -> None:
         if any(self.manifest.sparse[j].table_name in tables for j in self._item_j):
@@ -480,16 +515,21 @@ class DenseGraphEngine(TableStore):
         dense[:, self._user_k] = user_dense
         stored, rows, rest = self.split_stored(items)
         if not rest:  # every candidate an id of the item store (the common request): whole-column writes
-            emb[:, self._item_j] = self._pooled(self._item_bags, np.asarray(rows, dtype=np.int64))
+            emb[:, self._item_j] = self._stored_items(rows)
             dense[:, self._item_k] = self._item_dense[rows]
         elif stored:
-            emb[np.ix_(stored, self._item_j)] = self._pooled(self._item_bags, np.asarray(rows, dtype=np.int64))
+            emb[np.ix_(stored, self._item_j)] = self._stored_items(rows)
             dense[np.ix_(stored, self._item_k)] = self._item_dense[rows]
         if rest:
             e, d = self._item_inputs([self.item_features(items[i], f"candidates[{i}]") for i in rest], rest)
             emb[np.ix_(rest, self._item_j)] = e
             dense[np.ix_(rest, self._item_k)] = d
         return dense, emb
+
+    def _stored_items(self, rows: list[int]) -> np.ndarray:
+        """Pooled item-side embeddings [n, F_item, D] of items of the store, by their index rows."""
+        kept = self._item_emb
+        return kept[rows] if kept is not None else self._pooled(self._item_bags, np.asarray(rows, dtype=np.int64))
 
     def user_inputs(self, user: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Pooled user-side embeddings [F_user, D] and user-side dense inputs, from the cache."""
@@ -531,7 +571,10 @@ class DenseGraphEngine(TableStore):
         """TableStore.apply_delta; the changed rows are kept, so a cached user state pooled from one of them
         is computed again at its next request (and only such a state: the others stay hits). No sweep of the
         cache holds up requests here."""
+        kept = self._item_emb
         changed = super().apply_delta(seq, watermark, tables, dense_graph)
+        if self._item_emb is kept:  # else a remap (managed ids moved) re-indexed and re-pooled the whole store
+            self._repool_items({t: p["rows"] for t, p in tables.items() if t in self._item_tables})
         self._changed[seq] = changed
         self._changed.pop(seq - CHANGED_HISTORY, None)
         return changed
@@ -540,6 +583,7 @@ class DenseGraphEngine(TableStore):
         super().reset_deltas()
         self._changed = {}
         self.user_cache.clear()
+        self._pool_items()  # from the bundle's rows again
 
     def _swap_dense_graph(self, graph: bytes | None, reset: bool = False) -> None:
         if graph is None and not reset:

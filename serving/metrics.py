@@ -7,7 +7,7 @@ reference, so the replica imports this one and registers its metrics once.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 LATENCY = Histogram("adsfm_rank_latency_seconds", "Time in the replica per request", ["model_version"],
                     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0))
@@ -16,6 +16,7 @@ BATCH = Histogram("adsfm_batch_requests", "Requests scored in one dense-graph ru
 CANDIDATES = Histogram("adsfm_rank_candidates", "Candidates per request", buckets=(1, 10, 100, 500, 1000, 2000))
 SPILLOVER = Counter("adsfm_spillover_requests", "Requests scored by the spillover model because the queue was full")
 CACHE = Gauge("adsfm_user_cache", "User-state cache counters of the serving version", ["kind"])
+REPLICA = Info("adsfm_replica", "Which replica answered this scrape (Ray Serve's replica id): counters are per replica")
 ROUTED = Counter("adsfm_routed_requests", "Requests by the arm the split sent them to", ["arm"])
 FALLBACKS = Counter("adsfm_fallbacks", "Requests answered by a fallback model, by reason", ["reason"])
 SHADOW = Counter("adsfm_shadow_requests", "Shadow challenger scorings by outcome (agreed, disagreed, error)", ["outcome"])

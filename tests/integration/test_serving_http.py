@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -116,6 +117,8 @@ def test_the_served_schema_is_the_bundles(server: str, trained: dict[str, Any]) 
     assert doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"] == {"text/plain": {"schema": {"type": "string"}}}
     m = HTTP.get(f"{server}/metrics", timeout=10)
     assert m.headers["content-type"].startswith("text/plain")
+    # counters are per replica: the scrape names the replica that answered it
+    assert re.search(r'^adsfm_replica_info\{replica="\w+"\} 1\.0$', m.text, re.M), m.text[:2000]
 
 
 def test_schemathesis_finds_nothing(server: str) -> None:

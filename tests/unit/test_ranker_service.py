@@ -172,3 +172,61 @@ def test_limits_and_auth_are_refused_at_the_door() -> None:
         assert call(guarded, "/metrics", ok, [b""]) == 200
     finally:
         limits.SETTINGS.clear()
+
+
+def test_kept_item_embeddings_follow_deltas(messy_bundle: dict[str, Any]) -> None:
+    """The item store kept pooled (item_cache_bytes) scores as the per-request gather does, before a delta,
+    after one that rewrites rows of the item tables (a multi-valued one included), and after a reset; the
+    delta does move the scores, and only those of the items holding a rewritten row."""
+    kept, gathered = DenseGraphEngine(messy_bundle["bundle"]), DenseGraphEngine(messy_bundle["bundle"], item_cache_bytes=0)
+    assert kept._item_emb is not None and gathered._item_emb is None
+    items = [{"ad": i} for i in kept.item_store]
+
+    def both() -> np.ndarray:
+        a, b = kept.score(USER, items), gathered.score(USER, items)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        return a
+
+    before = both()
+    rng = np.random.default_rng(0)
+    first = kept.item_store[next(iter(kept.item_store))]  # its ad and tag rows are rewritten
+    tables = {}
+    for table, raw in (("ad", first["ad"]), ("tags", first["tags"])):
+        f = next(f for f in kept.manifest.sparse if f.table_name == table and f.side == "item")
+        rows = np.unique(kept.rows_of(f, raw, "test")).astype(np.int64)
+        dim = kept.manifest.tables[table].dim
+        tables[table] = {"rows": rows, "weight": rng.normal(size=(len(rows), dim)).astype(np.float32)}
+    for engine in (kept, gathered):
+        engine.apply_delta(1, 0.0, {k: {n: a.copy() for n, a in v.items()} for k, v in tables.items()})
+    after = both()
+    moved = np.abs(after - before) > 1e-7
+    assert moved[0], "the item whose rows the delta rewrote scores the same"
+    tag_rows = set(tables["tags"]["rows"].tolist())
+    f_tags = next(f for f in kept.manifest.sparse if f.table_name == "tags")
+    for k, (key, stored) in enumerate(kept.item_store.items()):
+        touches = str(stored["ad"]) == str(first["ad"]) or bool(tag_rows & set(kept.rows_of(f_tags, stored["tags"], "t").tolist()))
+        assert moved[k] == touches, f"item {key}: moved={moved[k]}, holds a rewritten row={touches}"
+    for engine in (kept, gathered):
+        engine.reset_deltas()
+    np.testing.assert_allclose(both(), before, rtol=0, atol=1e-7)
+
+
+def test_the_response_encoder_writes_what_pydantic_writes(service: RankService) -> None:
+    from adsfm.contract.request import RankResponse
+
+    resp = service.rank(RankRequest(user=USER, candidates=[{"ad": str(i)} for i in range(10)]))
+    late = resp.model_copy(update={"fallback": "deadline", "latency_ms": 12.5})
+    multi = RankResponse.model_construct(model_name="m", model_version="2", latency_ms=1.0, fallback=None, rank_by="p_click + p_buy",
+                                         candidates=[{"item": {"ad": 1, "tags": ["a", "é"]}, "score": 0.25, "rank": 1,
+                                                      "scores": {"click": 0.125, "buy": float("nan")}}])
+    odd = service.rank(RankRequest(user=USER, candidates=[{"ad": -(2 ** 70)}, {"ad": "5"}]))
+    for r in (resp, late, multi, odd):
+        assert json.loads(RankService.encode(r)) == json.loads(r.model_dump_json())
+
+
+def test_the_cache_key_ignores_key_order_and_takes_any_json_value() -> None:
+    from adsfm.serving.engine import cache_key
+
+    assert cache_key({"a": 1, "b": [1, 2]}) == cache_key({"b": [1, 2], "a": 1})
+    keys = {cache_key(v) for v in ({"a": 1}, {"a": 1.0}, {"a": "1"}, {"a": [1]}, {"a": None}, {"a": 2 ** 70}, {"a": "\ud800"}, {})}
+    assert len(keys) == 8 and all(len(k) == 16 for k in keys)
