@@ -127,6 +127,27 @@ def test_a_managed_bundle_scores_raw_rows_as_training_did(messy_cfg: Any, tmp_pa
     manifest = export_bundle(cfg, save_checkpoint(model, tmp_path / "step_1", managed=fs.managed), tmp_path / "bundle")
     assert manifest.parity is not None and manifest.parity.passed and manifest.parity.featurization == "identical"
     assert manifest.features.tables["ad"].slot_keys == held.tolist()
+    _a_moved_id_invalidates_what_the_unknown_row_pooled(tmp_path / "bundle")
+
+
+def _a_moved_id_invalidates_what_the_unknown_row_pooled(bundle: Path) -> None:
+    """A replica cached a user state pooled from the unknown row (an id no row held); a delta then gives
+    that id a row: the next request pools the new row, as a replica that never cached the state does."""
+    from adsfm.serving.engine import DenseGraphEngine
+
+    warm, cold = DenseGraphEngine(bundle), DenseGraphEngine(bundle)
+    table = warm.manifest.features.tables["ad"]
+    slots = warm.featurizer.slot_keys("ad")
+    unheld = next(str(i) for i in range(10_000) if managed_id(str(i)) not in set(slots.tolist()))
+    user, items = {"recent_ads": [unheld]}, [{"ad": k} for k in list(warm.item_store)[:8]]
+    before = warm.score(user, items)  # its user state, pooled from the unknown row, now cached
+    row = table.first + int(np.flatnonzero(slots >= 0)[0])  # a held id's row goes to the unheld id
+    weight = np.random.default_rng(0).normal(size=(1, warm.manifest.tables["ad"].dim)).astype(np.float32)
+    for engine in (warm, cold):
+        engine.apply_delta(1, 0.0, {"ad": {"rows": np.array([row]), "keys": np.array([managed_id(unheld)]), "weight": weight.copy()}})
+    after = warm.score(user, items)
+    np.testing.assert_allclose(after, cold.score(user, items), rtol=0, atol=1e-6)
+    assert np.abs(after - before).max() > 1e-6, "the id's new row did not change its user's scores"
 
 
 @pytest.mark.parametrize(("tables", "match"), [
