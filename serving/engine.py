@@ -580,10 +580,12 @@ class DenseGraphEngine(TableStore):
         return changed
 
     def reset_deltas(self) -> None:
+        kept = self._item_emb
         super().reset_deltas()
         self._changed = {}
         self.user_cache.clear()
-        self._pool_items()  # from the bundle's rows again
+        if self._item_emb is kept:  # else the bundle's remap re-indexed and re-pooled the store already
+            self._pool_items()  # from the bundle's rows again
 
     def _swap_dense_graph(self, graph: bytes | None, reset: bool = False) -> None:
         if graph is None and not reset:
